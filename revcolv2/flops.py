@@ -1,0 +1,59 @@
+"""Parameter and FLOP counts with fvcore, in the paper's convention (1 multiply-add = 1 FLOP)."""
+from __future__ import annotations
+
+from typing import Any, List
+
+import torch
+from torch import nn
+
+
+def _sdpa_flop(inputs: List[Any], outputs: List[Any]) -> int:
+    """fvcore handle for aten::scaled_dot_product_attention: Q K^T plus attn V multiply-adds."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    *batch, nq, d = q
+    nk, dv = k[-2], v[-1]
+    b = 1
+    for s in batch:
+        b *= s
+    return b * nq * nk * (d + dv)
+
+
+class _EveryOutput(nn.Module):
+    """Returns the logits and every level of the last column.
+
+    The eager forward computes all levels even though the classifier reads only the top
+    one; tracing ``model(x)`` alone would drop the rest as dead code and under-count.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        feats = self.model.forward_features(x)
+        return (self.model.forward_head(feats), *feats)
+
+
+def count_flops(model: nn.Module, img_size=(224, 224), in_chans: int = 3) -> float:
+    """GFLOPs of one eager forward at batch 1 (eval mode, no masking)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, in_chans, h, w, device=next(model.parameters()).device)
+    with torch.no_grad():
+        target = _EveryOutput(model) if hasattr(model, "forward_features") and hasattr(model, "columns") else model
+        fca = FlopCountAnalysis(target, x)
+        fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop)
+        fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        total = fca.total()
+    model.train(was_training)
+    return total / 1e9
+
+
+def count_params(model: nn.Module) -> float:
+    """Parameters in millions."""
+    return sum(p.numel() for p in model.parameters()) / 1e6

@@ -1,0 +1,100 @@
+"""Masked image modeling with RevColV2 (MAE-style objective, RevColV2 hand-off).
+
+The BU columns see the visible patches only; at the hand-off every level is scattered back
+to full length with a learned mask token (+ position embedding) at the masked positions;
+the TD columns run on the full grid, and a linear head on level 0 of the last TD column
+predicts the 16x16x3 pixels of each patch. The loss is MSE over masked patches only, on
+per-patch normalized pixels by default.
+
+Parameter names match :class:`RevColV2` exactly, plus ``mask_token`` and ``decoder_*``
+(the pre-training-only tensors), so a MIM checkpoint loads into fine-tuning directly.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .model import MODEL_CFGS, RevColV2
+
+
+def patchify(imgs: Tensor, p: int) -> Tensor:
+    """(B, 3, H, W) -> (B, N, p*p*3), patches in row-major order, pixels (py, px, c)."""
+    b, c, h, w = imgs.shape
+    x = imgs.reshape(b, c, h // p, p, w // p, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: Tensor, p: int, hw: Tuple[int, int], c: int = 3) -> Tensor:
+    """(B, N, p*p*c) -> (B, c, H, W); inverse of :func:`patchify`."""
+    b = x.shape[0]
+    h, w = hw
+    x = x.reshape(b, h, w, p, p, c)
+    return torch.einsum("bhwpqc->bchpwq", x).reshape(b, c, h * p, w * p)
+
+
+def random_masking(batch: int, num_tokens: int, mask_ratio: float, device=None, generator=None):
+    """Per-sample random masking by argsort of uniform noise.
+
+    Returns ``ids_keep`` (B, N_visible), sorted ascending so visible tokens keep their
+    raster order, and ``mask`` (B, N) with 1 at masked positions.
+    """
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    num_keep = max(1, int(round(num_tokens * (1 - mask_ratio))))
+    noise = torch.rand(batch, num_tokens, device=device, generator=generator)
+    ids_keep = noise.argsort(dim=1)[:, :num_keep].sort(dim=1).values
+    mask = torch.ones(batch, num_tokens, device=device)
+    mask.scatter_(1, ids_keep, 0.0)
+    return ids_keep, mask
+
+
+class RevColV2MIM(RevColV2):
+    """RevColV2 with a mask token and a pixel reconstruction head on TD level 0."""
+
+    def __init__(self, mask_ratio: float = 0.75, norm_pix_loss: bool = True, **kwargs):
+        kwargs.setdefault("num_classes", 0)
+        super().__init__(**kwargs)
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        in_chans = self.patch_embed.in_chans
+        self.fc_norm = nn.Identity()  # no classifier in pre-training: keep every parameter used
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        self.decoder_norm = nn.LayerNorm(self.embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(self.embed_dim, self.patch_size ** 2 * in_chans)
+        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.xavier_uniform_(self.decoder_pred.weight)
+        nn.init.zeros_(self.decoder_pred.bias)
+
+    def reconstruction_target(self, imgs: Tensor) -> Tensor:
+        target = patchify(imgs, self.patch_size)  # (B, N, p*p*3)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        return target
+
+    @staticmethod
+    def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """Mean over masked patches of the per-patch MSE; visible patches do not count."""
+        per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (B, N)
+        return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
+
+    def forward(self, imgs: Tensor, mask_ratio: float = None) -> Dict[str, Tensor]:
+        """Returns dict(loss, pred (B, N, p*p*3), mask (B, N), ids_keep (B, Nv))."""
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        b, _, h, w = imgs.shape
+        p = self.patch_size
+        ids_keep, mask = random_masking(b, (h // p) * (w // p), ratio, imgs.device)
+        _, td, _ = self.forward_columns(imgs, ids_keep, self.mask_token)
+        pred = self.decoder_pred(self.decoder_norm(td[0]))  # (B, N, p*p*3)
+        loss = self.masked_mse(pred, self.reconstruction_target(imgs), mask)
+        return {"loss": loss, "pred": pred, "mask": mask, "ids_keep": ids_keep}
+
+
+def create_mim_model(variant: str, **kwargs) -> RevColV2MIM:
+    """MIM model of a registered size, e.g. ``create_mim_model('revcolv2_base')``."""
+    if variant not in MODEL_CFGS:
+        raise ValueError(f"unknown RevColV2 variant {variant!r}; choose from {sorted(MODEL_CFGS)}")
+    return RevColV2MIM(**dict(MODEL_CFGS[variant], **kwargs))

@@ -1,0 +1,563 @@
+"""RevColV2: reversible bottom-up and top-down columns over ViT tokens.
+
+Han, Cai, Zhang, "Exploring Disentangled Representations in Masked Image Modeling"
+(NeurIPS 2023). The authors released no code; this file is our reconstruction, with every
+choice that the paper does not fix recorded in ``docs/ARCHITECTURE.md``.
+
+Structure (top-down composition):
+
+    RevColV2
+      patch_embed        16x16 conv -> (B, N, D), + fixed 2-D sin-cos position embedding
+      columns[0 .. nb)   bottom-up (BU) columns, levels updated 0 -> L-1
+      hand-off           MIM only: visible tokens scattered back, mask token at the holes
+      columns[nb .. )    top-down (TD) columns, levels updated L-1 -> 0
+      fc_norm + head     classification on the top level of the last TD column
+
+A column updates level ``l`` as ``c_l = alpha_l * c_l(prev column) + F_l(in, cross)``, with
+``in`` the level just updated in this column (the patch tokens for the first level in the
+column's order) and ``cross`` the neighbouring level of the previous column (the level
+above for BU, below for TD). ``F_l`` = fusion then the level's ViT blocks. The update is
+invertible given ``in`` (see :meth:`Column.inverse`), which ``revcolv2.reversible`` uses
+to train without storing activations.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .checkpoint import checkpoint_filter_fn
+from .layer_decay import layer_id, num_layers
+from .reversible import State, run_plain, run_reversible
+
+__all__ = ["RevColV2", "MODEL_CFGS", "sincos_pos_embed_2d"]
+
+# One source of truth for the presets (imported by timm registration, tools and the
+# detectron2 configs). Sizes at 224x224 are measured by tools/model_stats.py.
+MODEL_CFGS: Dict[str, dict] = {
+    # a few M parameters, for tests and CPU demos
+    "revcolv2_tiny": dict(embed_dim=192, num_heads=3, num_bu_columns=2, num_td_columns=1),
+    # paper Table 5 (supplementary): 88M params, 19 GFLOPs
+    "revcolv2_base": dict(embed_dim=768, num_heads=12, num_bu_columns=2, num_td_columns=1),
+    # paper Table 5 (supplementary): 327M params, 67 GFLOPs
+    "revcolv2_large": dict(embed_dim=1024, num_heads=16, num_bu_columns=4, num_td_columns=2),
+}
+
+ALPHA_MIN = 1e-3  # |alpha| is kept at least this large so the inverse stays well defined
+
+
+def sincos_pos_embed_2d(h: int, w: int, dim: int, device=None, dtype=torch.float32) -> Tensor:
+    """Fixed 2-D sin-cos position embedding for an (h, w) token grid -> (1, h*w, dim)."""
+    if dim % 4:
+        raise ValueError(f"embed_dim must be divisible by 4 for 2-D sin-cos embedding, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float64) / quarter))
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=device, dtype=torch.float64),
+        torch.arange(w, device=device, dtype=torch.float64),
+        indexing="ij",
+    )
+    out_y = ys.reshape(-1, 1) * omega  # (N, D/4)
+    out_x = xs.reshape(-1, 1) * omega
+    emb = torch.cat([out_y.sin(), out_y.cos(), out_x.sin(), out_x.cos()], dim=1)
+    return emb.to(dtype).unsqueeze(0)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch projection with clear errors for unusable inputs."""
+
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        if x.ndim != 4:
+            raise ValueError(f"RevColV2 expects images of shape (B, C, H, W), got {tuple(x.shape)}")
+        _, c, h, w = x.shape
+        if c != self.in_chans:
+            raise ValueError(f"RevColV2 was built for {self.in_chans} input channels, got {c}")
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(
+                f"input size {h}x{w} is not divisible by the patch size {p}; "
+                f"resize or pad the image to a multiple of {p}"
+            )
+        x = self.proj(x)  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2), (h // p, w // p)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with scaled_dot_product_attention."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d_head)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+def window_partition(x: Tensor, hw: Tuple[int, int], ws: int) -> Tuple[Tensor, Tuple[int, int]]:
+    """(B, H*W, D) -> (B * num_windows, ws*ws, D), zero-padding H and W up to multiples of ws."""
+    b, _, d = x.shape
+    h, w = hw
+    x = x.view(b, h, w, d)
+    pad_h, pad_w = (ws - h % ws) % ws, (ws - w % ws) % ws
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.view(b, hp // ws, ws, wp // ws, ws, d).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, ws * ws, d), (hp, wp)
+
+
+def window_unpartition(x: Tensor, ws: int, padded: Tuple[int, int], hw: Tuple[int, int]) -> Tensor:
+    """Inverse of :func:`window_partition`: (B * num_windows, ws*ws, D) -> (B, H*W, D)."""
+    hp, wp = padded
+    h, w = hw
+    d = x.shape[-1]
+    b = x.shape[0] // ((hp // ws) * (wp // ws))
+    x = x.view(b, hp // ws, wp // ws, ws, ws, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, d)
+    return x[:, :h, :w].reshape(b, h * w, d)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block; global attention, or windowed attention when ``window_size > 0``.
+
+    Windowed attention needs the token grid (``hw``); without it (masked MIM input, where
+    only visible tokens exist) the block attends globally.
+    Drop path is applied with externally drawn per-sample scales ``keep`` of shape (B, 2)
+    (attention branch, MLP branch), so the reversible engine can replay them exactly.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        layer_scale_init: Optional[float] = None,
+        window_size: int = 0,
+    ):
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        if layer_scale_init is not None:
+            self.gamma1 = nn.Parameter(torch.full((dim,), layer_scale_init))
+            self.gamma2 = nn.Parameter(torch.full((dim,), layer_scale_init))
+        else:
+            self.gamma1 = self.gamma2 = None
+
+    def _attend(self, x: Tensor, hw: Optional[Tuple[int, int]]) -> Tensor:
+        if self.window_size > 0 and hw is not None:
+            windows, padded = window_partition(x, hw, self.window_size)
+            return window_unpartition(self.attn(windows), self.window_size, padded, hw)
+        return self.attn(x)
+
+    def forward(self, x: Tensor, keep: Optional[Tensor] = None, hw: Optional[Tuple[int, int]] = None) -> Tensor:
+        a = self._attend(self.norm1(x), hw)
+        if self.gamma1 is not None:
+            a = a * self.gamma1
+        if keep is not None:
+            a = a * keep[:, 0, None, None].to(a.dtype)
+        x = x + a
+        m = self.mlp(self.norm2(x))
+        if self.gamma2 is not None:
+            m = m * self.gamma2
+        if keep is not None:
+            m = m * keep[:, 1, None, None].to(m.dtype)
+        return x + m
+
+
+class Fusion(nn.Module):
+    """Projects the cross-column input before it is added to the in-column input.
+
+    ``linear``: LayerNorm + Linear (the reference design); ``add``: identity (no parameters).
+    """
+
+    def __init__(self, dim: int, variant: str = "linear"):
+        super().__init__()
+        if variant not in ("linear", "add"):
+            raise ValueError(f"unknown fusion variant {variant!r}; expected 'linear' or 'add'")
+        if variant == "linear":
+            self.norm = nn.LayerNorm(dim, eps=1e-6)
+            self.proj = nn.Linear(dim, dim)
+        self.variant = variant
+
+    def forward(self, cross: Tensor) -> Tensor:
+        return self.proj(self.norm(cross)) if self.variant == "linear" else cross
+
+
+class Level(nn.Module):
+    """F_l: fuse (in-column input, cross-column input), then run the level's blocks."""
+
+    def __init__(self, blocks: Sequence[Block], dim: int, has_cross: bool, fusion: str):
+        super().__init__()
+        self.fusion = Fusion(dim, fusion) if has_cross else None
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(
+        self, inp: Tensor, cross: Optional[Tensor], keep: Optional[Tensor], hw: Optional[Tuple[int, int]]
+    ) -> Tensor:
+        x = inp if self.fusion is None or cross is None else inp + self.fusion(cross)
+        for b, block in enumerate(self.blocks):
+            x = block(x, None if keep is None else keep[:, b], hw)
+        return x
+
+
+class Column(nn.Module):
+    """One reversible column. ``direction`` 'up' updates levels 0 -> L-1, 'down' L-1 -> 0.
+
+    ``keep`` (B, L * blocks_per_level, 2) holds drop-path scales in execution order.
+    """
+
+    def __init__(self, levels: Sequence[Level], direction: str, has_prev: bool, dim: int, alpha_init: float):
+        super().__init__()
+        self.levels = nn.ModuleList(levels)
+        self.direction = direction
+        self.has_prev = has_prev
+        n = len(levels)
+        self.alphas = nn.Parameter(torch.full((n, dim), alpha_init)) if has_prev else None
+        self.order = list(range(n)) if direction == "up" else list(range(n - 1, -1, -1))
+        self.blocks_per_level = len(levels[0].blocks)
+
+    def _cross_index(self, l: int) -> int:
+        return l + 1 if self.direction == "up" else l - 1
+
+    def _alpha(self, l: int) -> Tensor:
+        a = self.alphas[l]
+        sign = torch.where(a >= 0, torch.ones_like(a), -torch.ones_like(a))
+        return sign * a.abs().clamp(min=ALPHA_MIN)
+
+    def _level_keep(self, keep: Optional[Tensor], l: int) -> Optional[Tensor]:
+        if keep is None:
+            return None
+        pos = self.order.index(l) * self.blocks_per_level
+        return keep[:, pos:pos + self.blocks_per_level]
+
+    def _f(self, l, inp, prev, keep, hw) -> Tensor:
+        c = self._cross_index(l)
+        cross = prev[c] if prev is not None and 0 <= c < len(self.levels) else None
+        return self.levels[l](inp, cross, self._level_keep(keep, l), hw)
+
+    def forward(self, source: Tensor, prev: Optional[State], keep: Optional[Tensor], hw) -> State:
+        if (prev is not None) != self.has_prev:
+            raise RuntimeError("column called with a previous state that does not match has_prev")
+        new: List[Optional[Tensor]] = [None] * len(self.levels)
+        inp = source
+        for l in self.order:
+            f = self._f(l, inp, prev, keep, hw)
+            new[l] = f if prev is None else self._alpha(l) * prev[l] + f
+            inp = new[l]
+        return tuple(new)
+
+    def inverse(self, source: Tensor, new: State, keep: Optional[Tensor], hw) -> State:
+        """Recover the previous column's state: c_l(j-1) = (c_l(j) - F_l(in, cross)) / alpha_l."""
+        prev: List[Optional[Tensor]] = [None] * len(self.levels)
+        # Level l needs prev[cross(l)], so walk the levels against the update order.
+        for i in range(len(self.order) - 1, -1, -1):
+            l = self.order[i]
+            inp = source if i == 0 else new[self.order[i - 1]]
+            f = self._f(l, inp, prev, keep, hw)
+            prev[l] = (new[l] - f) / self._alpha(l)
+        return tuple(prev)
+
+
+class RevColV2(nn.Module):
+    """RevColV2 backbone + classification head (timm-style interface).
+
+    Args:
+        num_levels: levels per column (4 in the paper's design).
+        blocks_per_level: ViT blocks in each level's F_l.
+        num_bu_columns / num_td_columns: bottom-up and top-down columns.
+        fusion: 'linear' (LayerNorm + Linear on the cross-column input) or 'add'.
+        window_size: >0 gives windowed attention to every block whose global index (execution
+            order: column by column, levels in the column's update order) is not listed in
+            ``global_attn_indexes``.
+        reversible: train with the reversible engine (activations rebuilt in backward).
+        head_init_scale: multiplies the initial classifier weights (0.001 in fine-tuning).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        num_levels: int = 4,
+        blocks_per_level: int = 1,
+        num_bu_columns: int = 2,
+        num_td_columns: int = 1,
+        fusion: str = "linear",
+        drop_path_rate: float = 0.0,
+        layer_scale_init: Optional[float] = None,
+        window_size: int = 0,
+        global_attn_indexes: Sequence[int] = (),
+        alpha_init: float = 0.5,
+        reversible: bool = True,
+        head_init_scale: float = 1.0,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
+    ):
+        super().__init__()
+        if num_bu_columns < 1 or num_td_columns < 0 or num_levels < 1 or blocks_per_level < 1:
+            raise ValueError("need num_bu_columns >= 1, num_td_columns >= 0, num_levels >= 1, blocks_per_level >= 1")
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
+        self.patch_size = patch_size
+        self.img_size = img_size
+        self.num_levels = num_levels
+        self.blocks_per_level = blocks_per_level
+        self.num_bu_columns = num_bu_columns
+        self.num_td_columns = num_td_columns
+        self.reversible = reversible
+        self.drop_path_rate = drop_path_rate
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+
+        num_columns = num_bu_columns + num_td_columns
+        self.blocks_per_column = num_levels * blocks_per_level
+        total_blocks = num_columns * self.blocks_per_column
+        global_set = set(global_attn_indexes)
+        # stochastic depth grows linearly with execution depth (timm / MAE convention)
+        self.register_buffer(
+            "drop_rates", torch.linspace(0, drop_path_rate, total_blocks), persistent=False
+        )
+        columns = []
+        for j in range(num_columns):
+            direction = "up" if j < num_bu_columns else "down"
+            order = list(range(num_levels)) if direction == "up" else list(range(num_levels - 1, -1, -1))
+            levels: List[Optional[Level]] = [None] * num_levels
+            for pos, l in enumerate(order):
+                blocks = []
+                for b in range(blocks_per_level):
+                    g = j * self.blocks_per_column + pos * blocks_per_level + b
+                    ws = 0 if g in global_set else window_size
+                    blocks.append(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, layer_scale_init, ws))
+                cross = l + 1 if direction == "up" else l - 1
+                has_cross = j > 0 and 0 <= cross < num_levels
+                levels[l] = Level(blocks, embed_dim, has_cross, fusion)
+            columns.append(Column(levels, direction, j > 0, embed_dim, alpha_init))
+        self.columns = nn.ModuleList(columns)
+
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.apply(self._init_weights)
+        if isinstance(self.head, nn.Linear):
+            with torch.no_grad():
+                self.head.weight.mul_(head_init_scale)
+                self.head.bias.mul_(head_init_scale)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):  # MAE: init the patch projection like a Linear
+            w = m.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(m.bias)
+
+    # ----------------------------------------------------------------- timm interface
+    @property
+    def bu_columns(self) -> Sequence[Column]:
+        return self.columns[: self.num_bu_columns]
+
+    @property
+    def td_columns(self) -> Sequence[Column]:
+        return self.columns[self.num_bu_columns:]
+
+    def layer_id(self, name: str) -> int:
+        """Layer id of a parameter name under the shared RevCol layer-decay rule."""
+        return layer_id(name, self.num_levels, self.blocks_per_level, self.num_bu_columns, self.num_td_columns)
+
+    def num_layers(self) -> int:
+        return num_layers(self.num_levels, self.blocks_per_level, self.num_bu_columns, self.num_td_columns)
+
+    def group_matcher(self, coarse: bool = False):
+        """timm group matcher (a callable): maps parameter names to the layer-decay ids."""
+        return self.layer_id
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {n for n, _ in self.named_parameters() if n.endswith("alphas")}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's memory-saving switch; here it selects the reversible engine."""
+        self.reversible = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    # ----------------------------------------------------------------- forward pieces
+    def embed(self, x: Tensor) -> Tuple[Tensor, Tensor, Tuple[int, int]]:
+        """Images -> (tokens + pos (B, N, D), pos (1, N, D), grid (H, W))."""
+        tokens, hw = self.patch_embed(x)
+        pos = sincos_pos_embed_2d(hw[0], hw[1], self.embed_dim, tokens.device, tokens.dtype)
+        return tokens + pos, pos, hw
+
+    def draw_drop_path(self, batch: int, device) -> Tuple[Tensor, Tensor]:
+        """Per-sample drop-path scales for the BU and TD segments.
+
+        Each is (num_columns, B, blocks_per_column, 2) with values 0 or 1/keep_prob, or an
+        empty tensor when drop path is off.
+        """
+        if not self.training or self.drop_path_rate == 0:
+            empty = torch.empty(0, device=device)
+            return empty, empty
+        nc = self.num_bu_columns + self.num_td_columns
+        rates = self.drop_rates.view(nc, 1, self.blocks_per_column, 1).to(device)
+        keep_prob = 1.0 - rates
+        keep = (torch.rand(nc, batch, self.blocks_per_column, 2, device=device) < keep_prob).float() / keep_prob
+        return keep[: self.num_bu_columns], keep[self.num_bu_columns:]
+
+    def _run(self, columns, source, prev, keep, hw) -> State:
+        use_rev = self.reversible and torch.is_grad_enabled() and self.training
+        if len(columns) == 0:
+            return prev
+        return (run_reversible if use_rev else run_plain)(columns, source, prev, keep, hw)
+
+    @staticmethod
+    def hand_off(t: Tensor, ids_keep: Tensor, fill: Tensor) -> Tensor:
+        """Scatter visible tokens (B, Nv, D) back to full length; holes take ``fill`` (B|1, N, D)."""
+        b, _, d = t.shape
+        full = fill.expand(b, -1, -1).to(t.dtype)
+        return full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, d), t)
+
+    def forward_columns(
+        self, x: Tensor, ids_keep: Optional[Tensor] = None, mask_token: Optional[Tensor] = None
+    ) -> Tuple[State, State, Tuple[int, int]]:
+        """Run all columns. Returns (last BU state, last TD state, token grid).
+
+        With ``ids_keep`` (B, Nv) the BU columns see only those tokens; at the hand-off each
+        level (and the patch tokens that feed the TD columns) is scattered back to full
+        length with ``mask_token`` + position embedding at the masked positions.
+        """
+        tokens, pos, hw = self.embed(x)
+        keep_bu, keep_td = self.draw_drop_path(tokens.shape[0], tokens.device)
+        if ids_keep is None:
+            bu = self._run(self.bu_columns, tokens, None, keep_bu, hw)
+            td = self._run(self.td_columns, tokens, bu, keep_td, hw)
+            return bu, td, hw
+        if mask_token is None:
+            raise ValueError("masked forward needs a mask_token")
+        d = tokens.shape[-1]
+        visible = tokens.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, d))  # (B, Nv, D)
+        bu = self._run(self.bu_columns, visible, None, keep_bu, None)
+        fill = mask_token.to(tokens.dtype) + pos  # (1, N, D)
+        td_source = self.hand_off(visible, ids_keep, fill)
+        td_prev = tuple(self.hand_off(c, ids_keep, fill) for c in bu)
+        td = self._run(self.td_columns, td_source, td_prev, keep_td, hw)
+        return bu, td, hw
+
+    def forward_features(self, x: Tensor, return_bu: bool = False):
+        """Levels of the last TD column, each (B, N, D), level 0 first.
+
+        With ``return_bu=True`` returns ``(td_levels, bu_levels)``.
+        """
+        bu, td, _ = self.forward_columns(x)
+        return (list(td), list(bu)) if return_bu else list(td)
+
+    def forward_levels(self, x: Tensor) -> List[Tensor]:
+        """Levels of the last TD column as feature maps (B, D, H/16, W/16), for dense heads."""
+        _, td, (h, w) = self.forward_columns(x)
+        return [t.transpose(1, 2).reshape(t.shape[0], -1, h, w) for t in td]
+
+    def forward_head(self, feats, pre_logits: bool = False) -> Tensor:
+        top = feats[-1] if isinstance(feats, (list, tuple)) else feats  # (B, N, D)
+        x = top.mean(dim=1) if self.global_pool == "avg" else top[:, 0]
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+def _create_revcolv2(variant: str, pretrained: bool = False, **kwargs) -> RevColV2:
+    model_args = dict(MODEL_CFGS[variant], **kwargs)
+    return build_model_with_cfg(
+        RevColV2, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=False), **model_args
+    )
+
+
+default_cfgs = generate_default_cfgs({name: _cfg() for name in MODEL_CFGS})
+
+
+@register_model
+def revcolv2_tiny(pretrained: bool = False, **kwargs) -> RevColV2:
+    return _create_revcolv2("revcolv2_tiny", pretrained, **kwargs)
+
+
+@register_model
+def revcolv2_base(pretrained: bool = False, **kwargs) -> RevColV2:
+    return _create_revcolv2("revcolv2_base", pretrained, **kwargs)
+
+
+@register_model
+def revcolv2_large(pretrained: bool = False, **kwargs) -> RevColV2:
+    return _create_revcolv2("revcolv2_large", pretrained, **kwargs)
