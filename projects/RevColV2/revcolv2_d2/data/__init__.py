@@ -1,0 +1,21 @@
+"""Dataset registration for the RevColV2 detectron2 project.
+
+COCO 2017 and ADE20K (``coco_2017_*``, ``ade20k_sem_seg_*``) are registered by detectron2
+itself from ``$DETECTRON2_DATASETS`` (default ``./datasets``). This package adds the
+built-in synthetic datasets that the demos and tests generate on first use.
+"""
+import os
+
+
+def datasets_root() -> str:
+    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+
+
+def register_all(root: str = None) -> None:
+    """Register every built-in dataset of the project (idempotent)."""
+    from .ade20k import register_ade20k_builtin
+    from .synthetic_shapes import register_synthetic_shapes
+
+    root = root or datasets_root()
+    register_synthetic_shapes(root)
+    register_ade20k_builtin(root)

@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""Train / evaluate a RevColV2 detectron2 LazyConfig, the way detectron2 users know it.
+
+    python tools/lazyconfig_train_net.py --config-file projects/RevColV2/configs/COCO/mask_rcnn_revcolv2_b_50ep.py
+    python tools/lazyconfig_train_net.py --config-file CFG --num-gpus 8 train.amp.precision=bf16
+    python tools/lazyconfig_train_net.py --config-file CFG --resume          # continue from output_dir
+    python tools/lazyconfig_train_net.py --config-file CFG --eval-only train.init_checkpoint=model.pth
+
+Besides detectron2's own tool: RevColV2 checkpoints (MIM or classification) load through
+``train.init_checkpoint``; checkpoints are written atomically; ``train.amp.precision``
+picks bf16 or fp16 (mixed precision is switched off on CPU); the project's built-in
+datasets are registered.
+"""
+import logging
+import os
+import sys
+
+import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _p in (_ROOT, os.path.join(_ROOT, "projects", "RevColV2")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.engine import (  # noqa: E402
+    AMPTrainer,
+    SimpleTrainer,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+    hooks,
+    launch,
+)
+from detectron2.engine.defaults import create_ddp_model  # noqa: E402
+from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+
+from revcolv2_d2.checkpoint import RevColV2Checkpointer  # noqa: E402
+from revcolv2_d2.data import register_all  # noqa: E402
+
+logger = logging.getLogger("detectron2")
+
+PRECISIONS = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def do_test(cfg, model):
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    ret = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    print_csv_format(ret)
+    return ret
+
+
+def _amp_settings(cfg):
+    """(enabled, dtype): AMP only on CUDA, with the precision the config asks for."""
+    amp = cfg.train.get("amp", {})
+    enabled = bool(amp.get("enabled", False))
+    precision = str(amp.get("precision", "bf16")).lower()
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.amp.precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if enabled and not str(cfg.train.device).startswith("cuda"):
+        logger.info("Mixed precision switched off: train.device=%s is not CUDA", cfg.train.device)
+        enabled = False
+    return enabled, PRECISIONS[precision]
+
+
+def do_train(args, cfg):
+    model = instantiate(cfg.model)
+    logger.info("Model:\n%s", model)
+    model.to(cfg.train.device)
+
+    cfg.optimizer.params.model = model
+    optim = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = create_ddp_model(model, **cfg.train.ddp)
+    amp_enabled, amp_dtype = _amp_settings(cfg)
+    if amp_enabled:
+        grad_scaler = None
+        if amp_dtype == torch.bfloat16:  # bf16 needs no loss scaling
+            grad_scaler = torch.amp.GradScaler("cuda", enabled=False)
+        trainer = AMPTrainer(model, train_loader, optim, grad_scaler=grad_scaler, precision=amp_dtype)
+    else:
+        trainer = SimpleTrainer(model, train_loader, optim)
+    checkpointer = RevColV2Checkpointer(model, cfg.train.output_dir, trainer=trainer)
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+            if comm.is_main_process()
+            else None,
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                period=cfg.train.log_period,
+            )
+            if comm.is_main_process()
+            else None,
+        ]
+    )
+
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    if args.resume and checkpointer.has_checkpoint():
+        start_iter = trainer.iter + 1
+    else:
+        start_iter = 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args):
+    register_all()
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    if str(cfg.train.get("device", "cuda")).startswith("cuda") and not torch.cuda.is_available():
+        cfg.train.device = "cpu"
+    default_setup(cfg, args)
+
+    if args.eval_only:
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        model = create_ddp_model(model)
+        RevColV2Checkpointer(model).load(cfg.train.init_checkpoint)
+        return do_test(cfg, model)
+    do_train(args, cfg)
+
+
+def invoke_main() -> None:
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()
