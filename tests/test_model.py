@@ -1,0 +1,113 @@
+"""timm-facing behaviour of the RevColV2 presets: sizes, shapes, gradients, errors."""
+import pytest
+import timm
+import torch
+
+import revcolv2  # noqa: F401  (registers the presets)
+from revcolv2.flops import count_flops, count_params
+from revcolv2.model import RevColV2, sincos_pos_embed_2d
+
+
+def test_presets_are_registered_with_timm():
+    names = timm.list_models("revcolv2_*")
+    assert {"revcolv2_tiny", "revcolv2_base", "revcolv2_large"} <= set(names)
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="Unknown model"):
+        timm.create_model("revcolv2_huge")
+
+
+@pytest.mark.parametrize("reversible", [True, False])
+def test_tiny_every_parameter_gets_a_gradient(reversible):
+    torch.manual_seed(0)
+    model = timm.create_model("revcolv2_tiny", num_classes=10, drop_path_rate=0.1, reversible=reversible)
+    model.train()
+    x = torch.randn(2, 3, 64, 64)
+    feats = model.forward_features(x)
+    logits = model.forward_head(feats)
+    assert logits.shape == (2, 10)
+    (logits.sum() + sum(f.mean() for f in feats)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("size", [(224, 224), (160, 320)])
+def test_input_sizes(size):
+    model = timm.create_model("revcolv2_tiny", num_classes=5).eval()
+    with torch.no_grad():
+        x = torch.randn(1, 3, *size)
+        feats = model.forward_features(x)
+        n = (size[0] // 16) * (size[1] // 16)
+        assert len(feats) == 4 and all(f.shape == (1, n, 192) for f in feats)
+        levels = model.forward_levels(x)
+        assert all(f.shape == (1, 192, size[0] // 16, size[1] // 16) for f in levels)
+        out = model(x)
+    assert out.shape == (1, 5) and torch.isfinite(out).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = timm.create_model("revcolv2_tiny")
+    with pytest.raises(ValueError, match="not divisible by the patch size 16"):
+        model(torch.randn(1, 3, 100, 224))
+    with pytest.raises(ValueError, match="3 input channels, got 1"):
+        model(torch.randn(1, 1, 224, 224))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        model(torch.randn(3, 224, 224))
+
+
+def test_forward_features_bu_levels_and_head_init():
+    model = timm.create_model("revcolv2_tiny", num_classes=3, head_init_scale=0.001)
+    ref = timm.create_model("revcolv2_tiny", num_classes=3)
+    assert model.head.weight.abs().max() < 0.01 * ref.head.weight.abs().max()
+    td, bu = model.forward_features(torch.randn(1, 3, 32, 32), return_bu=True)
+    assert len(td) == len(bu) == 4
+
+
+def test_windowed_attention_equals_global_when_one_window_covers_the_grid():
+    torch.manual_seed(0)
+    glob = RevColV2(embed_dim=32, num_heads=2, num_classes=0, window_size=0).eval()
+    win = RevColV2(embed_dim=32, num_heads=2, num_classes=0, window_size=4).eval()
+    win.load_state_dict(glob.state_dict())
+    x = torch.randn(1, 3, 64, 64)  # 4x4 tokens: one window, no padding
+    with torch.no_grad():
+        a, b = glob.forward_features(x), win.forward_features(x)
+    assert all(torch.allclose(u, v, atol=1e-5) for u, v in zip(a, b))
+    x = torch.randn(1, 3, 96, 80)  # 6x5 tokens: padded windows differ from global attention
+    with torch.no_grad():
+        a, b = glob.forward_features(x), win.forward_features(x)
+    assert not torch.allclose(a[0], b[0], atol=1e-3)
+
+
+def test_sincos_pos_embed_any_grid():
+    pe = sincos_pos_embed_2d(3, 5, 16)
+    assert pe.shape == (1, 15, 16)
+    assert torch.allclose(pe[0, 0], sincos_pos_embed_2d(64, 64, 16)[0, 0])
+    assert len({tuple(r.tolist()) for r in pe[0]}) == 15  # every position distinct
+
+
+def test_sizes_match_the_paper():
+    """Supplementary Table 5: B 88M / 19 GFLOPs, L 327M / 67 GFLOPs at 224x224 (1000 classes)."""
+    base = timm.create_model("revcolv2_base")
+    assert abs(count_params(base) - 88) / 88 < 0.04
+    assert abs(count_flops(base) - 19) / 19 < 0.08
+    large = timm.create_model("revcolv2_large")
+    assert abs(count_params(large) - 327) / 327 < 0.04
+    assert abs(count_flops(large) - 67) / 67 < 0.08
+
+
+def test_group_matcher_drives_timm_layer_decay():
+    from timm.optim import param_groups_layer_decay
+
+    model = timm.create_model("revcolv2_tiny", num_classes=4)
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.5)
+    scales = {}
+    for g in groups:
+        for p in g["params"]:
+            scales[id(p)] = g["lr_scale"]
+    by_name = {n: scales[id(p)] for n, p in model.named_parameters()}
+    assert by_name["head.weight"] == 1.0
+    assert by_name["patch_embed.proj.weight"] == 0.5 ** (model.num_layers() - 1)
+    assert by_name["columns.0.levels.0.blocks.0.attn.qkv.weight"] < by_name["columns.2.levels.0.blocks.0.attn.qkv.weight"]
