@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Training-step throughput and memory: RevColV2-B (reversible, plain) vs timm ViT-B/16.
+
+All four run in one invocation with the same batch, resolution and precision:
+  revcolv2_base reversible | revcolv2_base plain | vit_base_patch16_224 | same + grad checkpointing
+A step is forward + cross-entropy + backward + AdamW step. Each model runs in its own
+subprocess so that peak-memory figures do not leak between models.
+
+Memory: on CUDA, torch.cuda.max_memory_allocated over the timed steps; on CPU the
+activation bytes that autograd saves for backward (saved-tensor hooks) and the process's
+peak RSS (which includes weights and optimizer state).
+
+    python tools/benchmark_backbone.py                     # CPU: batch 2, fp32
+    python tools/benchmark_backbone.py --batch 64          # CUDA: bf16 autocast when a GPU is present
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+MODELS = {
+    "RevColV2-B reversible": ("revcolv2_base", dict(reversible=True)),
+    "RevColV2-B plain": ("revcolv2_base", dict(reversible=False)),
+    "ViT-B/16 (timm)": ("vit_base_patch16_224", {}),
+    "ViT-B/16 (timm) + grad ckpt": ("vit_base_patch16_224", {"grad_ckpt": True}),
+}
+
+
+def worker(args) -> dict:
+    import timm
+
+    import revcolv2  # noqa: F401
+    from revcolv2.bench import SavedTensorBytes, peak_rss_mb, time_steps
+
+    name, kwargs = MODELS[args.worker]
+    kwargs = dict(kwargs)
+    grad_ckpt = kwargs.pop("grad_ckpt", False)
+    device = args.device
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=1000, drop_path_rate=0.1, **kwargs).to(device).train()
+    if grad_ckpt:
+        model.set_grad_checkpointing(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, 1000, (args.batch,), device=device)
+    use_amp = device.startswith("cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # allocate optimizer state before measuring memory
+    with SavedTensorBytes() as saved:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.zero_grad(set_to_none=True)
+    if use_amp:
+        torch.cuda.reset_peak_memory_stats()
+    sec = time_steps(step, device, args.warmup, args.iters)
+    out = {"img/s": round(args.batch / sec, 2), "ms/step": round(sec * 1000, 1),
+           "saved activations (MB)": round(saved.total / 2**20, 1)}
+    if use_amp:
+        out["peak GPU mem (GiB)"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    else:
+        out["peak RSS (MB)"] = round(peak_rss_mb(), 0)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=None, help="default: 2 on CPU, 64 on CUDA")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--report", default=os.path.join("docs", "BENCHMARKS.md"))
+    ap.add_argument("--no-report", action="store_true", help="print only; do not append to the report")
+    ap.add_argument("--worker", choices=list(MODELS), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    args.batch = args.batch or (64 if cuda else 2)
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    args.iters = args.iters or (20 if cuda else 3)
+
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)))
+        return
+
+    from revcolv2.bench import append_report, markdown_table
+
+    rows = []
+    for label in MODELS:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", label, "--batch", str(args.batch),
+               "--img-size", str(args.img_size), "--warmup", str(args.warmup), "--iters", str(args.iters),
+               "--device", args.device]
+        print(f"[benchmark_backbone] {label} ...", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            raise RuntimeError(f"{label} failed:\n{proc.stderr[-3000:]}")
+        row = {"model": label, **json.loads(line[0][len("RESULT "):])}
+        print("   ", row, flush=True)
+        rows.append(row)
+    vit = rows[2]["img/s"]
+    for r in rows:
+        r["vs ViT-B img/s"] = f"{r['img/s'] / vit:.2f}x"
+    mem_col = "peak GPU mem (GiB)" if cuda else "peak RSS (MB)"
+    cols = ["model", "img/s", "ms/step", "vs ViT-B img/s", "saved activations (MB)", mem_col]
+    table = markdown_table(rows, cols)
+    precision = "bf16 autocast" if cuda else "fp32"
+    body = (f"Training step (forward + CE + backward + AdamW), batch {args.batch}, "
+            f"{args.img_size}x{args.img_size}, {precision}, drop path 0.1, "
+            f"{args.warmup} warm-up + {args.iters} timed steps.\n\n{table}\n")
+    if not cuda:
+        body += ("\nCPU run: throughput ratios on 2 cores are not GPU ratios; the GPU targets "
+                 "(plain >= 0.95x ViT-B, reversible >= ViT-B+ckpt speed at <= its peak memory) "
+                 "need this script on a CUDA machine.\n")
+    print(table)
+    if not args.no_report:
+        command = "python tools/benchmark_backbone.py " + " ".join(sys.argv[1:])
+        append_report(args.report, "Backbone training step: RevColV2-B vs ViT-B/16", command.strip(), args.device, body)
+        print(f"appended to {args.report}")
+
+
+if __name__ == "__main__":
+    main()
