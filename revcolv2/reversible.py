@@ -4,9 +4,9 @@ A column maps ``(source, prev_state) -> new_state`` where a state is a tuple of 
 token tensors, and it can be inverted: ``prev_state = column.inverse(source, new_state)``
 (see ``revcolv2.model.Column``). :class:`ReversibleColumns` exploits this in the classic
 RevNet way: the forward pass keeps only ``source``, the last column's state and the
-drop-path masks; the backward pass walks the columns last to first, rebuilds each
-column's input state by inversion, re-runs that one column with autograd enabled and
-back-propagates through it.
+drop-path masks; the backward pass walks the columns last to first and, level by level,
+evaluates ``F_l`` once with autograd on, uses its value to rebuild the previous column's
+level (``(c_l - F_l) / alpha_l``) and its graph to back-propagate.
 
 What is replayed exactly in the rebuild:
 - drop-path: the per-sample keep masks are drawn once per forward (outside this function)
@@ -65,37 +65,75 @@ class ReversibleColumns(torch.autograd.Function):
         param_grads = {}
 
         for j in range(len(columns) - 1, -1, -1):
-            column = columns[j]
-            masks = _masks_at(drop_masks, j)
             has_prev = j > 0 or ctx.num_prev > 0
-            with torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
-                # 1. rebuild this column's input state from its output.
-                with torch.no_grad():
-                    prev = column.inverse(source, tuple(state), masks, hw) if has_prev else None
-                # 2. re-run the column with autograd on and back-propagate through it.
-                with torch.enable_grad():
-                    src = source.detach().requires_grad_(True)
-                    prev_in = [p.detach().requires_grad_(True) for p in prev] if has_prev else []
-                    out = column(src, tuple(prev_in) if has_prev else None, masks, hw)
-            col_params = [p for p in column.parameters() if p.requires_grad]
-            grads = torch.autograd.grad(
-                out, [src, *prev_in, *col_params], grad_state, allow_unused=True
+            prev, grad_prev, g_src = _column_backward(
+                columns[j], source, state, grad_state, has_prev, _masks_at(drop_masks, j), hw,
+                param_grads, (ctx.device_type, dtype, enabled),
             )
-            grad_source = _add(grad_source, grads[0])
-            for p, g in zip(col_params, grads[1 + len(prev_in):]):
-                if g is not None:
-                    param_grads[p] = _add(param_grads.get(p), g)
+            grad_source = _add(grad_source, g_src)
             if has_prev:
-                state = list(prev)
-                grad_state = [
-                    torch.zeros_like(p) if g is None else g
-                    for p, g in zip(prev, grads[1:1 + len(prev_in)])
-                ]
+                state, grad_state = prev, grad_prev
 
         grad_prev = tuple(grad_state) if ctx.num_prev else ()
         params = _segment_params(columns)
         grad_params = tuple(param_grads.get(p) for p in params)
         return (None, None, None, grad_source, None, *grad_prev, *grad_params)
+
+
+def _column_backward(column, source, new, grad_new, has_prev, keep, hw, param_grads, autocast):
+    """Rebuild a column's input state from its output and back-propagate through it.
+
+    Levels are visited against the update order. For each level ``F_l`` is evaluated once,
+    with autograd on: its value rebuilds ``c_l(prev) = (c_l - F_l) / alpha_l`` and its graph
+    gives the gradients, so a column costs one forward and one backward (no separate
+    inversion pass). Returns (previous state, its gradient, gradient of ``source``).
+    """
+    n = len(column.levels)
+    grad_new = list(grad_new)
+    prev: List[Optional[Tensor]] = [None] * n
+    grad_prev: List[Optional[Tensor]] = [None] * n
+    grad_source = None
+    device_type, dtype, enabled = autocast
+    for i in range(n - 1, -1, -1):
+        l = column.order[i]
+        c = column._cross_index(l)
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            inp = (source if i == 0 else new[column.order[i - 1]]).detach().requires_grad_(True)
+            cross = prev[c] if has_prev and 0 <= c < n else None
+            cross = cross.detach().requires_grad_(True) if cross is not None else None
+            f = column.levels[l](inp, cross, column._level_keep(keep, l), hw)
+            inputs = [inp] + ([cross] if cross is not None else [])
+            if has_prev:
+                alpha = column._alpha(l)
+                with torch.no_grad():
+                    prev_l = (new[l] - f) / alpha
+                prev_l.requires_grad_(True)
+                out = alpha * prev_l + f  # == new[l], with the graph of the update
+                inputs.append(prev_l)
+            else:
+                out = f
+        params = [p for p in column.levels[l].parameters() if p.requires_grad]
+        if has_prev and column.alphas.requires_grad:
+            params.append(column.alphas)
+        grads = torch.autograd.grad(out, inputs + params, grad_new[l], allow_unused=True)
+        g_inp, rest = grads[0], list(grads[1:len(inputs)])
+        if i == 0:
+            grad_source = g_inp
+        else:
+            k = column.order[i - 1]
+            grad_new[k] = _add(grad_new[k], g_inp)
+        if cross is not None:
+            grad_prev[c] = _add(grad_prev[c], rest.pop(0))
+        if has_prev:
+            prev[l] = prev_l.detach()
+            grad_prev[l] = _add(grad_prev[l], rest.pop(0))
+        for p, g in zip(params, grads[len(inputs):]):
+            if g is not None:
+                param_grads[p] = _add(param_grads.get(p), g)
+    if not has_prev:
+        return None, None, grad_source
+    grad_prev = [torch.zeros_like(p) if g is None else g for p, g in zip(prev, grad_prev)]
+    return tuple(prev), grad_prev, grad_source
 
 
 def _masks_at(drop_masks: Tensor, j: int) -> Optional[Tensor]:
