@@ -11,7 +11,7 @@ Parameter names match :class:`RevColV2` exactly, plus ``mask_token`` and ``decod
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +67,11 @@ class RevColV2MIM(RevColV2):
         nn.init.xavier_uniform_(self.decoder_pred.weight)
         nn.init.zeros_(self.decoder_pred.bias)
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Alphas (from the backbone) and the mask token are not decayed (MAE convention)."""
+        return super().no_weight_decay() | {"mask_token"}
+
     def reconstruction_target(self, imgs: Tensor) -> Tensor:
         target = patchify(imgs, self.patch_size)  # (B, N, p*p*3)
         if self.norm_pix_loss:
@@ -81,16 +86,42 @@ class RevColV2MIM(RevColV2):
         per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (B, N)
         return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
 
-    def forward(self, imgs: Tensor, mask_ratio: float = None) -> Dict[str, Tensor]:
-        """Returns dict(loss, pred (B, N, p*p*3), mask (B, N), ids_keep (B, Nv))."""
+    def forward(
+        self, imgs: Tensor, mask_ratio: Optional[float] = None, ids_keep: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Dict[str, Tensor]:
+        """Returns dict(loss, pred (B, N, p*p*3), mask (B, N), ids_keep (B, Nv)).
+
+        The mask is drawn with ``generator`` (default: the global RNG) unless ``ids_keep``
+        (B, Nv), the ascending indices of the visible patches, is given.
+        """
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         b, _, h, w = imgs.shape
         p = self.patch_size
-        ids_keep, mask = random_masking(b, (h // p) * (w // p), ratio, imgs.device)
+        n = (h // p) * (w // p)
+        if ids_keep is None:
+            ids_keep, mask = random_masking(b, n, ratio, imgs.device, generator)
+        else:
+            mask = torch.ones(b, n, device=imgs.device).scatter_(1, ids_keep, 0.0)
         _, td, _ = self.forward_columns(imgs, ids_keep, self.mask_token)
         pred = self.decoder_pred(self.decoder_norm(td[0]))  # (B, N, p*p*3)
         loss = self.masked_mse(pred, self.reconstruction_target(imgs), mask)
         return {"loss": loss, "pred": pred, "mask": mask, "ids_keep": ids_keep}
+
+    def prediction_to_pixels(self, pred: Tensor, imgs: Tensor) -> Tensor:
+        """Predicted patches (B, N, p*p*3) -> images in the input's pixel space (B, 3, H, W).
+
+        With the normalized-pixel loss the prediction lives in per-patch normalized units;
+        it is mapped back with each patch's own mean and std (taken from ``imgs``, as MAE's
+        visualisation does), so only the structure within a patch is the model's.
+        """
+        if self.norm_pix_loss:
+            patches = patchify(imgs, self.patch_size)
+            mean = patches.mean(dim=-1, keepdim=True)
+            std = (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+            pred = pred * std + mean
+        p = self.patch_size
+        return unpatchify(pred.float(), p, (imgs.shape[2] // p, imgs.shape[3] // p), imgs.shape[1])
 
 
 def create_mim_model(variant: str, **kwargs) -> RevColV2MIM:

@@ -1,0 +1,170 @@
+"""Classification fine-tuning and linear probing on top of :class:`revcolv2.train_utils.Trainer`.
+
+- :func:`load_pretrained`: a MIM (or earlier fine-tuning) checkpoint into a classifier,
+  with a printed report; only pre-training-only tensors may be left unused.
+- :class:`LinearProbe`: frozen backbone, head on the last level of the bottom-up columns
+  (global average pool -> BatchNorm without affine -> Linear), as the paper's Table 5.
+- :class:`ClassificationTrainer`: per-step loss with optional Mixup/CutMix, optional EMA,
+  top-1/top-5 on the validation folder after every epoch, ``checkpoint-best.pth`` and
+  ``checkpoint-last.pth``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import PRETRAIN_ONLY_PREFIXES, LoadReport, load_checkpoint, save_atomic, unwrap_state_dict
+from .reversible import run_plain
+from .train_utils import Trainer, evaluate
+
+# Present in a classifier, absent from a MIM checkpoint (the MIM model has no classifier).
+CLASSIFIER_ONLY_PREFIXES = ("head.", "fc_norm.")
+
+
+def load_pretrained(model: nn.Module, path: str, verbose: bool = True) -> LoadReport:
+    """Initialise ``model`` (a RevColV2 classifier) from a pre-training or fine-tuning checkpoint.
+
+    Allowed to differ: the pre-training-only tensors (mask token, reconstruction head) may
+    stay unused and the classifier (``head``, ``fc_norm``) may be missing; a classifier for
+    another number of classes (e.g. IN-22K -> IN-1K) is dropped with a note. Anything else
+    unmatched raises ``ValueError``.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    # prefer the trained weights over an EMA copy unless only the EMA exists
+    sd = unwrap_state_dict({"model": ckpt["model"]} if isinstance(ckpt, dict) and "model" in ckpt else ckpt)
+    own = model.state_dict()
+    stale = [k for k in sd if k.startswith("head.") and (k not in own or own[k].shape != sd[k].shape)]
+    if stale:
+        if verbose:
+            print(f"not loading the checkpoint's classifier ({', '.join(stale)}): other number of classes")
+        sd = {k: v for k, v in sd.items() if k not in stale}
+    if verbose:
+        print(f"loading {path}")
+    return load_checkpoint(model, sd, allow_missing=CLASSIFIER_ONLY_PREFIXES,
+                           allow_unexpected=PRETRAIN_ONLY_PREFIXES, verbose=verbose)
+
+
+class LinearProbe(nn.Module):
+    """Frozen RevColV2 + trainable head on the last level of the bottom-up columns.
+
+    Only the BU columns run (the TD columns do not feed this head). The backbone stays in
+    eval mode whatever ``train()`` says: no drop path, no statistics to update.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        dim = backbone.embed_dim
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        nn.init.trunc_normal_(self.head[1].weight, std=0.01)  # MAE linear probing
+        nn.init.zeros_(self.head[1].bias)
+
+    def train(self, mode: bool = True) -> "LinearProbe":
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    @torch.no_grad()
+    def features(self, x: Tensor) -> Tensor:
+        """Global average of the last BU level, (B, D)."""
+        m = self.backbone
+        tokens, _, hw = m.embed(x)
+        bu = run_plain(m.bu_columns, tokens, None, torch.empty(0, device=x.device), hw)
+        return bu[-1].mean(dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).float())
+
+
+class ClassificationTrainer(Trainer):
+    """Fine-tuning / linear probing loop with evaluation after every epoch."""
+
+    def __init__(self, *, val_dataset, criterion: nn.Module, mixup: Optional[Callable] = None,
+                 ema: Optional[nn.Module] = None, eval_batch: int = 128, **kwargs):
+        super().__init__(**kwargs)
+        self.val_dataset = val_dataset
+        self.criterion = criterion
+        self.mixup = mixup
+        self.ema = ema
+        self.eval_batch = eval_batch
+        self.num_workers = self.loader.num_workers
+        self.best: Dict[str, Any] = {"top1": -1.0}
+
+    def forward_loss(self, batch) -> Tensor:
+        images, target = batch
+        images = images.to(self.info.device, non_blocking=True)
+        target = target.to(self.info.device, non_blocking=True)
+        if self.mixup is not None:
+            images, target = self.mixup(images, target)
+        return self.criterion(self.ddp_model(images), target)
+
+    def after_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+
+    def evaluate(self) -> Dict[str, float]:
+        metrics = {}
+        models = [("", self.model)] + ([("ema_", self.ema.module)] if self.ema is not None else [])
+        for prefix, m in models:
+            m.eval()
+            r = evaluate(m, self.val_dataset, self.info, self.eval_batch, self.num_workers, self.autocast)
+            metrics.update({prefix + k: v for k, v in r.items()})
+        self.model.train()
+        return metrics
+
+    def end_of_epoch(self, epoch: int) -> Dict[str, float]:
+        metrics = self.evaluate()
+        best_key = "ema_top1" if self.ema is not None and metrics["ema_top1"] > metrics["top1"] else "top1"
+        if metrics[best_key] > self.best["top1"]:
+            self.best = {"top1": metrics[best_key], "epoch": epoch + 1, "weights": best_key.replace("top1", "model")}
+            state = {"model": self.model.state_dict(), "epoch": epoch + 1, "metrics": metrics, "config": self.config}
+            if self.ema is not None:
+                state["model_ema"] = self.ema.module.state_dict()
+            if self.info.is_main:
+                save_atomic(state, os.path.join(self.output_dir, "checkpoint-best.pth"))
+        if self.info.is_main:
+            ema = f", EMA top-1 {metrics['ema_top1']:.2f}" if self.ema is not None else ""
+            print(f"epoch {epoch + 1}: val top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f}{ema} "
+                  f"(best {self.best['top1']:.2f} at epoch {self.best['epoch']})")
+        return dict(metrics, best_top1=self.best["top1"])
+
+    def save_epoch_checkpoint(self, epochs_done: int) -> bool:
+        self.save("checkpoint-last.pth")
+        return True
+
+    def extra_state(self) -> Dict[str, Any]:
+        state: Dict[str, Any] = {"best": self.best}
+        if self.ema is not None:
+            state["model_ema"] = self.ema.module.state_dict()
+        return state
+
+    def load_extra_state(self, ckpt: Dict[str, Any]) -> None:
+        self.best = ckpt.get("best", self.best)
+        if self.ema is not None and "model_ema" in ckpt:
+            self.ema.module.load_state_dict(ckpt["model_ema"])
+
+
+def evaluate_checkpoint(model: nn.Module, path: str, val_dataset, info, batch: int, num_workers: int,
+                        autocast) -> List[Dict[str, float]]:
+    """``--eval``: top-1/top-5 of a checkpoint's weights (and of its EMA weights if it has them)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    results = []
+    for key in ("model", "model_ema"):
+        if key not in ckpt:
+            continue
+        model.load_state_dict(ckpt[key])
+        model.eval()
+        r = evaluate(model, val_dataset, info, batch, num_workers, autocast)
+        r["weights"] = key
+        results.append(r)
+        if info.is_main:
+            print(f"{path} [{key}]: top-1 {r['top1']:.2f}  top-5 {r['top5']:.2f}  loss {r['loss']:.4f} "
+                  f"on {len(val_dataset)} images")
+    if not results:
+        raise ValueError(f"{path} holds neither 'model' nor 'model_ema' weights")
+    return results

@@ -1,0 +1,570 @@
+"""Shared training machinery for pre-training, fine-tuning and linear probing.
+
+The three entry points in ``tools/`` subclass :class:`Trainer`, which owns what they have
+in common: distributed setup, the step loop with gradient accumulation and bf16 autocast,
+the per-step cosine schedule, the progress bar and TensorBoard scalars, and checkpoints
+that resume a run *exactly* (model, optimizer, scaler, schedule position, every rank's RNG
+state, mid-epoch position). Everything else (model, loss, end-of-epoch evaluation) lives in
+the entry points.
+
+Configs are YAML files; a file may name others under ``_base_`` (paths relative to itself)
+whose values it overrides.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import save_atomic
+from .data import EpochSampler, SeededSamples, shard_indices
+from .layer_decay import lr_scale
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LAST_CHECKPOINT_FILE = "last_checkpoint"
+
+
+# --------------------------------------------------------------------------- configs
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> dict:
+    """Read a YAML config, resolving ``_base_`` files, then apply ``key.sub=value`` overrides."""
+    path = Path(path)
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    bases = cfg.pop("_base_", [])
+    merged: dict = {}
+    for b in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, load_config(path.parent / b))
+    cfg = _merge(merged, cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.sub=value")
+        key, value = item.split("=", 1)
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        if leaf not in node:
+            raise KeyError(f"override {key!r} names no existing config entry")
+        node[leaf] = yaml.safe_load(value)
+    return cfg
+
+
+# --------------------------------------------------------------------------- distributed
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: Optional[str] = None) -> DistInfo:
+    """Set up torch.distributed from torchrun's environment (single process otherwise)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local, dev)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(t)
+    return t
+
+
+# --------------------------------------------------------------------------- RNG
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_rng_states(info: DistInfo) -> List[Dict[str, Any]]:
+    """Every rank's RNG state, in rank order (on every rank)."""
+    mine = rng_state()
+    if not info.enabled:
+        return [mine]
+    out: List[Any] = [None] * info.world_size
+    dist.all_gather_object(out, mine)
+    return out
+
+
+# --------------------------------------------------------------------------- optimizer
+def no_weight_decay(name: str, param: torch.Tensor, skip: Iterable[str]) -> bool:
+    """Norm weights, biases and the names in ``skip`` (alphas, mask token) are not decayed."""
+    return param.ndim <= 1 or name.endswith(".bias") or name in set(skip)
+
+
+def param_groups_layer_decay(model: nn.Module, weight_decay: float, layer_decay: float,
+                             skip: Iterable[str] = ()) -> List[dict]:
+    """Parameter groups keyed by (layer id, decay / no decay) under the one shared rule.
+
+    Each group carries ``lr_scale = layer_decay ** (max_id + 1 - id)``
+    (``revcolv2.layer_decay.lr_scale``), which timm's schedulers multiply into the lr.
+    Frozen parameters are left out.
+    """
+    skip = set(skip)
+    groups: Dict[tuple, dict] = {}
+    cfg = (model.num_levels, model.blocks_per_level, model.num_bu_columns, model.num_td_columns)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = model.layer_id(name)
+        decay = not no_weight_decay(name, p, skip)
+        key = (lid, decay)
+        if key not in groups:
+            groups[key] = {
+                "params": [], "param_names": [], "layer_id": lid,
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": lr_scale(name, layer_decay, *cfg),
+            }
+        groups[key]["params"].append(p)
+        groups[key]["param_names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float = 0.0):
+    """Linear warm-up then half-cosine, updated every optimizer step (timm's CosineLRScheduler)."""
+    from timm.scheduler import CosineLRScheduler
+
+    return CosineLRScheduler(
+        optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=min_lr, warmup_t=warmup_steps,
+        warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
+    )
+
+
+# --------------------------------------------------------------------------- logging
+class TensorBoard:
+    """SummaryWriter on the main process, a no-op elsewhere (or when TensorBoard is missing)."""
+
+    def __init__(self, folder: Optional[str], enabled: bool):
+        self.writer = None
+        if enabled and folder:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # pragma: no cover
+                return
+            self.writer = SummaryWriter(folder)
+
+    def scalars(self, values: Dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def image(self, tag: str, img: torch.Tensor, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, img, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_seconds(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# --------------------------------------------------------------------------- trainer
+class Trainer:
+    """Epoch / step loop shared by the entry points.
+
+    Subclasses implement :meth:`forward_loss` (a micro-batch -> scalar loss) and may
+    override :meth:`after_step`, :meth:`end_of_epoch`, :meth:`extra_state` and
+    :meth:`load_extra_state`.
+
+    One *step* is one optimizer update over ``accum`` micro-batches of ``micro_batch``
+    images on each of ``world_size`` processes.
+    """
+
+    def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset,
+                 info: DistInfo, output_dir: str, effective_batch: int, micro_batch: int,
+                 epochs: int, warmup_epochs: float, min_lr: float = 0.0, amp: str = "bf16",
+                 num_workers: int = 4, seed: int = 0, save_every: int = 1, log_every: int = 10,
+                 clip_grad: Optional[float] = None, find_unused_parameters: bool = False,
+                 config: Optional[dict] = None, name: str = "train"):
+        self.model = model
+        self.optimizer = optimizer
+        self.info = info
+        self.output_dir = output_dir
+        self.epochs = epochs
+        self.seed = seed
+        self.save_every = max(1, int(save_every))
+        self.log_every = max(1, int(log_every))
+        self.clip_grad = clip_grad
+        self.config = config or {}
+        self.name = name
+
+        micro_batch = min(micro_batch, max(1, effective_batch // info.world_size))
+        per_update = micro_batch * info.world_size
+        if effective_batch % per_update:
+            raise ValueError(
+                f"effective batch {effective_batch} is not a multiple of {info.world_size} process(es) "
+                f"x micro-batch {micro_batch}; pick a micro-batch that divides it"
+            )
+        self.micro_batch = micro_batch
+        self.accum = effective_batch // per_update
+        self.effective_batch = effective_batch
+
+        self.sampler = EpochSampler(len(dataset), micro_batch * self.accum, info.rank, info.world_size,
+                                    shuffle=True, seed=seed)
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        self.total_steps = self.steps_per_epoch * epochs
+        self.loader = DataLoader(
+            SeededSamples(dataset, seed), batch_size=micro_batch, sampler=self.sampler,
+            num_workers=num_workers, pin_memory=info.device.type == "cuda",
+            persistent_workers=num_workers > 0, drop_last=False,
+            # its own generator: creating an iterator must not draw from the global RNG,
+            # or a run resumed mid-epoch would diverge from an uninterrupted one
+            generator=torch.Generator().manual_seed(seed),
+        )
+        self.scheduler = build_scheduler(optimizer, self.total_steps,
+                                         int(round(warmup_epochs * self.steps_per_epoch)), min_lr)
+
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.use_amp = info.device.type == "cuda" and self.amp_dtype is not None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+
+        self.ddp_model = model
+        if info.enabled and any(p.requires_grad for p in model.parameters()):
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters,
+            )
+
+        self.epoch = 0          # epoch in progress
+        self.step = 0           # optimizer updates done
+        self.step_in_epoch = 0  # updates done in the epoch in progress
+        self.history: Dict[int, float] = {}  # step -> training loss of that update (this rank)
+        self._epoch_losses: List[float] = []
+        self._stop_requested = False
+        self.tb = TensorBoard(os.path.join(output_dir, "tb"), info.is_main)
+
+    # ----------------------------------------------------------------- to override
+    def forward_loss(self, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called after every optimizer update (EMA updates go here)."""
+
+    def end_of_epoch(self, epoch: int) -> Dict[str, float]:
+        """Called after each completed epoch; returns metrics to log."""
+        return {}
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, ckpt: Dict[str, Any]) -> None:
+        pass
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "step_in_epoch": self.step_in_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "effective_batch": self.effective_batch,
+            "world_size": self.info.world_size,
+            "rng": gather_rng_states(self.info),
+            "config": self.config,
+        }
+        state.update(self.extra_state())
+        return state
+
+    def save(self, filename: str, resume_point: bool = True) -> Optional[str]:
+        """Write a checkpoint atomically (main process); note it as the latest resume point."""
+        state = self.state_dict()  # every rank takes part in gathering the RNG states
+        path = os.path.join(self.output_dir, filename)
+        if self.info.is_main:
+            save_atomic(state, path)
+            if resume_point:
+                tmp = os.path.join(self.output_dir, f".{LAST_CHECKPOINT_FILE}.tmp")
+                with open(tmp, "w") as f:
+                    f.write(filename)
+                os.replace(tmp, os.path.join(self.output_dir, LAST_CHECKPOINT_FILE))
+        barrier(self.info)
+        return path
+
+    def resume(self, path: str) -> None:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt["steps_per_epoch"] != self.steps_per_epoch or ckpt["effective_batch"] != self.effective_batch:
+            raise ValueError(
+                f"{path} was written with {ckpt['steps_per_epoch']} steps per epoch and batch "
+                f"{ckpt['effective_batch']}; this run has {self.steps_per_epoch} and {self.effective_batch}. "
+                "Resuming needs the same data and effective batch size."
+            )
+        self.epoch, self.step, self.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
+        rngs = ckpt["rng"]
+        if len(rngs) == self.info.world_size:
+            set_rng_state(rngs[self.info.rank])
+        else:
+            seed_everything(self.seed + self.info.rank + 7919 * self.step)
+            if self.info.is_main:
+                print(f"warning: {path} was written by {len(rngs)} process(es), this run has "
+                      f"{self.info.world_size}; RNG streams are reseeded, so the run continues "
+                      "correctly but not bit-identically")
+        self.load_extra_state(ckpt)
+        if self.info.is_main:
+            print(f"resumed from {path}: epoch {self.epoch}, step {self.step} "
+                  f"({self.step_in_epoch}/{self.steps_per_epoch} of the epoch)")
+
+    # ----------------------------------------------------------------- loop
+    def _request_stop(self, signum, frame) -> None:
+        if self._stop_requested:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        if self.info.is_main:
+            print(f"\nsignal {signum}: saving a checkpoint after this step, then stopping "
+                  "(press Ctrl-C again to abort without saving)")
+
+    def _should_stop(self, stop_at_step: Optional[int]) -> bool:
+        stop = self._stop_requested or (stop_at_step is not None and self.step >= stop_at_step)
+        if self.info.enabled:  # every rank must stop at the same step
+            flag = torch.tensor([float(stop)], device=self.info.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
+    def autocast(self):
+        if not self.use_amp:
+            return nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, micro_batches) -> float:
+        self.ddp_model.train()
+        self.scheduler.step_update(self.step)  # lr of this update
+        total = 0.0
+        for a, batch in enumerate(micro_batches):
+            sync = a == self.accum - 1 or not isinstance(self.ddp_model, nn.parallel.DistributedDataParallel)
+            with (nullcontext() if sync else self.ddp_model.no_sync()):
+                with self.autocast():
+                    loss = self.forward_loss(batch)
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; stopping")
+                self.scaler.scale(loss / self.accum).backward()
+            total += loss.item()
+        if self.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.step_in_epoch += 1
+        self.after_step()
+        return total / self.accum
+
+    def current_lr(self) -> float:
+        """lr of the group with the largest scale (the head's under layer decay)."""
+        return max(g["lr"] for g in self.optimizer.param_groups)
+
+    def fit(self, stop_at_step: Optional[int] = None) -> Dict[int, float]:
+        """Train until the last epoch (or ``stop_at_step`` / a SIGINT-SIGTERM, after which a
+        resumable ``checkpoint-last.pth`` is written). Returns {step: loss} of this run."""
+        import threading
+
+        from tqdm import tqdm
+
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._request_stop)
+        if self.info.is_main:
+            print(f"{self.name}: {self.epochs} epochs x {self.steps_per_epoch} steps, effective batch "
+                  f"{self.effective_batch} = {self.info.world_size} process(es) x {self.micro_batch} x "
+                  f"{self.accum} accumulation, device {self.info.device}, "
+                  f"amp {self.amp_dtype if self.use_amp else 'off'}")
+        start_time, start_step = time.time(), self.step
+        try:
+            while self.epoch < self.epochs:
+                epoch = self.epoch
+                self.sampler.set_epoch(epoch, start=self.step_in_epoch * self.micro_batch * self.accum)
+                batches = iter(self.loader)
+                bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
+                           desc=f"{self.name} epoch {epoch + 1}/{self.epochs}", disable=not self.info.is_main,
+                           dynamic_ncols=True, mininterval=1.0, leave=True)
+                while self.step_in_epoch < self.steps_per_epoch:
+                    loss = self.train_step([next(batches) for _ in range(self.accum)])
+                    self.history[self.step] = loss
+                    self._epoch_losses.append(loss)
+                    done = self.step - start_step
+                    eta = (time.time() - start_time) / done * (self.total_steps - self.step)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.current_lr():.2e}", eta=format_seconds(eta),
+                                    refresh=False)
+                    bar.update(1)
+                    if self.step % self.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+                        mean_loss = all_reduce_sum(torch.tensor([loss], device=self.info.device), self.info)
+                        mean_loss = mean_loss.item() / self.info.world_size
+                        self.tb.scalars({f"{self.name}/loss": mean_loss, f"{self.name}/lr": self.current_lr()},
+                                        self.step)
+                    if self.step_in_epoch < self.steps_per_epoch and self._should_stop(stop_at_step):
+                        bar.close()
+                        self.save("checkpoint-last.pth")
+                        if self.info.is_main:
+                            print(f"stopped at step {self.step}; resume with --resume auto")
+                        return self.history
+                bar.close()
+                del batches
+                self.epoch, self.step_in_epoch = epoch + 1, 0
+                metrics = self.end_of_epoch(epoch)
+                metrics = dict(metrics, epoch=epoch + 1, step=self.step,
+                               train_loss=float(np.mean(self._epoch_losses)) if self._epoch_losses else float("nan"))
+                self._epoch_losses = []
+                self.tb.scalars({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")},
+                                self.epoch)
+                if self.info.is_main:
+                    with open(os.path.join(self.output_dir, "log.jsonl"), "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+                saved = self.save_epoch_checkpoint(epoch + 1)
+                if self.epoch < self.epochs and self._should_stop(stop_at_step):
+                    if not saved:
+                        self.save("checkpoint-last.pth")
+                    if self.info.is_main:
+                        print(f"stopped after epoch {self.epoch}; resume with --resume auto")
+                    return self.history
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+            self.tb.close()
+        if self.info.is_main:
+            print(f"{self.name} finished: {self.step - start_step} steps in {format_seconds(time.time() - start_time)}")
+        return self.history
+
+    def save_epoch_checkpoint(self, epochs_done: int) -> bool:
+        """Default: ``checkpoint-XXXX.pth`` every ``save_every`` epochs and at the end.
+        Returns whether a resumable checkpoint was written."""
+        if epochs_done % self.save_every == 0 or epochs_done == self.epochs:
+            self.save(f"checkpoint-{epochs_done:04d}.pth")
+            return True
+        return False
+
+
+def find_resume_checkpoint(resume: Optional[str], output_dir: str) -> Optional[str]:
+    """``--resume``: a path, ``auto`` (the latest resume point in ``output_dir``) or None."""
+    if not resume:
+        return None
+    if resume != "auto":
+        if not os.path.isfile(resume):
+            raise FileNotFoundError(f"--resume {resume}: no such file")
+        return resume
+    pointer = os.path.join(output_dir, LAST_CHECKPOINT_FILE)
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            path = os.path.join(output_dir, f.read().strip())
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(forward, dataset: Dataset, info: DistInfo, batch_size: int, num_workers: int = 4,
+             autocast=nullcontext) -> Dict[str, float]:
+    """Top-1 / top-5 (%) and cross-entropy of ``forward(images) -> logits`` over ``dataset``.
+
+    Each process evaluates a disjoint shard and the counts are summed, so every image
+    counts exactly once whatever the number of processes.
+    """
+    from torch.utils.data import Subset
+
+    subset = Subset(dataset, shard_indices(len(dataset), info.rank, info.world_size))
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=info.device.type == "cuda", generator=torch.Generator())
+    sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # n, top1, top5, loss
+    for images, target in loader:
+        images = images.to(info.device, non_blocking=True)
+        target = target.to(info.device, non_blocking=True)
+        with autocast():
+            logits = forward(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        correct = topk.eq(target[:, None])
+        sums += torch.stack([
+            torch.tensor(float(len(target)), device=info.device, dtype=torch.float64),
+            correct[:, :1].sum().double(),
+            correct.sum().double(),
+            nn.functional.cross_entropy(logits, target, reduction="sum").double(),
+        ])
+    sums = all_reduce_sum(sums, info)
+    n = max(sums[0].item(), 1.0)
+    return {"top1": 100.0 * sums[1].item() / n, "top5": 100.0 * sums[2].item() / n, "loss": sums[3].item() / n}
+
+
+def num_workers_default() -> int:
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+def write_config(cfg: dict, output_dir: str, info: DistInfo) -> None:
+    if info.is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)

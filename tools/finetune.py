@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Classification fine-tuning of RevColV2 (paper Tables 2-4 and the supervised baseline).
+
+    # IN-1K after MIM (Table 3)
+    torchrun --nproc_per_node 8 tools/finetune.py --config configs/finetune/revcolv2_base_in1k.yaml \\
+        --data-path /data/imagenet --finetune output/pretrain/revcolv2_base/checkpoint-1600.pth
+    # CPU demo on the built-in data, from the tiny MIM demo checkpoint
+    python tools/finetune.py --config configs/finetune/revcolv2_tiny_demo.yaml \\
+        --finetune output/pretrain/revcolv2_tiny_demo/checkpoint-0008.pth
+    # evaluate a checkpoint only
+    python tools/finetune.py --config ... --eval --resume output/finetune/.../checkpoint-best.pth
+
+Top-1/top-5 on ``<data>/val`` after every epoch; ``checkpoint-best.pth`` and
+``checkpoint-last.pth`` in the output folder; ``--resume auto`` continues the last one.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import timm  # noqa: E402
+from timm.data import Mixup, create_transform  # noqa: E402
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
+from timm.utils import ModelEmaV3  # noqa: E402
+
+import revcolv2  # noqa: E402,F401  (registers the models with timm)
+from revcolv2.classification import ClassificationTrainer, evaluate_checkpoint, load_pretrained  # noqa: E402
+from revcolv2.data import RobustImageFolder, pillow_safe_randaugment, resolve_data_path  # noqa: E402
+from revcolv2.train_utils import (  # noqa: E402
+    IMAGENET_MEAN, IMAGENET_STD, barrier, find_resume_checkpoint, init_distributed, load_config,
+    num_workers_default, param_groups_layer_decay, seed_everything, write_config,
+)
+
+
+def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--data-path", default=None, help="ImageNet-style folder with train/ and val/; "
+                   "default: the built-in synthetic dataset")
+    p.add_argument("--output-dir", default=None, help="default: output/finetune/<config name>")
+    p.add_argument("--finetune", default=None, help="initialise from this pre-training (MIM) or "
+                   "fine-tuning checkpoint; omit for random init (supervised baseline)")
+    p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the latest in --output-dir")
+    p.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
+    p.add_argument("--batch-per-gpu", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--strict-data", action="store_true", help="fail on unreadable images instead of skipping them")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-at-step", type=int, default=None)
+    p.add_argument("--opts", nargs="*", default=[], help="config overrides, e.g. schedule.epochs=10")
+    return p.parse_args(argv)
+
+
+def build_transforms(cfg: dict):
+    d = cfg["data"]
+    common = dict(input_size=d["input_size"], interpolation=d["interpolation"], mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    train = create_transform(is_training=True, auto_augment=d["auto_augment"], re_prob=d["re_prob"],
+                             re_mode="pixel", re_count=1, color_jitter=d.get("color_jitter"), **common)
+    val = create_transform(is_training=False, crop_pct=d["crop_pct"], **common)
+    return pillow_safe_randaugment(train), val
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = get_args(argv)
+    cfg = load_config(args.config, args.opts)
+    info = init_distributed(args.device)
+    out_dir = args.output_dir or os.path.join("output", "finetune", Path(args.config).stem)
+    m_cfg, o_cfg, s_cfg, t_cfg, mix_cfg = cfg["model"], cfg["optim"], cfg["schedule"], cfg["train"], cfg["mixup"]
+
+    if info.is_main:
+        resolve_data_path(args.data_path)
+    barrier(info)
+    root = resolve_data_path(args.data_path)
+    train_tf, val_tf = build_transforms(cfg)
+    val_set = RobustImageFolder(str(root / "val"), transform=val_tf, strict=args.strict_data)
+    num_classes = m_cfg.get("num_classes") or len(val_set.classes)
+
+    seed_everything(args.seed)
+    model = timm.create_model(
+        m_cfg["name"], num_classes=num_classes, drop_path_rate=m_cfg["drop_path_rate"],
+        head_init_scale=m_cfg["head_init_scale"], reversible=m_cfg["reversible"], img_size=cfg["data"]["input_size"],
+        **(m_cfg.get("kwargs") or {}),
+    )
+    if args.finetune and not args.eval:
+        load_pretrained(model, args.finetune, verbose=info.is_main)
+    model.to(info.device)
+    seed_everything(args.seed + info.rank)
+    num_workers = num_workers_default() if args.num_workers is None else args.num_workers
+
+    if args.eval:
+        ckpt = find_resume_checkpoint(args.resume, out_dir)
+        if ckpt is None:
+            raise SystemExit("--eval needs a checkpoint: --resume PATH (or auto with an existing run)")
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
+            if info.device.type == "cuda" and t_cfg["amp"] == "bf16" else nullcontext
+        return {"results": evaluate_checkpoint(model, ckpt, val_set, info, t_cfg["eval_batch"], num_workers, autocast)}
+
+    train_set = RobustImageFolder(str(root / "train"), transform=train_tf, strict=args.strict_data)
+    if len(train_set.classes) != num_classes:
+        raise ValueError(f"train has {len(train_set.classes)} classes, val {len(val_set.classes)}")
+    write_config(cfg, out_dir, info)
+
+    batch = o_cfg["batch_size"]
+    lr = o_cfg["base_lr"] * batch / 256
+    groups = param_groups_layer_decay(model, o_cfg["weight_decay"], o_cfg["layer_decay"], model.no_weight_decay())
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(o_cfg["betas"]))
+
+    mixup = None
+    if mix_cfg["mixup"] > 0 or mix_cfg["cutmix"] > 0:
+        mixup = Mixup(mixup_alpha=mix_cfg["mixup"], cutmix_alpha=mix_cfg["cutmix"],
+                      label_smoothing=mix_cfg["label_smoothing"], num_classes=num_classes)
+        criterion = SoftTargetCrossEntropy()
+    elif mix_cfg["label_smoothing"] > 0:
+        criterion = LabelSmoothingCrossEntropy(mix_cfg["label_smoothing"])
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+    ema = ModelEmaV3(model, decay=cfg["ema"]["decay"]) if cfg["ema"]["decay"] else None
+    if info.is_main:
+        print(f"model {m_cfg['name']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+              f"{num_classes} classes, reversible={model.reversible}), {len(train_set)} train / "
+              f"{len(val_set)} val images in {root}, lr {lr:.3g} (base {o_cfg['base_lr']} x {batch}/256), "
+              f"layer decay {o_cfg['layer_decay']}, mixup {'on' if mixup else 'off'}, "
+              f"EMA {cfg['ema']['decay'] or 'off'}")
+
+    micro = args.batch_per_gpu or t_cfg["batch_per_gpu"]
+    if mixup is not None and micro % 2:
+        raise ValueError("Mixup/CutMix needs an even batch per process")
+    trainer = ClassificationTrainer(
+        model=model, optimizer=optimizer, dataset=train_set, info=info, output_dir=out_dir,
+        effective_batch=batch, micro_batch=micro, epochs=s_cfg["epochs"], warmup_epochs=s_cfg["warmup_epochs"],
+        min_lr=s_cfg["min_lr"], amp=t_cfg["amp"], num_workers=num_workers, seed=args.seed,
+        log_every=t_cfg["log_every"], clip_grad=o_cfg.get("clip_grad"), config=cfg, name="finetune",
+        # levels 0-2 of the last TD column do not feed the top-level classifier
+        find_unused_parameters=True,
+        val_dataset=val_set, criterion=criterion, mixup=mixup, ema=ema, eval_batch=t_cfg["eval_batch"],
+    )
+    resume = find_resume_checkpoint(args.resume, out_dir)
+    if resume:
+        trainer.resume(resume)
+    history = trainer.fit(stop_at_step=args.stop_at_step)
+    return {"history": history, "output_dir": out_dir, "trainer": trainer, "best": trainer.best}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Linear probing of a MIM-pre-trained RevColV2 (paper Table 5, MAE's protocol).
+
+The backbone is frozen; the head (global average pool -> BatchNorm without affine ->
+Linear) sits on the last level of the bottom-up columns and is trained with LARS.
+
+    torchrun --nproc_per_node 8 tools/linear_probe.py --config configs/linear_probe/revcolv2_base.yaml \\
+        --data-path /data/imagenet --finetune output/pretrain/revcolv2_base/checkpoint-1600.pth
+    python tools/linear_probe.py --config configs/linear_probe/revcolv2_tiny_demo.yaml \\
+        --finetune output/pretrain/revcolv2_tiny_demo/checkpoint-0008.pth
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import timm  # noqa: E402
+from timm.data import create_transform  # noqa: E402
+from timm.optim import Lars  # noqa: E402
+
+import revcolv2  # noqa: E402,F401
+from revcolv2.classification import (  # noqa: E402
+    ClassificationTrainer, LinearProbe, evaluate_checkpoint, load_pretrained,
+)
+from revcolv2.data import RobustImageFolder, resolve_data_path  # noqa: E402
+from revcolv2.train_utils import (  # noqa: E402
+    IMAGENET_MEAN, IMAGENET_STD, barrier, find_resume_checkpoint, init_distributed, load_config,
+    num_workers_default, seed_everything, write_config,
+)
+
+
+def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--data-path", default=None)
+    p.add_argument("--output-dir", default=None, help="default: output/linear_probe/<config name>")
+    p.add_argument("--finetune", default=None, help="the pre-trained (MIM) checkpoint to probe")
+    p.add_argument("--resume", default=None, help="checkpoint path, or 'auto'")
+    p.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
+    p.add_argument("--batch-per-gpu", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--strict-data", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-at-step", type=int, default=None)
+    p.add_argument("--opts", nargs="*", default=[])
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = get_args(argv)
+    cfg = load_config(args.config, args.opts)
+    info = init_distributed(args.device)
+    out_dir = args.output_dir or os.path.join("output", "linear_probe", Path(args.config).stem)
+    m_cfg, d_cfg, o_cfg, s_cfg, t_cfg = cfg["model"], cfg["data"], cfg["optim"], cfg["schedule"], cfg["train"]
+
+    if info.is_main:
+        resolve_data_path(args.data_path)
+    barrier(info)
+    root = resolve_data_path(args.data_path)
+    common = dict(input_size=d_cfg["input_size"], interpolation=d_cfg["interpolation"],
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    # RandomResizedCrop + flip only (MAE linear probing): no colour jitter, no RandAugment
+    train_tf = create_transform(is_training=True, scale=tuple(d_cfg["crop_scale"]), color_jitter=None, **common)
+    val_tf = create_transform(is_training=False, crop_pct=d_cfg["crop_pct"], **common)
+    val_set = RobustImageFolder(str(root / "val"), transform=val_tf, strict=args.strict_data)
+    num_classes = m_cfg.get("num_classes") or len(val_set.classes)
+
+    seed_everything(args.seed)
+    backbone = timm.create_model(m_cfg["name"], num_classes=0, reversible=False, img_size=d_cfg["input_size"],
+                                 **(m_cfg.get("kwargs") or {}))
+    if args.finetune and not args.eval:
+        load_pretrained(backbone, args.finetune, verbose=info.is_main)
+    elif not args.eval and info.is_main:
+        print("warning: no --finetune checkpoint: probing a randomly initialised backbone")
+    model = LinearProbe(backbone, num_classes)
+    if info.enabled:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(info.device)
+    seed_everything(args.seed + info.rank)
+    num_workers = num_workers_default() if args.num_workers is None else args.num_workers
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
+        if info.device.type == "cuda" and t_cfg["amp"] == "bf16" else nullcontext
+
+    if args.eval:
+        ckpt = find_resume_checkpoint(args.resume, out_dir)
+        if ckpt is None:
+            raise SystemExit("--eval needs a checkpoint: --resume PATH (or auto with an existing run)")
+        return {"results": evaluate_checkpoint(model, ckpt, val_set, info, t_cfg["eval_batch"], num_workers, autocast)}
+
+    train_set = RobustImageFolder(str(root / "train"), transform=train_tf, strict=args.strict_data)
+    write_config(cfg, out_dir, info)
+    batch = o_cfg["batch_size"]
+    lr = o_cfg["base_lr"] * batch / 256
+    linear = model.head[1]
+    # MAE's LARS: weight decay and trust-ratio adaptation for matrices, neither for biases
+    optimizer = Lars(
+        [{"params": [linear.weight], "weight_decay": o_cfg["weight_decay"], "always_adapt": True},
+         {"params": [linear.bias], "weight_decay": 0.0, "always_adapt": False}],
+        lr=lr, momentum=o_cfg["momentum"], trust_coeff=o_cfg["trust_coeff"],
+    )
+    if info.is_main:
+        print(f"linear probe of {m_cfg['name']} ({num_classes} classes), {len(train_set)} train / "
+              f"{len(val_set)} val images, LARS lr {lr:.3g} (base {o_cfg['base_lr']} x {batch}/256)")
+    trainer = ClassificationTrainer(
+        model=model, optimizer=optimizer, dataset=train_set, info=info, output_dir=out_dir,
+        effective_batch=batch, micro_batch=args.batch_per_gpu or t_cfg["batch_per_gpu"],
+        epochs=s_cfg["epochs"], warmup_epochs=s_cfg["warmup_epochs"], min_lr=s_cfg["min_lr"],
+        amp=t_cfg["amp"], num_workers=num_workers, seed=args.seed, log_every=t_cfg["log_every"],
+        config=cfg, name="linear_probe",
+        val_dataset=val_set, criterion=torch.nn.CrossEntropyLoss(), eval_batch=t_cfg["eval_batch"],
+    )
+    resume = find_resume_checkpoint(args.resume, out_dir)
+    if resume:
+        trainer.resume(resume)
+    history = trainer.fit(stop_at_step=args.stop_at_step)
+    return {"history": history, "output_dir": out_dir, "trainer": trainer, "best": trainer.best}
+
+
+if __name__ == "__main__":
+    main()
