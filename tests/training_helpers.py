@@ -1,0 +1,46 @@
+"""Shared by the training tests: load the entry points, make tiny data and tiny configs."""
+import importlib.util
+import warnings
+from pathlib import Path
+
+import torch
+
+from revcolv2.data import generate_synthetic_imagenet
+
+REPO = Path(__file__).resolve().parents[1]
+
+# a tiny RevColV2 (same 2 BU + 1 TD columns x 4 levels) on 32x32 images with 8x8 patches
+TINY_MODEL = "{embed_dim: 32, num_heads: 2, patch_size: 8}"
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_dataset(root: Path, classes: int = 4, train_per_class: int = 8, val_per_class: int = 2) -> Path:
+    if not (root / "train").is_dir():
+        generate_synthetic_imagenet(root, num_classes=classes, train_per_class=train_per_class,
+                                    val_per_class=val_per_class, size=40, seed=0)
+    return root
+
+
+class one_thread:
+    """Run tiny models on one intra-op thread: their ops are microseconds long, and on a
+    busy 2-core machine a second thread mostly adds synchronisation stalls."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
+def run_tool(name: str, *argv: str, quiet: bool = True) -> dict:
+    with warnings.catch_warnings(), one_thread():
+        if quiet:
+            warnings.simplefilter("ignore", UserWarning)
+        return load_tool(name).main([str(a) for a in argv])
