@@ -13,20 +13,40 @@ which detectron2's FPN (p2-p6) or the UperNet head consume.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Sequence
 
 import torch
+import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.layers.batch_norm import LayerNorm
 from detectron2.modeling import Backbone
 from torch import nn
 
+from revcolv2.layer_decay import lr_factor_func
 from revcolv2.model import MODEL_CFGS, RevColV2
 
-__all__ = ["RevColV2Backbone", "LEVEL_NAMES", "LEVEL_STRIDES"]
+__all__ = ["RevColV2Backbone", "LEVEL_NAMES", "LEVEL_STRIDES", "revcolv2_lr_factor_func"]
 
 LEVEL_NAMES = ("td0", "td1", "td2", "td3")
 LEVEL_STRIDES = (4, 8, 16, 32)
+
+
+def revcolv2_lr_factor_func(decay: float, variant: str = "revcolv2_base", **net_kwargs) -> Callable[[str], float]:
+    """The shared layer-decay rule (``revcolv2.layer_decay``) for a backbone of this preset.
+
+    Returns detectron2's ``lr_factor_func`` (parameter name -> lr scale): backbone names such
+    as ``backbone.bottom_up.net.columns.3.levels.0.blocks.0.attn.qkv.weight`` get
+    ``decay ** (max_id + 1 - id)``; the pyramid adapters, FPN and heads get 1.
+    ``net_kwargs`` are the same size overrides given to :class:`RevColV2Backbone`.
+    """
+    cfg = dict(MODEL_CFGS[variant], **net_kwargs)
+    return lr_factor_func(
+        decay,
+        num_levels=cfg.get("num_levels", 4),
+        blocks_per_level=cfg.get("blocks_per_level", 1),
+        num_bu_columns=cfg["num_bu_columns"],
+        num_td_columns=cfg["num_td_columns"],
+    )
 
 
 def _upsample(dim: int, times: int) -> nn.Module:
@@ -108,12 +128,15 @@ class RevColV2Backbone(Backbone):
         }
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """(B, 3, H, W) -> {name: (B, C, ceil(H/32)*32/stride, ceil(W/32)*32/stride)}.
+
+        Inputs whose sides are not multiples of 32 are zero-padded at the bottom/right, as
+        detectron2's ``ImageList`` would (it already pads images by ``size_divisibility``).
+        """
         h, w = x.shape[-2:]
-        if h % 32 or w % 32:
-            raise ValueError(
-                f"RevColV2Backbone needs inputs padded to a multiple of 32, got {h}x{w} "
-                "(detectron2 pads by size_divisibility when the model preprocesses images)"
-            )
+        pad_h, pad_w = (-h) % self.size_divisibility, (-w) % self.size_divisibility
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
         levels = self.net.forward_levels(x)  # 4 x (B, D, H/16, W/16)
         return {
             name: adapt(level)

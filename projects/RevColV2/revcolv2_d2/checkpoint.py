@@ -15,11 +15,12 @@ from typing import Any, Dict
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from fvcore.common.checkpoint import _group_checkpoint_keys, _group_to_str
 
 from revcolv2.checkpoint import PRETRAIN_ONLY_PREFIXES, save_atomic, unwrap_state_dict
 from revcolv2.model import RevColV2
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("detectron2").getChild(__name__)  # shown by default_setup
 
 # tensors of a RevColV2 checkpoint that a dense-prediction model does not use
 _DROPPED_PREFIXES = PRETRAIN_ONLY_PREFIXES + ("head.", "fc_norm.")
@@ -41,8 +42,14 @@ def convert_revcolv2_state_dict(sd: Dict[str, torch.Tensor], model: torch.nn.Mod
     prefix = _revcolv2_prefix(model)
     dropped = sorted(k for k in sd if k.startswith(_DROPPED_PREFIXES))
     if dropped:
-        logger.info("RevColV2 checkpoint: not used by the dense model (%d): %s", len(dropped), ", ".join(dropped))
+        logger.info("RevColV2 checkpoint: not used by the dense model (%d):\n%s", len(dropped), _grouped(dropped))
     return {prefix + k: v for k, v in sd.items() if not k.startswith(_DROPPED_PREFIXES)}
+
+
+def _grouped(keys) -> str:
+    """One line per module: ``prefix.{a, b}``, as fvcore prints missing/unused keys."""
+    groups = _group_checkpoint_keys(list(keys))
+    return "\n".join("  " + prefix + _group_to_str(tails) for prefix, tails in sorted(groups.items()))
 
 
 class RevColV2Checkpointer(DetectionCheckpointer):
@@ -70,11 +77,13 @@ class RevColV2Checkpointer(DetectionCheckpointer):
                     f"checkpoint tensor {k!r} has shape {tuple(v.shape)} but the model expects "
                     f"{tuple(own[k].shape)}: the checkpoint is for a different model size"
                 )
+        loaded = [k for k in checkpoint["model"] if k in own]  # fvcore pops "model" below
         incompatible = super()._load_model(checkpoint)
-        loaded = [k for k in checkpoint["model"] if k in own]
+        # fvcore then logs the missing and unused keys by name (_log_incompatible_keys)
         self.logger.info(
-            "Loaded %d tensors; %d missing in the checkpoint; %d unused from the checkpoint",
+            "Loaded %d tensors; %d missing in the checkpoint; %d unused from the checkpoint. Loaded:\n%s",
             len(loaded), len(incompatible.missing_keys), len(incompatible.unexpected_keys),
+            _grouped(loaded),
         )
         return incompatible
 
