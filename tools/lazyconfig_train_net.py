@@ -11,6 +11,7 @@ Besides detectron2's own tool: RevColV2 checkpoints (MIM or classification) load
 picks bf16 or fp16 (mixed precision is switched off on CPU); the project's built-in
 datasets are registered.
 """
+import json
 import logging
 import os
 import sys
@@ -51,6 +52,11 @@ def do_test(cfg, model):
         model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
     )
     print_csv_format(ret)
+    if comm.is_main_process() and cfg.train.get("output_dir"):
+        # the latest evaluation, machine-readable (also in metrics.json when training)
+        os.makedirs(cfg.train.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.train.output_dir, "last_eval.json"), "w") as f:
+            json.dump(ret, f, indent=1)
     return ret
 
 
@@ -79,9 +85,8 @@ def do_train(args, cfg):
     model = create_ddp_model(model, **cfg.train.ddp)
     amp_enabled, amp_dtype = _amp_settings(cfg)
     if amp_enabled:
-        grad_scaler = None
-        if amp_dtype == torch.bfloat16:  # bf16 needs no loss scaling
-            grad_scaler = torch.amp.GradScaler("cuda", enabled=False)
+        # fp16 needs loss scaling; bf16 has fp32's range and needs none
+        grad_scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
         trainer = AMPTrainer(model, train_loader, optim, grad_scaler=grad_scaler, precision=amp_dtype)
     else:
         trainer = SimpleTrainer(model, train_loader, optim)
@@ -123,7 +128,10 @@ def main(args):
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         model = create_ddp_model(model)
-        RevColV2Checkpointer(model).load(cfg.train.init_checkpoint)
+        # train.init_checkpoint, or with --resume the last checkpoint in train.output_dir
+        RevColV2Checkpointer(model, cfg.train.output_dir).resume_or_load(
+            cfg.train.init_checkpoint, resume=args.resume
+        )
         return do_test(cfg, model)
     do_train(args, cfg)
 
