@@ -43,6 +43,6 @@ model.roi_heads.update(
 dataloader.train.total_batch_size = 64
 # 100 epochs x 118,287 images / 64 images per iteration = 184,823 iterations
 train.max_iter = 184823
-lr_multiplier.scheduler.milestones = [164287, 177977]  # 8/9 and 26/27 of training, as ViTDet
+lr_multiplier.scheduler.milestones = [164287, 177978]  # 8/9 and 26/27 of training, as ViTDet
 lr_multiplier.scheduler.num_updates = train.max_iter
 lr_multiplier.warmup_length = 250 / train.max_iter

@@ -36,7 +36,7 @@ train.max_iter = 184823
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(
         values=[1.0, 0.1, 0.01],
-        milestones=[164287, 177977],  # round(184823 * 8 / 9), round(184823 * 26 / 27)
+        milestones=[164287, 177978],  # round(184823 * 8 / 9), round(184823 * 26 / 27)
         num_updates=train.max_iter,
     ),
     warmup_length=250 / train.max_iter,

@@ -1,0 +1,103 @@
+"""Every COCO config loads, holds the paper's recipe, builds (tiny backbone), and its
+optimizer follows the shared layer-decay rule."""
+import os
+
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.evaluation import COCOEvaluator
+from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
+
+from revcolv2.layer_decay import layer_id, max_layer_id
+from revcolv2.model import MODEL_CFGS
+
+from d2_helpers import DEMO_CONFIG, ROOT
+
+COCO_DIR = os.path.join(ROOT, "projects", "RevColV2", "configs", "COCO")
+COCO_TRAIN_IMAGES = 118287
+# name -> (epochs, batch, drop path, roi heads, preset)
+RECIPES = {
+    "mask_rcnn_revcolv2_b_50ep.py": (50, 32, 0.2, StandardROIHeads, "revcolv2_base"),
+    "mask_rcnn_revcolv2_l_50ep.py": (50, 32, 0.3, StandardROIHeads, "revcolv2_large"),
+    "cascade_mask_rcnn_revcolv2_b_100ep.py": (100, 64, 0.2, CascadeROIHeads, "revcolv2_base"),
+    "cascade_mask_rcnn_revcolv2_l_100ep.py": (100, 64, 0.3, CascadeROIHeads, "revcolv2_large"),
+}
+TINY = ["model.backbone.bottom_up.embed_dim=32", "model.backbone.bottom_up.num_heads=2"]
+
+
+def test_every_coco_config_is_covered():
+    assert set(n for n in os.listdir(COCO_DIR) if n.endswith(".py")) == set(RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_values(name):
+    epochs, batch, drop_path, _, preset = RECIPES[name]
+    cfg = LazyConfig.load(os.path.join(COCO_DIR, name))
+    bb = cfg.model.backbone.bottom_up
+    assert bb.variant == preset and bb.drop_path_rate == drop_path and bb.window_size == 14
+    assert 0 < len(bb.global_attn_indexes) <= 4  # a few global blocks
+    assert cfg.model.backbone.square_pad == 1024 and cfg.model.backbone.norm == "LN"
+    assert cfg.dataloader.train.total_batch_size == batch
+    assert cfg.train.max_iter == round(epochs * COCO_TRAIN_IMAGES / batch)
+    assert cfg.optimizer.lr == 1e-4 and cfg.optimizer._target_ is torch.optim.AdamW
+    assert cfg.optimizer.params.lr_factor_func.decay == 0.9
+    lsj = [a for a in cfg.dataloader.train.mapper.augmentations if "min_scale" in a][0]
+    assert (lsj.min_scale, lsj.max_scale, lsj.target_height, lsj.target_width) == (0.1, 2.0, 1024, 1024)
+    assert cfg.dataloader.train.dataset.names == "coco_2017_train"
+    assert cfg.dataloader.test.dataset.names == "coco_2017_val"
+    assert cfg.dataloader.evaluator._target_ is COCOEvaluator
+    sched = cfg.lr_multiplier
+    assert sched.scheduler.num_updates == cfg.train.max_iter
+    assert sched.scheduler.milestones == [round(cfg.train.max_iter * 8 / 9), round(cfg.train.max_iter * 26 / 27)]
+    assert sched.warmup_length * cfg.train.max_iter == pytest.approx(250)
+    assert cfg.train.amp.precision in ("bf16", "fp16")
+
+
+def _lr_scales(cfg):
+    """Build model + optimizer; return {parameter name: (lr / base lr, weight decay)}."""
+    model = instantiate(cfg.model)
+    cfg.optimizer.params.model = model
+    opt = instantiate(cfg.optimizer)
+    by_id = {id(p): (g["lr"] / cfg.optimizer.lr, g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    return model, {n: by_id[id(p)] for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_builds_with_tiny_backbone_and_follows_layer_decay(name):
+    _, _, _, heads, preset = RECIPES[name]
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(os.path.join(COCO_DIR, name)), TINY)
+    model, scales = _lr_scales(cfg)
+    assert isinstance(model.roi_heads, heads)
+    assert model.backbone.bottom_up.net.embed_dim == 32
+
+    preset_cfg = MODEL_CFGS[preset]
+    layout = (4, 1, preset_cfg["num_bu_columns"], preset_cfg["num_td_columns"])
+    top = max_layer_id(*layout) + 1
+    decay = 0.9
+    net_prefix = "backbone.bottom_up.net."
+    by_id = {}
+    for n, (scale, wd) in scales.items():
+        if not n.startswith(net_prefix):
+            assert scale == pytest.approx(1.0), n  # FPN, pyramid adapters and heads: full lr
+            continue
+        lid = layer_id(n[len(net_prefix):], *layout)
+        assert scale == pytest.approx(decay ** (top - lid)), n
+        by_id.setdefault(lid, set()).add(round(scale, 12))
+        if n.endswith("alphas"):
+            assert wd == 0.0
+    # lr scale: one value per layer id, strictly increasing with depth, below the heads' 1
+    ids = sorted(by_id)
+    assert ids == list(range(top))  # stem 0 .. deepest block
+    assert all(len(by_id[i]) == 1 for i in ids)
+    lrs = [by_id[i].pop() for i in ids]
+    assert all(a < b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 1.0
+    assert scales[net_prefix + "patch_embed.proj.weight"][0] == pytest.approx(decay ** top)
+
+
+def test_demo_config_builds_and_trains_on_the_built_in_data():
+    cfg = LazyConfig.load(DEMO_CONFIG)
+    assert cfg.dataloader.train.dataset.names == "synthetic_shapes_train"
+    assert cfg.dataloader.test.dataset.names == "synthetic_shapes_val"
+    assert cfg.model.roi_heads.num_classes == 4
+    model = instantiate(cfg.model)
+    assert model.backbone.padding_constraints == {"square_size": 256}
