@@ -66,3 +66,18 @@ def test_resume_refuses_a_different_batch(data, tmp_path):
     with pytest.raises(ValueError, match="same data and effective batch"):
         pretrain(data, tmp_path, "schedule.epochs=2", "train.vis_images=0", "optim.batch_size=16",
                  extra=("--num-workers", "0", "--resume", "auto"))
+
+
+def test_pretraining_optimizer_follows_table_1(data, tmp_path):
+    out = pretrain(data, tmp_path, "schedule.epochs=1", "train.vis_images=0", extra=("--num-workers", "0"))
+    trainer = out["trainer"]
+    opt = trainer.optimizer
+    assert type(opt).__name__ == "AdamW" and opt.defaults["betas"] == (0.9, 0.95)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed | plain == set(names.values()) and not decayed & plain
+    assert "mask_token" in plain and any(n.endswith("alphas") for n in plain)
+    assert all(not (n.endswith(".bias") or "norm" in n) for n in decayed)
+    assert trainer.scheduler.base_values[0] == pytest.approx(1e-3 * 8 / 256)  # base_lr x batch / 256
+    assert trainer.model.drop_path_rate == 0.0 and trainer.model.mask_ratio == 0.75
