@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""Mask R-CNN: RevColV2-B (reversible, plain) vs detectron2's ViTDet-B, in one run.
+
+Both detectors are built from their LazyConfigs with nothing changed but the square padding
+(= the benchmark resolution) and drop path (0.1 for both, ViTDet-B's value):
+- RevColV2-B: ``projects/RevColV2/configs/COCO/mask_rcnn_revcolv2_b_50ep.py`` (FPN on the last
+  TD column's levels, windows 14 + 4 global blocks), ``reversible`` on or off;
+- ViTDet-B: detectron2's ``common/models/mask_rcnn_vitdet.py`` (ViT-B, windows 14 + 4 global
+  blocks with relative position, simple feature pyramid), the same heads.
+
+A training step is forward (losses on 6 synthetic instances per image) + backward + AdamW
+step; inference is a no-grad forward with post-processing, both on the same batch. On CUDA
+they run under bf16 autocast and peak memory is ``torch.cuda.max_memory_allocated`` (weights,
+gradients and AdamW state included). On CPU (fp32) memory is what autograd saves for
+backward in one training forward (saved-tensor hooks, each storage once, parameters left
+out), the profiler's peak of tensor bytes that forward + backward add, and the process's peak
+RSS. "backbone GFLOPs" (fvcore, multiply-adds, one image) counts backbone + feature
+pyramid, the part that differs. Each model runs in its own subprocess.
+
+    python tools/benchmark_detection.py                      # CUDA: 1024x1024, batch 2, bf16
+    python tools/benchmark_detection.py --device cpu         # CPU: 256x256, batch 2, fp32
+
+Targets on a GPU: training step <= 1.2x ViTDet-B's time, reversible peak memory <= ViTDet-B's,
+inference >= 0.8x ViTDet-B's img/s.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _p in (_ROOT, os.path.join(_ROOT, "projects", "RevColV2"), os.path.join(_ROOT, "tools")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+
+MODELS = ["RevColV2-B reversible", "RevColV2-B plain", "ViTDet-B"]
+REVCOLV2_CONFIG = os.path.join(_ROOT, "projects", "RevColV2", "configs", "COCO", "mask_rcnn_revcolv2_b_50ep.py")
+DROP_PATH = 0.1
+
+
+def build(label: str, size: int) -> torch.nn.Module:
+    from detectron2 import model_zoo
+    from detectron2.config import LazyConfig, instantiate
+
+    if label == "ViTDet-B":
+        model = model_zoo.get_config("common/models/mask_rcnn_vitdet.py").model
+        model.backbone.net.drop_path_rate = DROP_PATH
+    else:
+        model = LazyConfig.load(REVCOLV2_CONFIG).model
+        model.backbone.bottom_up.square_pad = size
+        model.backbone.bottom_up.drop_path_rate = DROP_PATH
+        model.backbone.bottom_up.reversible = label.endswith("reversible")
+    model.backbone.square_pad = size
+    return instantiate(model)
+
+
+def synthetic_batch(batch: int, size: int, device: str, with_targets: bool):
+    """``batch`` images (0-255) with 6 box + elliptical-mask instances each, seeded."""
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(batch):
+        image = torch.rand(3, size, size, generator=g) * 255
+        record = {"image": image.to(device), "height": size, "width": size}
+        if with_targets:
+            xy = torch.rand(6, 2, generator=g) * size * 0.7
+            wh = (0.1 + torch.rand(6, 2, generator=g) * 0.2) * size
+            boxes = torch.cat([xy, xy + wh], dim=1)
+            ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+            c, r = (boxes[:, :2] + boxes[:, 2:]) / 2, wh / 2
+            masks = ((xs - c[:, 0, None, None]) / r[:, 0, None, None]) ** 2 \
+                + ((ys - c[:, 1, None, None]) / r[:, 1, None, None]) ** 2 <= 1
+            inst = Instances((size, size), gt_boxes=Boxes(boxes), gt_classes=torch.randint(0, 80, (6,), generator=g),
+                             gt_masks=BitMasks(masks))
+            record["instances"] = inst.to(device)
+        out.append(record)
+    return out
+
+
+def backbone_gflops(backbone: torch.nn.Module, size: int) -> float:
+    """Multiply-adds (fvcore's convention) of backbone + feature pyramid on one image."""
+    from fvcore.nn import FlopCountAnalysis
+
+    from revcolv2.flops import _sdpa_flop
+
+    was_training = backbone.training
+    backbone.eval()
+    x = torch.zeros(1, 3, size, size, device=next(backbone.parameters()).device)
+    with torch.no_grad():
+        fca = FlopCountAnalysis(backbone, x)
+        fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop)
+        fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        total = fca.total()
+    backbone.train(was_training)
+    return total / 1e9
+
+
+def timed(step, device: str, warmup: int, iters: int):
+    """(wall seconds, process CPU seconds) per call of ``step`` after ``warmup`` calls.
+
+    CPU seconds (all threads of this process) do not grow when other processes share the
+    cores, so they compare models fairly on a busy machine; wall time is what a user sees.
+    """
+    cuda = device.startswith("cuda")
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(iters):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - wall) / iters, (time.process_time() - cpu) / iters
+
+
+def worker(args) -> dict:
+    from benchmark_pretrain import SavedActivations, cpu_peak_bytes
+    from detectron2.utils.events import EventStorage
+
+    from revcolv2.bench import peak_rss_mb
+
+    device, cuda = args.device, args.device.startswith("cuda")
+    torch.manual_seed(0)
+    model = build(args.worker, args.size).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    train_batch = synthetic_batch(args.batch, args.size, device, with_targets=True)
+    test_batch = synthetic_batch(args.batch, args.size, device, with_targets=False)
+
+    def losses():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            return sum(model(train_batch).values())
+
+    def train_step():
+        losses().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def infer():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            model(test_batch)
+
+    out = {"params (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+           "backbone GFLOPs": round(backbone_gflops(model.backbone, args.size), 1)}
+    with EventStorage(0):  # detectron2's losses log into an event storage
+        model.train()
+        train_step()  # allocate the optimizer state before measuring
+        with SavedActivations(model) as saved:
+            loss = losses()
+        loss.backward()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        sec, cpu_sec = timed(train_step, device, args.warmup, args.iters)
+        out.update({"train s/step": round(sec, 3), "saved activations (MB)": round(saved.total / 2 ** 20, 1)})
+        if not cuda:
+            out["train CPU-s/step"] = round(cpu_sec, 2)
+        if cuda:
+            out["train peak GPU mem (GiB)"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        else:
+            losses().backward()  # gradient buffers exist (and stay) from here on
+            opt.zero_grad(set_to_none=False)
+            out["fwd+bwd adds (MB)"] = round(cpu_peak_bytes(lambda: losses().backward()) / 2 ** 20, 1)
+
+        model.eval()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        sec, cpu_sec = timed(infer, device, args.warmup, args.iters)
+        out["infer img/s"] = round(args.batch / sec, 2)
+        if not cuda:
+            out["infer img/CPU-s"] = round(args.batch / cpu_sec, 2)
+        if cuda:
+            out["infer peak GPU mem (GiB)"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        else:
+            out["peak RSS (MB)"] = round(peak_rss_mb(), 0)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--size", type=int, default=None, help="square input side; default 1024 on CUDA, 256 on CPU")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--report", default=os.path.join(_ROOT, "docs", "BENCHMARKS.md"))
+    ap.add_argument("--no-report", action="store_true", help="print only; do not append to the report")
+    ap.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    args.size = args.size or (1024 if cuda else 256)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    args.iters = args.iters or (10 if cuda else 2)
+
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+
+    from revcolv2.bench import append_report, markdown_table
+
+    rows = []
+    for label in MODELS:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", label, "--batch", str(args.batch),
+               "--size", str(args.size), "--warmup", str(args.warmup), "--iters", str(args.iters),
+               "--device", args.device]
+        print(f"[benchmark_detection] {label} ...", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            raise RuntimeError(f"{label} failed:\n{proc.stderr[-4000:]}")
+        rows.append({"model": label, **json.loads(line[0][len("RESULT "):])})
+        print("   ", rows[-1], flush=True)
+
+    vitdet = rows[-1]
+    # on a CPU the ratios use process CPU time, which other load on the machine does not inflate
+    step = "train s/step" if cuda else "train CPU-s/step"
+    speed = "infer img/s" if cuda else "infer img/CPU-s"
+    mem = "train peak GPU mem (GiB)" if cuda else "fwd+bwd adds (MB)"
+    for r in rows:
+        r["train time vs ViTDet"] = f"{r[step] / vitdet[step]:.2f}x"
+        r["train memory vs ViTDet"] = f"{r[mem] / vitdet[mem]:.2f}x"
+        r["infer vs ViTDet"] = f"{r[speed] / vitdet[speed]:.2f}x"
+    cols = ["model", "params (M)", "backbone GFLOPs", "train s/step"] + ([] if cuda else ["train CPU-s/step"])
+    cols += ["train time vs ViTDet", "saved activations (MB)"]
+    cols += ["train peak GPU mem (GiB)"] if cuda else ["fwd+bwd adds (MB)"]
+    cols += ["train memory vs ViTDet", "infer img/s"] + ([] if cuda else ["infer img/CPU-s"]) + ["infer vs ViTDet"]
+    cols += ["infer peak GPU mem (GiB)"] if cuda else ["peak RSS (MB)"]
+    table = markdown_table(rows, cols)
+
+    rev, plain = rows[0], rows[1]
+
+    def check(ok):
+        return "met" if ok else "NOT met"
+
+    verdict = (
+        f"Targets (GPU): training step <= 1.2x ViTDet-B -> reversible {rev['train time vs ViTDet']}, "
+        f"plain {plain['train time vs ViTDet']} "
+        f"({check(rev[step] <= 1.2 * vitdet[step])} / {check(plain[step] <= 1.2 * vitdet[step])}); "
+        f"reversible peak memory <= ViTDet-B -> {rev['train memory vs ViTDet']} ({check(rev[mem] <= vitdet[mem])}); "
+        f"inference >= 0.8x ViTDet-B img/s -> {rev['infer vs ViTDet']} ({check(rev[speed] >= 0.8 * vitdet[speed])})."
+    )
+    precision = "bf16 autocast" if cuda else "fp32"
+    body = (
+        f"Mask R-CNN, {args.size}x{args.size} (square padding {args.size}), batch {args.batch}, {precision}, "
+        f"drop path {DROP_PATH} for both, {args.warmup} warm-up + {args.iters} timed steps / inference batches. "
+        f"\"train memory vs ViTDet\" compares {mem}.\n\n{table}\n\n"
+        + (verdict if cuda else
+           "CPU run: the ratios use process CPU time (all threads), which other load does not inflate; "
+           "2-core ratios are not GPU ratios, and the memory columns count activations (saved for "
+           "backward, or added by forward + backward), not the allocator's peak with weights and optimizer "
+           "state. The GPU targets (training step <= 1.2x ViTDet-B, reversible peak memory <= ViTDet-B, "
+           "inference >= 0.8x ViTDet-B) need this script on CUDA (1024x1024, batch 2, bf16).")
+        + "\n"
+    )
+    print(table)
+    print(verdict if cuda else "(CPU run: the targets are for a GPU; the same ratios are printed above)")
+    if not args.no_report:
+        command = ("python tools/benchmark_detection.py " + " ".join(sys.argv[1:])).strip()
+        append_report(args.report, "Mask R-CNN: RevColV2-B vs ViTDet-B", command, args.device, body)
+        print(f"appended to {args.report}")
+
+
+if __name__ == "__main__":
+    main()
