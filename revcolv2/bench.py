@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import resource
 import subprocess
+import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -27,23 +29,48 @@ def machine_description(device: str) -> str:
     return f"{os.cpu_count()}-core {cpu}, no GPU used (torch {torch.__version__})"
 
 
-class SavedTensorBytes:
-    """Counts bytes handed to autograd's saved-tensor hooks (activation memory) inside ``with``."""
+class SavedActivations:
+    """Bytes of distinct tensor storages that autograd saves for backward inside ``with``.
 
-    def __init__(self):
+    Parameters (saved by linear layers, say) are weights, not activations, and are not
+    counted; a storage saved twice counts once.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen = set()
         self.total = 0
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
-    def _pack(self, t):
-        self.total += t.numel() * t.element_size()
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.params and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.total += storage.nbytes()
         return t
 
     def __enter__(self):
-        self._ctx.__enter__()
+        self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
+        return self._hooks.__exit__(*exc)
+
+
+def cpu_peak_bytes(fn: Callable[[], None]) -> int:
+    """Peak of (allocated - freed) tensor bytes during ``fn()``, from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def peak_rss_mb() -> float:
@@ -51,18 +78,39 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_steps(step: Callable[[], None], device: str, warmup: int, iters: int) -> float:
-    """Seconds per call of ``step`` after ``warmup`` calls."""
+def timed(step: Callable[[], None], device: str, warmup: int, iters: int) -> Tuple[float, float]:
+    """(wall seconds, process CPU seconds) per call of ``step`` after ``warmup`` calls.
+
+    CPU seconds (all threads of this process) do not grow when other processes share the
+    cores, so they compare models fairly on a busy machine; wall time is what a user sees.
+    """
+    cuda = device.startswith("cuda")
     for _ in range(warmup):
         step()
-    if device.startswith("cuda"):
+    if cuda:
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(iters):
         step()
-    if device.startswith("cuda"):
+    if cuda:
         torch.cuda.synchronize()
-    return (time.perf_counter() - t) / iters
+    return (time.perf_counter() - wall) / iters, (time.process_time() - cpu) / iters
+
+
+def run_workers(script: str, labels: Sequence[str], args: Sequence[str], tag: str) -> List[Dict]:
+    """Run ``script --worker LABEL *args`` once per label, each in a fresh process (so peak
+    memory does not leak between models); collect the JSON each prints after ``RESULT ``."""
+    rows = []
+    for label in labels:
+        print(f"[{tag}] {label} ...", flush=True)
+        proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker", label, *map(str, args)],
+                              capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            raise RuntimeError(f"{label} failed:\n{proc.stderr[-4000:]}")
+        rows.append({"model": label, **json.loads(line[0][len("RESULT "):])})
+        print("   ", rows[-1], flush=True)
+    return rows
 
 
 def markdown_table(rows: List[Dict], columns: List[str]) -> str:

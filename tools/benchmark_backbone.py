@@ -7,8 +7,10 @@ A step is forward + cross-entropy + backward + AdamW step. Each model runs in it
 subprocess so that peak-memory figures do not leak between models.
 
 Memory: on CUDA, torch.cuda.max_memory_allocated over the timed steps; on CPU the
-activation bytes that autograd saves for backward (saved-tensor hooks) and the process's
-peak RSS (which includes weights and optimizer state).
+activation bytes that autograd saves for backward (saved-tensor hooks, weights excluded),
+the peak of live tensor bytes added by one forward + backward (profiler memory events),
+and the process's peak RSS (which includes weights and optimizer state). On CPU, speed
+ratios use process CPU time, which other load on the machine does not inflate.
 
     python tools/benchmark_backbone.py                     # CPU: batch 2, fp32
     python tools/benchmark_backbone.py --batch 64          # CUDA: bf16 autocast when a GPU is present
@@ -16,7 +18,6 @@ peak RSS (which includes weights and optimizer state).
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,7 +36,7 @@ def worker(args) -> dict:
     import timm
 
     import revcolv2  # noqa: F401
-    from revcolv2.bench import SavedTensorBytes, peak_rss_mb, time_steps
+    from revcolv2.bench import SavedActivations, cpu_peak_bytes, peak_rss_mb, timed
 
     name, kwargs = MODELS[args.worker]
     kwargs = dict(kwargs)
@@ -58,19 +59,26 @@ def worker(args) -> dict:
         opt.zero_grad(set_to_none=True)
 
     step()  # allocate optimizer state before measuring memory
-    with SavedTensorBytes() as saved:
+    with SavedActivations(model) as saved:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
     opt.zero_grad(set_to_none=True)
     if use_amp:
         torch.cuda.reset_peak_memory_stats()
-    sec = time_steps(step, device, args.warmup, args.iters)
+    sec, cpu_sec = timed(step, device, args.warmup, args.iters)
     out = {"img/s": round(args.batch / sec, 2), "ms/step": round(sec * 1000, 1),
+           "CPU-s/step": round(cpu_sec, 2),
            "saved activations (MB)": round(saved.total / 2**20, 1)}
     if use_amp:
         out["peak GPU mem (GiB)"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     else:
+        def fwd_bwd():
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+
+        fwd_bwd()  # gradient buffers exist (and stay) from here on
+        out["fwd+bwd adds (MB)"] = round(cpu_peak_bytes(fwd_bwd) / 2**20, 1)
+        opt.zero_grad(set_to_none=True)
         out["peak RSS (MB)"] = round(peak_rss_mb(), 0)
     return out
 
@@ -95,26 +103,18 @@ def main():
         print("RESULT " + json.dumps(worker(args)))
         return
 
-    from revcolv2.bench import append_report, markdown_table
+    from revcolv2.bench import append_report, markdown_table, run_workers
 
-    rows = []
-    for label in MODELS:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", label, "--batch", str(args.batch),
-               "--img-size", str(args.img_size), "--warmup", str(args.warmup), "--iters", str(args.iters),
-               "--device", args.device]
-        print(f"[benchmark_backbone] {label} ...", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            raise RuntimeError(f"{label} failed:\n{proc.stderr[-3000:]}")
-        row = {"model": label, **json.loads(line[0][len("RESULT "):])}
-        print("   ", row, flush=True)
-        rows.append(row)
-    vit = rows[2]["img/s"]
+    rows = run_workers(__file__, list(MODELS), ["--batch", args.batch, "--img-size", args.img_size,
+                                                "--warmup", args.warmup, "--iters", args.iters,
+                                                "--device", args.device], "benchmark_backbone")
+    # on a CPU, speed ratios use process CPU time, which other load on the machine does not inflate
+    vit = rows[2]
     for r in rows:
-        r["vs ViT-B img/s"] = f"{r['img/s'] / vit:.2f}x"
-    mem_col = "peak GPU mem (GiB)" if cuda else "peak RSS (MB)"
-    cols = ["model", "img/s", "ms/step", "vs ViT-B img/s", "saved activations (MB)", mem_col]
+        ratio = r["img/s"] / vit["img/s"] if cuda else vit["CPU-s/step"] / r["CPU-s/step"]
+        r["speed vs ViT-B"] = f"{ratio:.2f}x"
+    mem_cols = ["peak GPU mem (GiB)"] if cuda else ["fwd+bwd adds (MB)", "peak RSS (MB)"]
+    cols = ["model", "img/s", "ms/step", "CPU-s/step", "speed vs ViT-B", "saved activations (MB)", *mem_cols]
     table = markdown_table(rows, cols)
     precision = "bf16 autocast" if cuda else "fp32"
     body = (f"Training step (forward + CE + backward + AdamW), batch {args.batch}, "

@@ -26,9 +26,7 @@ inference >= 0.8x ViTDet-B's img/s.
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _p in (_ROOT, os.path.join(_ROOT, "projects", "RevColV2"), os.path.join(_ROOT, "tools")):
@@ -100,30 +98,10 @@ def backbone_gflops(backbone: torch.nn.Module, size: int) -> float:
     return total / 1e9
 
 
-def timed(step, device: str, warmup: int, iters: int):
-    """(wall seconds, process CPU seconds) per call of ``step`` after ``warmup`` calls.
-
-    CPU seconds (all threads of this process) do not grow when other processes share the
-    cores, so they compare models fairly on a busy machine; wall time is what a user sees.
-    """
-    cuda = device.startswith("cuda")
-    for _ in range(warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(iters):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - wall) / iters, (time.process_time() - cpu) / iters
-
-
 def worker(args) -> dict:
-    from benchmark_pretrain import SavedActivations, cpu_peak_bytes
     from detectron2.utils.events import EventStorage
 
-    from revcolv2.bench import peak_rss_mb
+    from revcolv2.bench import SavedActivations, cpu_peak_bytes, peak_rss_mb, timed
 
     device, cuda = args.device, args.device.startswith("cuda")
     torch.manual_seed(0)
@@ -205,20 +183,11 @@ def main():
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
 
-    from revcolv2.bench import append_report, markdown_table
+    from revcolv2.bench import append_report, markdown_table, run_workers
 
-    rows = []
-    for label in MODELS:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", label, "--batch", str(args.batch),
-               "--size", str(args.size), "--warmup", str(args.warmup), "--iters", str(args.iters),
-               "--device", args.device]
-        print(f"[benchmark_detection] {label} ...", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            raise RuntimeError(f"{label} failed:\n{proc.stderr[-4000:]}")
-        rows.append({"model": label, **json.loads(line[0][len("RESULT "):])})
-        print("   ", rows[-1], flush=True)
+    rows = run_workers(__file__, MODELS, ["--batch", args.batch, "--size", args.size,
+                                          "--warmup", args.warmup, "--iters", args.iters,
+                                          "--device", args.device], "benchmark_detection")
 
     vitdet = rows[-1]
     # on a CPU the ratios use process CPU time, which other load on the machine does not inflate

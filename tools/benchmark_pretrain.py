@@ -22,7 +22,6 @@ backward during one forward (saved-tensor hooks) and the process's peak RSS.
 import argparse
 import json
 import os
-import subprocess
 import sys
 from functools import partial
 
@@ -94,49 +93,8 @@ def build(label: str, img_size: int) -> nn.Module:
     return create_mim_model("revcolv2_base", img_size=img_size, reversible=label.endswith("reversible"))
 
 
-class SavedActivations:
-    """Bytes autograd saves for backward inside ``with``: each storage once, parameters
-    (which linear layers save too) left out, so the figure is activations only."""
-
-    def __init__(self, model: nn.Module):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.seen = set()
-        self.total = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in self.params and ptr not in self.seen:
-            self.seen.add(ptr)
-            self.total += storage.nbytes()
-        return t
-
-    def __enter__(self):
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._hooks.__exit__(*exc)
-
-
-def cpu_peak_bytes(fn) -> int:
-    """Peak of (allocated - freed) tensor bytes during ``fn()``, from the profiler's memory events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 def worker(args) -> dict:
-    from revcolv2.bench import peak_rss_mb, time_steps
+    from revcolv2.bench import SavedActivations, cpu_peak_bytes, peak_rss_mb, timed
 
     device, cuda = args.device, args.device.startswith("cuda")
     torch.manual_seed(0)
@@ -164,8 +122,9 @@ def worker(args) -> dict:
         torch.cuda.synchronize()
         static = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    sec = time_steps(step, device, args.warmup, args.iters)
+    sec, cpu_sec = timed(step, device, args.warmup, args.iters)
     out.update({"img/s": round(args.batch / sec, 2), "ms/step": round(sec * 1000, 1),
+                "CPU-s/step": round(cpu_sec, 2),
                 "saved activations (MB)": round(saved.total / 2 ** 20, 1)})
     if cuda:
         peak = torch.cuda.max_memory_allocated()
@@ -199,20 +158,11 @@ def main():
         print("RESULT " + json.dumps(worker(args)))
         return
 
-    from revcolv2.bench import append_report, markdown_table
+    from revcolv2.bench import append_report, markdown_table, run_workers
 
-    rows = []
-    for label in MODELS:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", label, "--batch", str(args.batch),
-               "--img-size", str(args.img_size), "--warmup", str(args.warmup), "--iters", str(args.iters),
-               "--device", args.device]
-        print(f"[benchmark_pretrain] {label} ...", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            raise RuntimeError(f"{label} failed:\n{proc.stderr[-3000:]}")
-        rows.append({"model": label, **json.loads(line[0][len("RESULT "):])})
-        print("   ", rows[-1], flush=True)
+    rows = run_workers(__file__, MODELS, ["--batch", args.batch, "--img-size", args.img_size,
+                                          "--warmup", args.warmup, "--iters", args.iters,
+                                          "--device", args.device], "benchmark_pretrain")
     mae = rows[-1]
     mem_col = "peak GPU mem (GiB)" if cuda else "fwd+bwd adds (MB)"
     for r in rows:
