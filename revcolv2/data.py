@@ -267,9 +267,11 @@ def shard_indices(n: int, rank: int, world_size: int) -> List[int]:
 
 
 # --------------------------------------------------------------------------- synthetic data
+# Classes that differ in local structure (edge orientation, periodicity, curvature), so a
+# small ViT separates them within minutes; colours and placement are random.
 SYNTHETIC_CLASSES: Tuple[str, ...] = (
-    "disc", "square", "triangle", "ring", "cross",
-    "star", "horizontal_stripes", "vertical_stripes", "checkerboard", "polka_dots",
+    "horizontal_stripes", "vertical_stripes", "diagonal_stripes", "checkerboard", "polka_dots",
+    "concentric_rings", "grid", "confetti", "disc", "triangle",
 )
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
            "immunohistochemistry", "camera", "coins", "moon", "brick", "grass", "gravel")
@@ -332,47 +334,54 @@ def draw_synthetic(label: int, size: int, rng: random.Random, bank: Sequence[np.
     fg = _random_color(rng, avoid=_mean_color(img))
     d = ImageDraw.Draw(img)
     name = SYNTHETIC_CLASSES[label]
-    r = rng.uniform(0.22, 0.4) * size
+    r = rng.uniform(0.25, 0.42) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     angle = rng.uniform(0, 2 * math.pi)
-    if name == "disc":
-        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fg)
-    elif name == "square":
-        d.polygon(_polygon(cx, cy, r, 4, angle), fill=fg)
-    elif name == "triangle":
-        d.polygon(_polygon(cx, cy, r, 3, angle), fill=fg)
-    elif name == "ring":
-        d.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fg, width=max(2, int(r * 0.3)))
-    elif name == "cross":
-        w = r * 0.32
-        d.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fg)
-        d.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fg)
-    elif name == "star":
-        d.polygon(_polygon(cx, cy, r, 5, angle, inner=r * 0.42), fill=fg)
-    elif name in ("horizontal_stripes", "vertical_stripes"):
-        period = rng.uniform(0.1, 0.2) * size
-        off = rng.uniform(0, period)
-        k = -1
-        while k * period < size:
+    period = rng.uniform(0.12, 0.22) * size
+    off = rng.uniform(0, period)
+    n = int(size / period) + 3
+    if name in ("horizontal_stripes", "vertical_stripes"):
+        for k in range(-1, n):
             a = off + k * period
-            box = (0, a, size, a + period / 2) if name == "horizontal_stripes" else (a, 0, a + period / 2, size)
-            d.rectangle(box, fill=fg)
-            k += 1
+            d.rectangle((0, a, size, a + period / 2) if name == "horizontal_stripes" else (a, 0, a + period / 2, size),
+                        fill=fg)
+    elif name == "diagonal_stripes":
+        sign = rng.choice((-1, 1))  # 45 or 135 degrees
+        w = period / 2 * math.sqrt(2)
+        for k in range(-n, 2 * n):
+            a = off + k * period * math.sqrt(2)
+            pts = [(a, 0), (a + w, 0), (a + w - sign * size, size), (a - sign * size, size)]
+            d.polygon(pts if sign > 0 else [(x - size, y) for x, y in pts], fill=fg)
     elif name == "checkerboard":
-        cell = rng.uniform(0.1, 0.2) * size
-        n = int(size / cell) + 2
         for i in range(n):
             for j in range(n):
                 if (i + j) % 2 == 0:
-                    d.rectangle((j * cell, i * cell, (j + 1) * cell, (i + 1) * cell), fill=fg)
+                    d.rectangle((j * period - off, i * period - off, (j + 1) * period - off, (i + 1) * period - off),
+                                fill=fg)
     elif name == "polka_dots":
-        cell = rng.uniform(0.16, 0.26) * size
-        dr = cell * 0.25
-        n = int(size / cell) + 1
+        dr = period * 0.25
         for i in range(n):
             for j in range(n):
-                x, y = (j + 0.5) * cell, (i + 0.5) * cell
+                x, y = (j + 0.5) * period - off, (i + 0.5) * period - off
                 d.ellipse((x - dr, y - dr, x + dr, y + dr), fill=fg)
+    elif name == "concentric_rings":
+        for k in range(1, int(size * 1.5 / period)):
+            rad = k * period
+            d.ellipse((cx - rad, cy - rad, cx + rad, cy + rad), outline=fg, width=max(2, int(period / 2.5)))
+    elif name == "grid":
+        lw = max(1, int(period * 0.12))
+        for k in range(-1, n):
+            a = off + k * period
+            d.rectangle((0, a, size, a + lw), fill=fg)
+            d.rectangle((a, 0, a + lw, size), fill=fg)
+    elif name == "confetti":
+        for _ in range(rng.randint(25, 45)):
+            x, y, s = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(0.02, 0.06) * size
+            d.rectangle((x, y, x + s, y + s), fill=_random_color(rng))
+    elif name == "disc":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fg)
+    elif name == "triangle":
+        d.polygon(_polygon(cx, cy, r, 3, angle), fill=fg)
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
     return img

@@ -68,8 +68,19 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> dict:
             node = node.setdefault(p, {})
         if leaf not in node:
             raise KeyError(f"override {key!r} names no existing config entry")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = _parse_value(value)
     return cfg
+
+
+def _parse_value(text: str):
+    """YAML scalar, plus the numbers YAML 1.1 leaves as strings (``8e-3``, ``1e5``)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 # --------------------------------------------------------------------------- distributed
@@ -326,6 +337,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "step_in_epoch": self.step_in_epoch,
+            "epoch_losses": list(self._epoch_losses),  # so a resumed epoch logs its true mean
             "steps_per_epoch": self.steps_per_epoch,
             "effective_batch": self.effective_batch,
             "world_size": self.info.world_size,
@@ -362,6 +374,7 @@ class Trainer:
                 "Resuming needs the same data and effective batch size."
             )
         self.epoch, self.step, self.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
+        self._epoch_losses = list(ckpt.get("epoch_losses", []))
         rngs = ckpt["rng"]
         if len(rngs) == self.info.world_size:
             set_rng_state(rngs[self.info.rank])

@@ -1,4 +1,5 @@
 """tools/pretrain.py end to end on CPU: the loss goes down, and an interrupted run resumes exactly."""
+import json
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,11 @@ def test_interrupted_run_resumes_exactly(data, tmp_path):
     assert sorted(rest["history"]) == list(range(7, 13))
     for step in range(7, 13):
         assert rest["history"][step] == pytest.approx(full["history"][step], abs=1e-6), step
+    logs = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+            for d in ("full", "cut")]
+    assert [r["epoch"] for r in logs[1]] == [1, 2, 3]  # the cut epoch 2 is logged once, with its true mean
+    for a, b in zip(*logs):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
     a = full["trainer"].model.state_dict()
     b = rest["trainer"].model.state_dict()
     for k in a:

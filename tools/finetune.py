@@ -63,8 +63,8 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def build_transforms(cfg: dict):
     d = cfg["data"]
     common = dict(input_size=d["input_size"], interpolation=d["interpolation"], mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    train = create_transform(is_training=True, auto_augment=d["auto_augment"], re_prob=d["re_prob"],
-                             re_mode="pixel", re_count=1, color_jitter=d.get("color_jitter"), **common)
+    train = create_transform(is_training=True, scale=tuple(d["crop_scale"]), auto_augment=d["auto_augment"],
+                             re_prob=d["re_prob"], re_mode="pixel", re_count=1, **common)
     val = create_transform(is_training=False, crop_pct=d["crop_pct"], **common)
     return pillow_safe_randaugment(train), val
 

@@ -82,7 +82,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     elif not args.eval and info.is_main:
         print("warning: no --finetune checkpoint: probing a randomly initialised backbone")
     model = LinearProbe(backbone, num_classes)
-    if info.enabled:
+    if info.enabled and info.device.type == "cuda":  # SyncBatchNorm runs on GPUs only
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(info.device)
     seed_everything(args.seed + info.rank)
