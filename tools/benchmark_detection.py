@@ -82,20 +82,9 @@ def synthetic_batch(batch: int, size: int, device: str, with_targets: bool):
 
 def backbone_gflops(backbone: torch.nn.Module, size: int) -> float:
     """Multiply-adds (fvcore's convention) of backbone + feature pyramid on one image."""
-    from fvcore.nn import FlopCountAnalysis
+    from revcolv2.flops import count_flops
 
-    from revcolv2.flops import _sdpa_flop
-
-    was_training = backbone.training
-    backbone.eval()
-    x = torch.zeros(1, 3, size, size, device=next(backbone.parameters()).device)
-    with torch.no_grad():
-        fca = FlopCountAnalysis(backbone, x)
-        fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop)
-        fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        total = fca.total()
-    backbone.train(was_training)
-    return total / 1e9
+    return count_flops(backbone, size)
 
 
 def worker(args) -> dict:
