@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import save_atomic
-from .data import EpochSampler, SeededSamples, shard_indices
+from .data import EpochSampler, SeededSamples, resolve_data_path, shard_indices
 from .layer_decay import lr_scale
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -119,6 +119,15 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def prepare_data_root(data_path: Optional[str], info: DistInfo) -> Path:
+    """``--data-path``, or the built-in dataset: the main process generates it once while
+    the others wait, then every process resolves the same folder."""
+    if info.is_main:
+        resolve_data_path(data_path)
+    barrier(info)
+    return resolve_data_path(data_path)
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

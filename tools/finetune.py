@@ -33,10 +33,10 @@ from timm.utils import ModelEmaV3  # noqa: E402
 
 import revcolv2  # noqa: E402,F401  (registers the models with timm)
 from revcolv2.classification import ClassificationTrainer, evaluate_checkpoint, load_pretrained  # noqa: E402
-from revcolv2.data import RobustImageFolder, pillow_safe_randaugment, resolve_data_path  # noqa: E402
+from revcolv2.data import RobustImageFolder, pillow_safe_randaugment  # noqa: E402
 from revcolv2.train_utils import (  # noqa: E402
-    IMAGENET_MEAN, IMAGENET_STD, barrier, find_resume_checkpoint, init_distributed, load_config,
-    num_workers_default, param_groups_layer_decay, seed_everything, write_config,
+    IMAGENET_MEAN, IMAGENET_STD, find_resume_checkpoint, init_distributed, load_config,
+    num_workers_default, prepare_data_root, param_groups_layer_decay, seed_everything, write_config,
 )
 
 
@@ -76,10 +76,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     out_dir = args.output_dir or os.path.join("output", "finetune", Path(args.config).stem)
     m_cfg, o_cfg, s_cfg, t_cfg, mix_cfg = cfg["model"], cfg["optim"], cfg["schedule"], cfg["train"], cfg["mixup"]
 
-    if info.is_main:
-        resolve_data_path(args.data_path)
-    barrier(info)
-    root = resolve_data_path(args.data_path)
+    root = prepare_data_root(args.data_path, info)
     train_tf, val_tf = build_transforms(cfg)
     val_set = RobustImageFolder(str(root / "val"), transform=val_tf, strict=args.strict_data)
     num_classes = m_cfg.get("num_classes") or len(val_set.classes)

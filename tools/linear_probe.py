@@ -30,10 +30,10 @@ import revcolv2  # noqa: E402,F401
 from revcolv2.classification import (  # noqa: E402
     ClassificationTrainer, LinearProbe, evaluate_checkpoint, load_pretrained,
 )
-from revcolv2.data import RobustImageFolder, resolve_data_path  # noqa: E402
+from revcolv2.data import RobustImageFolder  # noqa: E402
 from revcolv2.train_utils import (  # noqa: E402
-    IMAGENET_MEAN, IMAGENET_STD, barrier, find_resume_checkpoint, init_distributed, load_config,
-    num_workers_default, seed_everything, write_config,
+    IMAGENET_MEAN, IMAGENET_STD, find_resume_checkpoint, init_distributed, load_config,
+    num_workers_default, prepare_data_root, seed_everything, write_config,
 )
 
 
@@ -62,10 +62,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     out_dir = args.output_dir or os.path.join("output", "linear_probe", Path(args.config).stem)
     m_cfg, d_cfg, o_cfg, s_cfg, t_cfg = cfg["model"], cfg["data"], cfg["optim"], cfg["schedule"], cfg["train"]
 
-    if info.is_main:
-        resolve_data_path(args.data_path)
-    barrier(info)
-    root = resolve_data_path(args.data_path)
+    root = prepare_data_root(args.data_path, info)
     common = dict(input_size=d_cfg["input_size"], interpolation=d_cfg["interpolation"],
                   mean=IMAGENET_MEAN, std=IMAGENET_STD)
     # RandomResizedCrop + flip only (MAE linear probing): no colour jitter, no RandAugment

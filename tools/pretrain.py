@@ -28,10 +28,10 @@ from timm.optim import param_groups_weight_decay  # noqa: E402
 from torchvision import transforms  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
-from revcolv2.data import RobustImageFolder, resolve_data_path  # noqa: E402
+from revcolv2.data import RobustImageFolder  # noqa: E402
 from revcolv2.mim import RevColV2MIM, create_mim_model  # noqa: E402
 from revcolv2.train_utils import (  # noqa: E402
-    IMAGENET_MEAN, IMAGENET_STD, Trainer, barrier, find_resume_checkpoint, init_distributed,
+    IMAGENET_MEAN, IMAGENET_STD, Trainer, find_resume_checkpoint, init_distributed, prepare_data_root,
     load_config, num_workers_default, seed_everything, write_config,
 )
 
@@ -162,10 +162,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     model = build_model(cfg).to(info.device)
     seed_everything(args.seed + info.rank)  # per-rank masks and drop-path
 
-    if info.is_main:
-        root = resolve_data_path(args.data_path)  # generates the built-in dataset once
-    barrier(info)
-    root = resolve_data_path(args.data_path)
+    root = prepare_data_root(args.data_path, info)
     dataset = RobustImageFolder(str(root / "train"), transform=pretrain_transform(cfg), strict=args.strict_data)
     write_config(cfg, out_dir, info)
 
