@@ -1,6 +1,7 @@
 """Small shared helpers for the benchmark scripts in tools/ (timing, memory, reporting)."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -12,6 +13,33 @@ import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
+
+
+REPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "BENCHMARKS.md")
+
+
+def benchmark_parser(description: str, workers: Sequence[str]) -> argparse.ArgumentParser:
+    """The command line every benchmark shares; a script adds its input-size flag."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=None, help="default: depends on the device (see the script)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--report", default=REPORT)
+    ap.add_argument("--no-report", action="store_true", help="print only; do not append to the report")
+    ap.add_argument("--worker", choices=list(workers), help=argparse.SUPPRESS)
+    return ap
+
+
+def fill_device_defaults(args: argparse.Namespace, batch: Tuple[int, int], warmup: Tuple[int, int],
+                         iters: Tuple[int, int]) -> bool:
+    """Fill unset --batch/--warmup/--iters with the (CPU, CUDA) defaults; returns is-CUDA."""
+    cuda = args.device.startswith("cuda")
+    pick = 1 if cuda else 0
+    args.batch = args.batch or batch[pick]
+    args.warmup = args.warmup if args.warmup is not None else warmup[pick]
+    args.iters = args.iters or iters[pick]
+    return cuda
 
 
 def machine_description(device: str) -> str:

@@ -15,7 +15,6 @@ ratios use process CPU time, which other load on the machine does not inflate.
     python tools/benchmark_backbone.py                     # CPU: batch 2, fp32
     python tools/benchmark_backbone.py --batch 64          # CUDA: bf16 autocast when a GPU is present
 """
-import argparse
 import json
 import os
 import sys
@@ -35,7 +34,7 @@ MODELS = {
 def worker(args) -> dict:
     import timm
 
-    import revcolv2  # noqa: F401
+    import revcolv2  # noqa: F401  (registers the presets with timm)
     from revcolv2.bench import SavedActivations, cpu_peak_bytes, peak_rss_mb, timed
 
     name, kwargs = MODELS[args.worker]
@@ -84,20 +83,13 @@ def worker(args) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=None, help="default: 2 on CPU, 64 on CUDA")
+    from revcolv2.bench import benchmark_parser, fill_device_defaults
+
+    ap = benchmark_parser(__doc__, MODELS)
     ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--iters", type=int, default=None)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--report", default=os.path.join("docs", "BENCHMARKS.md"))
-    ap.add_argument("--no-report", action="store_true", help="print only; do not append to the report")
-    ap.add_argument("--worker", choices=list(MODELS), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    cuda = args.device.startswith("cuda")
-    args.batch = args.batch or (64 if cuda else 2)
-    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    args.iters = args.iters or (20 if cuda else 3)
+    # batch 2 on CPU, 64 on CUDA
+    cuda = fill_device_defaults(args, batch=(2, 64), warmup=(1, 5), iters=(3, 20))
 
     if args.worker:
         print("RESULT " + json.dumps(worker(args)))

@@ -23,7 +23,6 @@ pyramid, the part that differs. Each model runs in its own subprocess.
 Targets on a GPU: training step <= 1.2x ViTDet-B's time, reversible peak memory <= ViTDet-B's,
 inference >= 0.8x ViTDet-B's img/s.
 """
-import argparse
 import json
 import os
 import sys
@@ -153,20 +152,13 @@ def worker(args) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    from revcolv2.bench import benchmark_parser, fill_device_defaults
+
+    ap = benchmark_parser(__doc__, MODELS)
     ap.add_argument("--size", type=int, default=None, help="square input side; default 1024 on CUDA, 256 on CPU")
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--iters", type=int, default=None)
-    ap.add_argument("--report", default=os.path.join(_ROOT, "docs", "BENCHMARKS.md"))
-    ap.add_argument("--no-report", action="store_true", help="print only; do not append to the report")
-    ap.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    cuda = args.device.startswith("cuda")
+    cuda = fill_device_defaults(args, batch=(2, 2), warmup=(1, 3), iters=(2, 10))
     args.size = args.size or (1024 if cuda else 256)
-    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-    args.iters = args.iters or (10 if cuda else 2)
 
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)

@@ -19,7 +19,6 @@ backward during one forward (saved-tensor hooks) and the process's peak RSS.
     python tools/benchmark_pretrain.py                  # CPU: batch 2, fp32, 1 + 3 steps
     python tools/benchmark_pretrain.py --batch 128      # CUDA: bf16 autocast
 """
-import argparse
 import json
 import os
 import sys
@@ -139,20 +138,13 @@ def worker(args) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=None, help="default: 2 on CPU, 128 on CUDA")
+    from revcolv2.bench import benchmark_parser, fill_device_defaults
+
+    ap = benchmark_parser(__doc__, MODELS)
     ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--iters", type=int, default=None)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--report", default=os.path.join("docs", "BENCHMARKS.md"))
-    ap.add_argument("--no-report", action="store_true", help="print only; do not append to the report")
-    ap.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    cuda = args.device.startswith("cuda")
-    args.batch = args.batch or (128 if cuda else 2)
-    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    args.iters = args.iters or (20 if cuda else 3)
+    # batch 2 on CPU, 128 on CUDA
+    cuda = fill_device_defaults(args, batch=(2, 128), warmup=(1, 5), iters=(3, 20))
 
     if args.worker:
         print("RESULT " + json.dumps(worker(args)))
