@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import PRETRAIN_ONLY_PREFIXES, LoadReport, load_checkpoint, save_atomic, unwrap_state_dict
-from .reversible import run_plain
 from .train_utils import Trainer, evaluate
 
 # Present in a classifier, absent from a MIM checkpoint (the MIM model has no classifier).
@@ -72,10 +71,7 @@ class LinearProbe(nn.Module):
     @torch.no_grad()
     def features(self, x: Tensor) -> Tensor:
         """Global average of the last BU level, (B, D)."""
-        m = self.backbone
-        tokens, _, hw = m.embed(x)
-        bu = run_plain(m.bu_columns, tokens, None, torch.empty(0, device=x.device), hw)
-        return bu[-1].mean(dim=1)
+        return self.backbone.forward_bottom_up(x)[-1].mean(dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x).float())

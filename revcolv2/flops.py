@@ -32,8 +32,8 @@ class _EveryOutput(nn.Module):
         self.model = model
 
     def forward(self, x):
-        feats = self.model.forward_features(x)
-        return (self.model.forward_head(feats), *feats)
+        _, levels, _ = self.model.forward_columns(x)
+        return (self.model.forward_head(levels[-1]), *levels)
 
 
 def count_flops(model: nn.Module, img_size=(224, 224), in_chans: int = 3) -> float:

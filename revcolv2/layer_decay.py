@@ -11,12 +11,17 @@ Parameters sit on a grid of (block position within its column, column index):
 and the learning-rate scale is ``decay ** (max_id + 1 - id)``, so heads get 1.
 
 The functions take a parameter *name*, so they work on any wrapper that keeps the
-backbone's names below a prefix (``backbone.net.columns.3...`` in detectron2).
+backbone's names below a prefix (``backbone.net.columns.3...`` in detectron2). The layout
+(levels, blocks per level, BU and TD columns) is always read from a built RevColV2 module
+(:func:`lr_factor_func`, ``RevColV2.layer_id``), never from a preset name, so a config
+that overrides the column counts gets the ids of the model it actually trains.
 """
 from __future__ import annotations
 
 import re
 from typing import Callable
+
+from torch import nn
 
 _BLOCK = re.compile(r"(?:^|\.)columns\.(\d+)\.levels\.(\d+)\.blocks\.(\d+)\.")
 _FUSION = re.compile(r"(?:^|\.)columns\.(\d+)\.levels\.(\d+)\.fusion\.")
@@ -63,10 +68,24 @@ def lr_scale(name: str, decay: float, num_levels: int, blocks_per_level: int, nu
     return decay ** (top - layer_id(name, num_levels, blocks_per_level, num_bu_columns, num_td_columns))
 
 
-def lr_factor_func(decay: float, num_levels: int = 4, blocks_per_level: int = 1,
-                   num_bu_columns: int = 2, num_td_columns: int = 1) -> Callable[[str], float]:
-    """``name -> lr scale``, the form detectron2's ``get_default_optimizer_params`` takes."""
+def find_revcolv2(model: nn.Module) -> nn.Module:
+    """The RevColV2 module inside ``model`` (``model`` itself, a detectron2 backbone's
+    ``net``, ...): the first submodule that carries the layer-id rule."""
+    for module in model.modules():
+        if hasattr(module, "columns") and callable(getattr(module, "layer_id", None)):
+            return module
+    raise ValueError(f"{type(model).__name__} holds no RevColV2 module: no layer ids to decay by")
+
+
+def lr_factor_func(decay: float, model: nn.Module) -> Callable[[str], float]:
+    """``name -> lr scale`` for the RevColV2 inside ``model`` (detectron2's ``lr_factor_func``).
+
+    The layout comes from the built module; names outside it (necks, heads) get scale 1.
+    """
+    net = find_revcolv2(model)
+    layout = (net.num_levels, net.blocks_per_level, net.num_bu_columns, net.num_td_columns)
+
     def factor(name: str) -> float:
-        return lr_scale(name, decay, num_levels, blocks_per_level, num_bu_columns, num_td_columns)
+        return lr_scale(name, decay, *layout)
 
     return factor

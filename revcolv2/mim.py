@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .model import MODEL_CFGS, RevColV2
+from .model import RevColV2, create_revcolv2
 
 
 def patchify(imgs: Tensor, p: int) -> Tensor:
@@ -125,7 +125,9 @@ class RevColV2MIM(RevColV2):
 
 
 def create_mim_model(variant: str, **kwargs) -> RevColV2MIM:
-    """MIM model of a registered size, e.g. ``create_mim_model('revcolv2_base')``."""
-    if variant not in MODEL_CFGS:
-        raise ValueError(f"unknown RevColV2 variant {variant!r}; choose from {sorted(MODEL_CFGS)}")
-    return RevColV2MIM(**dict(MODEL_CFGS[variant], **kwargs))
+    """MIM model of a registered size, e.g. ``create_mim_model('revcolv2_base')``.
+
+    Built through :func:`revcolv2.model.create_revcolv2`, the same path as ``timm.create_model``.
+    """
+    kwargs.setdefault("num_classes", 0)  # timm would otherwise default to the preset's 1000
+    return create_revcolv2(variant, model_cls=RevColV2MIM, **kwargs)

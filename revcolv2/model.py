@@ -22,19 +22,20 @@ to train without storing activations.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 from .checkpoint import checkpoint_filter_fn
 from .layer_decay import layer_id, num_layers
 from .reversible import State, run_plain, run_reversible
 
-__all__ = ["RevColV2", "MODEL_CFGS", "sincos_pos_embed_2d"]
+__all__ = ["RevColV2", "MODEL_CFGS", "create_revcolv2", "sincos_pos_embed_2d"]
 
 # One source of truth for the presets (imported by timm registration, tools and the
 # detectron2 configs). Sizes at 224x224 are measured by tools/model_stats.py.
@@ -373,6 +374,11 @@ class RevColV2(nn.Module):
                 levels[l] = Level(blocks, embed_dim, has_cross, fusion)
             columns.append(Column(levels, direction, j > 0, embed_dim, alpha_init))
         self.columns = nn.ModuleList(columns)
+        # timm feature metadata: the levels of the last column, all at the patch stride
+        self.feature_info = [
+            dict(module=f"columns.{num_columns - 1}.levels.{l}", num_chs=embed_dim, reduction=patch_size)
+            for l in range(num_levels)
+        ]
 
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
@@ -497,22 +503,65 @@ class RevColV2(nn.Module):
         td = self._run(self.td_columns, td_source, td_prev, keep_td, hw)
         return bu, td, hw
 
-    def forward_features(self, x: Tensor, return_bu: bool = False):
-        """Levels of the last TD column, each (B, N, D), level 0 first.
+    def forward_bottom_up(self, x: Tensor) -> List[Tensor]:
+        """Levels of the last bottom-up column, each (B, N, D), level 0 first.
 
-        With ``return_bu=True`` returns ``(td_levels, bu_levels)``.
+        Only the BU columns run: the linear probe's path (its head sits on the top BU level).
         """
-        bu, td, _ = self.forward_columns(x)
-        return (list(td), list(bu)) if return_bu else list(td)
+        tokens, _, hw = self.embed(x)
+        keep_bu, _ = self.draw_drop_path(tokens.shape[0], tokens.device)
+        return list(self._run(self.bu_columns, tokens, None, keep_bu, hw))
 
-    def forward_levels(self, x: Tensor) -> List[Tensor]:
-        """Levels of the last TD column as feature maps (B, D, H/16, W/16), for dense heads."""
-        _, td, (h, w) = self.forward_columns(x)
-        return [t.transpose(1, 2).reshape(t.shape[0], -1, h, w) for t in td]
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """timm's intermediate-feature API over the levels of the last column.
 
-    def forward_head(self, feats, pre_logits: bool = False) -> Tensor:
-        top = feats[-1] if isinstance(feats, (list, tuple)) else feats  # (B, N, D)
-        x = top.mean(dim=1) if self.global_pool == "avg" else top[:, 0]
+        The intermediates are the ``num_levels`` levels of the last column (the last TD
+        column, or the last BU column when there is none), level 0 first; ``indices``
+        selects among them as in timm (None: all, int n: the last n, sequence: those).
+        ``output_fmt`` 'NCHW' gives (B, D, H/p, W/p) maps, 'NLC' (B, N, D) tokens. Returns
+        ``(final features, intermediates)`` with the final features those of
+        :meth:`forward_features`, or only the intermediates with ``intermediates_only``.
+        ``norm`` and ``stop_early`` are accepted for timm compatibility and change nothing:
+        the levels have no final norm (``fc_norm`` belongs to the classifier) and every
+        column feeds every level of the last one.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, _ = feature_take_indices(self.num_levels, indices)
+        _, last, (h, w) = self.forward_columns(x)
+        levels = [last[i] for i in take_indices]
+        if output_fmt == "NCHW":
+            levels = [t.transpose(1, 2).reshape(t.shape[0], -1, h, w) for t in levels]
+        if intermediates_only:
+            return levels
+        return last[-1], levels
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        """timm hook of ``features_only``: drop the classifier (no column can be dropped)."""
+        take_indices, _ = feature_take_indices(self.num_levels, indices)
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Top level of the last column (B, N, D): what :meth:`forward_head` pools."""
+        return self.forward_columns(x)[1][-1]
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, N, D) tokens -> logits (B, K); with ``global_pool=''`` no pooling: (B, N, K)."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
@@ -537,11 +586,24 @@ def _cfg(**kwargs) -> dict:
     }
 
 
-def _create_revcolv2(variant: str, pretrained: bool = False, **kwargs) -> RevColV2:
+def create_revcolv2(
+    variant: str, pretrained: bool = False, model_cls: Type[RevColV2] = RevColV2, **kwargs
+) -> RevColV2:
+    """The one construction path: preset sizes of ``variant`` + ``kwargs`` -> ``model_cls``.
+
+    ``timm.create_model``, :func:`revcolv2.mim.create_mim_model` and the detectron2
+    backbone all build through here, so a size override (``num_bu_columns=4``) reaches
+    every consumer through the built module (``model.layer_id``, ``model.feature_info``).
+    ``pretrained=True`` loads the preset's weights through timm, e.g. a local file with
+    ``pretrained_cfg_overlay=dict(file="model.safetensors")``.
+    """
+    if variant not in MODEL_CFGS:
+        raise ValueError(f"unknown RevColV2 variant {variant!r}; choose from {sorted(MODEL_CFGS)}")
     model_args = dict(MODEL_CFGS[variant], **kwargs)
     return build_model_with_cfg(
-        RevColV2, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=False), **model_args
+        model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(model_args.get("num_levels", 4)))),
+        **model_args,
     )
 
 
@@ -550,14 +612,14 @@ default_cfgs = generate_default_cfgs({name: _cfg() for name in MODEL_CFGS})
 
 @register_model
 def revcolv2_tiny(pretrained: bool = False, **kwargs) -> RevColV2:
-    return _create_revcolv2("revcolv2_tiny", pretrained, **kwargs)
+    return create_revcolv2("revcolv2_tiny", pretrained, **kwargs)
 
 
 @register_model
 def revcolv2_base(pretrained: bool = False, **kwargs) -> RevColV2:
-    return _create_revcolv2("revcolv2_base", pretrained, **kwargs)
+    return create_revcolv2("revcolv2_base", pretrained, **kwargs)
 
 
 @register_model
 def revcolv2_large(pretrained: bool = False, **kwargs) -> RevColV2:
-    return _create_revcolv2("revcolv2_large", pretrained, **kwargs)
+    return create_revcolv2("revcolv2_large", pretrained, **kwargs)

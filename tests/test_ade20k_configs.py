@@ -9,7 +9,7 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import transforms as T
 
-from revcolv2.layer_decay import layer_id
+from revcolv2.layer_decay import layer_id, lr_factor_func
 from revcolv2.model import MODEL_CFGS
 from revcolv2_d2.data.ade20k import PhotometricDistortion, ResizeLongShortScale, SemSegDatasetMapper
 from revcolv2_d2.upernet import RevColV2SemanticSegmentor, UPerHead
@@ -44,7 +44,7 @@ def test_recipe_values(size):
     head = cfg.model.sem_seg_head
     assert (head.channels, tuple(head.pool_scales), head.num_classes) == (512, (1, 2, 3, 6), 150)
     assert (head.aux_in_feature, head.aux_loss_weight, head.ignore_value) == ("td2", 0.4, 255)
-    assert cfg.optimizer.lr == 4e-5 and cfg.optimizer.params.lr_factor_func.decay == 0.65
+    assert cfg.optimizer.lr == 4e-5 and cfg.optimizer.params.layer_decay == 0.65
     assert cfg.optimizer._target_ is torch.optim.AdamW
     assert cfg.dataloader.train.total_batch_size == 16
     assert cfg.train.max_iter == 160000
@@ -92,8 +92,8 @@ def test_builds_with_a_tiny_backbone_and_layer_decay_groups(size):
         ids[name] = lid
     # the layer ids (hence the groups) are the COCO configs' for the same backbone names
     coco = load(COCO[size])
-    coco_factor = instantiate(coco.optimizer.params.lr_factor_func)
-    coco_decay = coco.optimizer.params.lr_factor_func.decay
+    coco_decay = coco.optimizer.params.layer_decay
+    coco_factor = lr_factor_func(coco_decay, model)  # same RevColV2 layout as the COCO preset
     for name, lid in ids.items():
         if name.startswith("backbone.net."):
             coco_name = name.replace("backbone.net.", "backbone.bottom_up.net.")

@@ -40,7 +40,7 @@ def test_recipe_values(name):
     assert cfg.dataloader.train.total_batch_size == batch
     assert cfg.train.max_iter == round(epochs * COCO_TRAIN_IMAGES / batch)
     assert cfg.optimizer.lr == 1e-4 and cfg.optimizer._target_ is torch.optim.AdamW
-    assert cfg.optimizer.params.lr_factor_func.decay == 0.9
+    assert cfg.optimizer.params.layer_decay == 0.9
     lsj = [a for a in cfg.dataloader.train.mapper.augmentations if "min_scale" in a][0]
     assert (lsj.min_scale, lsj.max_scale, lsj.target_height, lsj.target_width) == (0.1, 2.0, 1024, 1024)
     assert cfg.dataloader.train.dataset.names == "coco_2017_train"
@@ -69,9 +69,24 @@ def test_builds_with_tiny_backbone_and_follows_layer_decay(name):
     model, scales = _lr_scales(cfg)
     assert isinstance(model.roi_heads, heads)
     assert model.backbone.bottom_up.net.embed_dim == 32
-
     preset_cfg = MODEL_CFGS[preset]
-    layout = (4, 1, preset_cfg["num_bu_columns"], preset_cfg["num_td_columns"])
+    _assert_layer_decay(scales, (4, 1, preset_cfg["num_bu_columns"], preset_cfg["num_td_columns"]))
+
+
+def test_layer_ids_follow_a_column_count_override():
+    """The layer-decay ids come from the built model, not from the preset name."""
+    overrides = TINY + ["model.backbone.bottom_up.num_bu_columns=3", "model.backbone.bottom_up.num_td_columns=2",
+                        "model.backbone.bottom_up.blocks_per_level=2", "model.backbone.bottom_up.global_attn_indexes=[]"]
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(os.path.join(COCO_DIR, "mask_rcnn_revcolv2_b_50ep.py")), overrides)
+    model, scales = _lr_scales(cfg)
+    net = model.backbone.bottom_up.net
+    assert (net.num_bu_columns, net.num_td_columns, net.blocks_per_level) == (3, 2, 2)
+    layout = (4, 2, 3, 2)
+    assert max_layer_id(*layout) != max_layer_id(4, 1, 2, 1)  # the preset's ids would be wrong
+    _assert_layer_decay(scales, layout)
+
+
+def _assert_layer_decay(scales, layout):
     top = max_layer_id(*layout) + 1
     decay = 0.9
     net_prefix = "backbone.bottom_up.net."

@@ -103,7 +103,7 @@ def test_linear_probe_trains_only_its_head_on_the_last_bottom_up_level(mim_check
     assert not probe.head[0].affine
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        _, bu = backbone.forward_features(x, return_bu=True)
+        bu = backbone.forward_bottom_up(x)
     assert torch.allclose(probe.features(x), bu[-1].mean(1), atol=1e-6)
     probe(x).sum().backward()
     assert all(p.grad is None for p in backbone.parameters())

@@ -1,4 +1,4 @@
-"""The one layer-id rule (DESIGN.md section 1), checked on RevColV2-B's grid."""
+"""The one layer-id rule (docs/ARCHITECTURE.md, layer-wise decay), checked on RevColV2-B's grid."""
 import pytest
 
 from revcolv2.layer_decay import layer_id, lr_factor_func, lr_scale, max_layer_id, num_layers
@@ -32,7 +32,7 @@ def test_counts_and_scales():
     assert max_layer_id(**B) == 6 and num_layers(**B) == 8
     assert lr_scale("head.weight", 0.9, **B) == 1.0
     assert lr_scale("patch_embed.proj.weight", 0.9, **B) == pytest.approx(0.9 ** 7)
-    f = lr_factor_func(0.9, **B)
+    f = lr_factor_func(0.9, RevColV2(embed_dim=32, num_heads=2, **B))  # the layout of a built model
     assert f("columns.0.levels.0.blocks.0.attn.qkv.weight") == pytest.approx(0.9 ** 6)
 
 

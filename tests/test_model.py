@@ -24,8 +24,8 @@ def test_tiny_every_parameter_gets_a_gradient(reversible):
     model = timm.create_model("revcolv2_tiny", num_classes=10, drop_path_rate=0.1, reversible=reversible)
     model.train()
     x = torch.randn(2, 3, 64, 64)
-    feats = model.forward_features(x)
-    logits = model.forward_head(feats)
+    logits, feats = model.forward_intermediates(x, output_fmt="NLC")
+    logits = model.forward_head(logits)
     assert logits.shape == (2, 10)
     (logits.sum() + sum(f.mean() for f in feats)).backward()
     for name, p in model.named_parameters():
@@ -39,10 +39,10 @@ def test_input_sizes(size):
     model = timm.create_model("revcolv2_tiny", num_classes=5).eval()
     with torch.no_grad():
         x = torch.randn(1, 3, *size)
-        feats = model.forward_features(x)
+        feats = model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True)
         n = (size[0] // 16) * (size[1] // 16)
         assert len(feats) == 4 and all(f.shape == (1, n, 192) for f in feats)
-        levels = model.forward_levels(x)
+        levels = model.forward_intermediates(x, intermediates_only=True)
         assert all(f.shape == (1, 192, size[0] // 16, size[1] // 16) for f in levels)
         out = model(x)
     assert out.shape == (1, 5) and torch.isfinite(out).all()
@@ -62,7 +62,8 @@ def test_forward_features_bu_levels_and_head_init():
     model = timm.create_model("revcolv2_tiny", num_classes=3, head_init_scale=0.001)
     ref = timm.create_model("revcolv2_tiny", num_classes=3)
     assert model.head.weight.abs().max() < 0.01 * ref.head.weight.abs().max()
-    td, bu = model.forward_features(torch.randn(1, 3, 32, 32), return_bu=True)
+    x = torch.randn(1, 3, 32, 32)
+    td, bu = model.forward_intermediates(x, intermediates_only=True), model.forward_bottom_up(x)
     assert len(td) == len(bu) == 4
 
 
@@ -73,11 +74,11 @@ def test_windowed_attention_equals_global_when_one_window_covers_the_grid():
     win.load_state_dict(glob.state_dict())
     x = torch.randn(1, 3, 64, 64)  # 4x4 tokens: one window, no padding
     with torch.no_grad():
-        a, b = glob.forward_features(x), win.forward_features(x)
+        a, b = (m.forward_intermediates(x, intermediates_only=True) for m in (glob, win))
     assert all(torch.allclose(u, v, atol=1e-5) for u, v in zip(a, b))
     x = torch.randn(1, 3, 96, 80)  # 6x5 tokens: padded windows differ from global attention
     with torch.no_grad():
-        a, b = glob.forward_features(x), win.forward_features(x)
+        a, b = (m.forward_intermediates(x, intermediates_only=True) for m in (glob, win))
     assert not torch.allclose(a[0], b[0], atol=1e-3)
 
 

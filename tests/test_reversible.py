@@ -14,8 +14,9 @@ def _small(**kw):
 
 def _loss(model, x):
     """Uses the logits and every level, so that every parameter is on the path."""
-    feats, bu = model.forward_features(x, return_bu=True)
-    logits = model.forward_head(feats)
+    bu, td, _ = model.forward_columns(x)
+    feats, bu = list(td), list(bu)
+    logits = model.forward_head(feats[-1])
     return logits.square().sum() + sum((f * f).mean() for f in feats + bu)
 
 

@@ -13,40 +13,54 @@ which detectron2's FPN (p2-p6) or the UperNet head consume.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.layers.batch_norm import LayerNorm
 from detectron2.modeling import Backbone
+from detectron2.solver import get_default_optimizer_params
 from torch import nn
 
 from revcolv2.layer_decay import lr_factor_func
-from revcolv2.model import MODEL_CFGS, RevColV2
+from revcolv2.model import create_revcolv2
 
-__all__ = ["RevColV2Backbone", "LEVEL_NAMES", "LEVEL_STRIDES", "revcolv2_lr_factor_func"]
+__all__ = ["RevColV2Backbone", "LEVEL_NAMES", "LEVEL_STRIDES", "revcolv2_level_shapes", "revcolv2_optimizer_params"]
 
 LEVEL_NAMES = ("td0", "td1", "td2", "td3")
 LEVEL_STRIDES = (4, 8, 16, 32)
+_UPSAMPLINGS = (2, 1, 0, 0)  # 2x transposed convs per level in ``to_strides``
 
 
-def revcolv2_lr_factor_func(decay: float, variant: str = "revcolv2_base", **net_kwargs) -> Callable[[str], float]:
-    """The shared layer-decay rule (``revcolv2.layer_decay``) for a backbone of this preset.
+def revcolv2_optimizer_params(
+    model: Optional[nn.Module] = None, layer_decay: float = 1.0, **kwargs: Any
+) -> list:
+    """detectron2's ``get_default_optimizer_params`` with the shared layer-decay rule.
 
-    Returns detectron2's ``lr_factor_func`` (parameter name -> lr scale): backbone names such
-    as ``backbone.bottom_up.net.columns.3.levels.0.blocks.0.attn.qkv.weight`` get
-    ``decay ** (max_id + 1 - id)``; the pyramid adapters, FPN and heads get 1.
-    ``net_kwargs`` are the same size overrides given to :class:`RevColV2Backbone`.
+    The layer ids come from the RevColV2 module inside the built ``model`` (which the
+    training script sets as ``cfg.optimizer.params.model``), so a config that overrides the
+    column or level counts decays by the model it trains. Backbone names such as
+    ``backbone.bottom_up.net.columns.3.levels.0.blocks.0.attn.qkv.weight`` get
+    ``layer_decay ** (max_id + 1 - id)``; the pyramid adapters, FPN and heads get 1.
+    ``kwargs`` go to ``get_default_optimizer_params`` (``weight_decay_norm``, ``overrides``).
     """
-    cfg = dict(MODEL_CFGS[variant], **net_kwargs)
-    return lr_factor_func(
-        decay,
-        num_levels=cfg.get("num_levels", 4),
-        blocks_per_level=cfg.get("blocks_per_level", 1),
-        num_bu_columns=cfg["num_bu_columns"],
-        num_td_columns=cfg["num_td_columns"],
-    )
+    if model is None:
+        raise ValueError("revcolv2_optimizer_params needs the built model (cfg.optimizer.params.model = model)")
+    factor = lr_factor_func(layer_decay, model) if layer_decay != 1.0 else None
+    return get_default_optimizer_params(model, lr_factor_func=factor, **kwargs)
+
+
+def revcolv2_level_shapes(variant: str = "revcolv2_base", **net_kwargs: Any) -> Dict[str, ShapeSpec]:
+    """Output shapes of the :class:`RevColV2Backbone` built from these arguments.
+
+    For head configs (detectron2 LazyConfig style, the head's ``input_shape`` is a config
+    field): the backbone is constructed on the meta device (no memory, no init cost) and
+    asked for its ``output_shape()``, so the shapes follow any size override.
+    """
+    net_kwargs = {k: v for k, v in net_kwargs.items() if v is not None}  # None: the preset's value
+    with torch.device("meta"):
+        return RevColV2Backbone(variant, **net_kwargs).output_shape()
 
 
 def _upsample(dim: int, times: int) -> nn.Module:
@@ -64,7 +78,8 @@ class RevColV2Backbone(Backbone):
     """detectron2 ``Backbone`` around :class:`revcolv2.model.RevColV2`.
 
     Args:
-        variant: a preset of ``revcolv2.model.MODEL_CFGS`` (sizes come from there).
+        variant: a preset of ``revcolv2.model.MODEL_CFGS``; built by ``create_revcolv2``, the
+            path ``timm.create_model`` takes, with ``net_kwargs`` overriding its sizes.
         window_size: windowed attention for every block except ``global_attn_indexes``.
         global_attn_indexes: blocks (execution order) that keep global attention.
         square_pad: pad inputs to this square size (0: only to a multiple of 32).
@@ -84,18 +99,16 @@ class RevColV2Backbone(Backbone):
         **net_kwargs,
     ):
         super().__init__()
-        if variant not in MODEL_CFGS:
-            raise ValueError(f"unknown RevColV2 variant {variant!r}; choose from {sorted(MODEL_CFGS)}")
         if net_kwargs.get("num_levels", 4) != 4:
             raise ValueError("the detectron2 backbone maps exactly 4 levels to strides 4, 8, 16, 32")
-        cfg = dict(MODEL_CFGS[variant], **net_kwargs)
-        self.net = RevColV2(
+        self.net = create_revcolv2(
+            variant,
             num_classes=0,
             window_size=window_size,
             global_attn_indexes=global_attn_indexes,
             drop_path_rate=drop_path_rate,
             reversible=reversible,
-            **cfg,
+            **net_kwargs,
         )
         # the classifier norm is unused in dense prediction
         self.net.fc_norm = nn.Identity()
@@ -103,7 +116,8 @@ class RevColV2Backbone(Backbone):
         self.to_strides = nn.ModuleList(
             [_upsample(dim, 2), _upsample(dim, 1), nn.Identity(), nn.MaxPool2d(kernel_size=2, stride=2)]
         )
-        channels = (dim // 4, dim // 2, dim, dim)
+        # each 2x transposed conv halves the channels of the level it upsamples
+        channels = [info["num_chs"] // 2 ** up for info, up in zip(self.net.feature_info, _UPSAMPLINGS)]
         unknown = set(out_features) - set(LEVEL_NAMES)
         if unknown:
             raise ValueError(f"unknown out_features {sorted(unknown)}; available: {LEVEL_NAMES}")
@@ -137,7 +151,7 @@ class RevColV2Backbone(Backbone):
         pad_h, pad_w = (-h) % self.size_divisibility, (-w) % self.size_divisibility
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
-        levels = self.net.forward_levels(x)  # 4 x (B, D, H/16, W/16)
+        levels = self.net.forward_intermediates(x, intermediates_only=True)  # 4 x (B, D, H/16, W/16)
         return {
             name: adapt(level)
             for name, adapt, level in zip(LEVEL_NAMES, self.to_strides, levels)

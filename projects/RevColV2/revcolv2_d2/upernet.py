@@ -27,26 +27,9 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch import Tensor, nn
 
-from revcolv2.model import MODEL_CFGS
-
-from .backbone import LEVEL_NAMES, LEVEL_STRIDES
+from .backbone import LEVEL_NAMES, revcolv2_level_shapes
 
 __all__ = ["UPerHead", "RevColV2SemanticSegmentor", "revcolv2_level_shapes"]
-
-
-def revcolv2_level_shapes(variant: str = "revcolv2_base", embed_dim: Optional[int] = None) -> Dict[str, ShapeSpec]:
-    """Output shapes of :class:`RevColV2Backbone` of a preset (or an ``embed_dim`` override).
-
-    Configs give the head its input shapes from the backbone's config fields (detectron2
-    LazyConfig style, no second backbone is built); :class:`RevColV2SemanticSegmentor`
-    checks them against the backbone it is built with.
-    """
-    if embed_dim is None:
-        if variant not in MODEL_CFGS:
-            raise ValueError(f"unknown RevColV2 variant {variant!r}; choose from {sorted(MODEL_CFGS)}")
-        embed_dim = MODEL_CFGS[variant]["embed_dim"]
-    channels = (embed_dim // 4, embed_dim // 2, embed_dim, embed_dim)
-    return {n: ShapeSpec(channels=c, stride=s) for n, c, s in zip(LEVEL_NAMES, channels, LEVEL_STRIDES)}
 
 
 def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int, norm: str) -> Conv2d:
@@ -246,7 +229,7 @@ class RevColV2SemanticSegmentor(SemanticSegmentor):
                 raise ValueError(
                     "the head's input_shape does not match the backbone's outputs "
                     f"({{feature: (head channels, backbone channels)}}: {wrong}); for RevColV2 give the head "
-                    "input_shape=revcolv2_level_shapes(variant, embed_dim) of the backbone"
+                    "input_shape=revcolv2_level_shapes(**backbone arguments)"
                 )
         self.test_mode = test_mode
         self.crop_size = tuple(int(v) for v in crop_size)

@@ -15,7 +15,7 @@ from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
-from revcolv2_d2.backbone import revcolv2_lr_factor_func
+from revcolv2_d2.backbone import revcolv2_optimizer_params
 
 from ..common.ade20k_loader import dataloader
 from ..common.upernet_revcolv2 import model
@@ -48,6 +48,11 @@ optimizer = model_zoo.get_config("common/optim.py").AdamW
 optimizer.lr = 4e-5
 optimizer.betas = (0.9, 0.999)
 optimizer.weight_decay = 0.05
-# layer decay 0.65 through the shared RevCol layer-id rule (revcolv2/layer_decay.py)
-optimizer.params.lr_factor_func = L(revcolv2_lr_factor_func)(decay=0.65, variant="${model.backbone.variant}")
-optimizer.params.overrides = {"alphas": {"weight_decay": 0.0}}  # reversible-unit scales
+# layer decay 0.65 through the shared RevCol layer-id rule (revcolv2/layer_decay.py), with the
+# layer ids of the built model (the training script sets optimizer.params.model)
+optimizer.params = L(revcolv2_optimizer_params)(
+    base_lr="${..lr}",
+    layer_decay=0.65,
+    weight_decay_norm=0.0,
+    overrides={"alphas": {"weight_decay": 0.0}},  # reversible-unit scales
+)

@@ -12,7 +12,7 @@ from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-from revcolv2_d2.backbone import revcolv2_lr_factor_func
+from revcolv2_d2.backbone import revcolv2_optimizer_params
 
 from ..common.coco_loader_lsj import dataloader
 from ..common.mask_rcnn_revcolv2 import model
@@ -45,8 +45,11 @@ lr_multiplier = L(WarmupParamScheduler)(
 
 optimizer = model_zoo.get_config("common/optim.py").AdamW
 optimizer.lr = 1e-4
-# layer decay 0.9 through the shared RevCol layer-id rule (revcolv2/layer_decay.py)
-optimizer.params.lr_factor_func = L(revcolv2_lr_factor_func)(
-    decay=0.9, variant="${model.backbone.bottom_up.variant}"
+# layer decay 0.9 through the shared RevCol layer-id rule (revcolv2/layer_decay.py), with the
+# layer ids of the built model (the training script sets optimizer.params.model)
+optimizer.params = L(revcolv2_optimizer_params)(
+    base_lr="${..lr}",
+    layer_decay=0.9,
+    weight_decay_norm=0.0,
+    overrides={"alphas": {"weight_decay": 0.0}},  # reversible-unit scales
 )
-optimizer.params.overrides = {"alphas": {"weight_decay": 0.0}}  # reversible-unit scales

@@ -60,5 +60,5 @@ train.log_period = 20
 
 # from scratch: a larger learning rate and no layer decay (it is for pre-trained backbones)
 optimizer.lr = 2e-3
-optimizer.params.lr_factor_func.decay = 1.0
+optimizer.params.layer_decay = 1.0
 lr_multiplier.warmup_length = 20 / train.max_iter
