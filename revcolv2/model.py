@@ -291,6 +291,13 @@ class Column(nn.Module):
         return tuple(prev)
 
 
+def _check_global_pool(global_pool: str) -> str:
+    """'avg': mean over tokens; '': no pooling (timm), the head runs on every token."""
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+    return global_pool
+
+
 class RevColV2(nn.Module):
     """RevColV2 backbone + classification head (timm-style interface).
 
@@ -334,8 +341,7 @@ class RevColV2(nn.Module):
         super().__init__()
         if num_bu_columns < 1 or num_td_columns < 0 or num_levels < 1 or blocks_per_level < 1:
             raise ValueError("need num_bu_columns >= 1, num_td_columns >= 0, num_levels >= 1, blocks_per_level >= 1")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        _check_global_pool(global_pool)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
@@ -439,7 +445,7 @@ class RevColV2(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = global_pool
+            self.global_pool = _check_global_pool(global_pool)
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     # ----------------------------------------------------------------- forward pieces

@@ -88,3 +88,18 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     wide = timm.create_model("revcolv2_tiny", num_classes=0, embed_dim=64, num_heads=2).state_dict()
     with pytest.raises(ValueError, match="patch_embed.proj.weight.*different model size"):
         export_to_folder(wide, str(tmp_path), "revcolv2_tiny", SMALL, verbose=False)
+
+
+@pytest.mark.slow
+def test_the_base_preset_loads_a_local_safetensors_file(tmp_path):
+    """The issue's line: timm.create_model("revcolv2_base", pretrained=True,
+    pretrained_cfg_overlay=dict(file="model.safetensors")), on a real exported file."""
+    torch.manual_seed(0)
+    model = timm.create_model("revcolv2_base").eval()
+    export_to_folder({"model": model.state_dict()}, str(tmp_path), "revcolv2_base", verbose=False)
+    os.chdir(tmp_path)  # the file named relative to the working directory, as in the issue
+    loaded = timm.create_model("revcolv2_base", pretrained=True,
+                               pretrained_cfg_overlay=dict(file="model.safetensors")).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
