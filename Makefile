@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUTPUT ?= output/demo
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test unit clean
 
 venv: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): requirements.txt setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	# detectron2: the sal-detectron2 wheel is tagged cp310 but is pure Python plus an optional
-	# _C extension; install it for 3.10 into this venv's site-packages (see ENVIRONMENT notes).
+	# _C extension; install it for 3.10 into this venv's site-packages (why: docs/INSTALL.md).
 	$(PY) -m pip install -q --no-deps --only-binary=:all: --python-version 3.10 --implementation cp \
 	    --upgrade --target "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
 	    sal-detectron2==0.7.2
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# the unit tests only (about a minute): end-to-end runs are marked slow
+unit: $(STAMP)
+	$(PY) -m pytest -q tests -m "not slow"
 
 clean:
 	rm -rf $(VENV) output datasets

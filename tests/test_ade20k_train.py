@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import visualize  # tools/visualize.py, run in this process (no second interpreter start-up)
+from revcolv2_d2 import visualization as visualize  # tools/visualize.py's code, in this process
 from revcolv2_d2.data.ade20k import make_scene
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

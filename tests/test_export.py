@@ -91,13 +91,13 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_base_preset_loads_a_local_safetensors_file(tmp_path):
+def test_the_base_preset_loads_a_local_safetensors_file(tmp_path, monkeypatch):
     """The issue's line: timm.create_model("revcolv2_base", pretrained=True,
     pretrained_cfg_overlay=dict(file="model.safetensors")), on a real exported file."""
     torch.manual_seed(0)
     model = timm.create_model("revcolv2_base").eval()
     export_to_folder({"model": model.state_dict()}, str(tmp_path), "revcolv2_base", verbose=False)
-    os.chdir(tmp_path)  # the file named relative to the working directory, as in the issue
+    monkeypatch.chdir(tmp_path)  # the file named relative to the working directory, as in the issue
     loaded = timm.create_model("revcolv2_base", pretrained=True,
                                pretrained_cfg_overlay=dict(file="model.safetensors")).eval()
     x = torch.randn(1, 3, 32, 32)

@@ -1,5 +1,5 @@
 """timm's model contract, checked on every registered RevColV2 preset the way timm's own
-``tests/test_models.py`` does: forward at a small size, ``features_only``,
+model tests do: forward at a small size, ``features_only``,
 ``forward_intermediates``, ``reset_classifier``, ``set_grad_checkpointing``,
 ``group_matcher`` and ``pretrained_cfg``.
 

@@ -1,4 +1,5 @@
-"""tools/visualize.py draws predictions and ground truth: the written pixels differ from the input."""
+"""tools/visualize.py (revcolv2_d2.visualization) draws predictions and ground truth: the
+written pixels differ from the input."""
 import os
 
 import cv2
@@ -7,7 +8,8 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-import visualize
+from revcolv2_d2 import visualization as visualize
+
 from d2_helpers import DEMO_CONFIG, TINY_OVERRIDES, make_mini_shapes
 
 

@@ -27,13 +27,9 @@ import json
 import os
 import sys
 
+import torch
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (_ROOT, os.path.join(_ROOT, "projects", "RevColV2"), os.path.join(_ROOT, "tools")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-import torch  # noqa: E402
-
 MODELS = ["RevColV2-B reversible", "RevColV2-B plain", "ViTDet-B"]
 REVCOLV2_CONFIG = os.path.join(_ROOT, "projects", "RevColV2", "configs", "COCO", "mask_rcnn_revcolv2_b_50ep.py")
 DROP_PATH = 0.1

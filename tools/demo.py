@@ -6,7 +6,8 @@
 1. make the synthetic COCO-format dataset under $DETECTRON2_DATASETS if it is missing;
 2. train projects/RevColV2/configs/demo/mask_rcnn_revcolv2_tiny_shapes.py from scratch with
    tools/lazyconfig_train_net.py, which runs COCO evaluation on synthetic_shapes_val at the end;
-3. draw the trained model's predictions on validation images (tools/visualize.py), next to
+3. draw the trained model's predictions on validation images (revcolv2_d2.visualization, the
+   code of tools/visualize.py), next to
    the ground truth;
 4. print box / mask AP and the wall time; fail if box AP50 stays below the target.
 """
@@ -19,10 +20,6 @@ import sys
 import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (_ROOT, os.path.join(_ROOT, "projects", "RevColV2")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
 CONFIG = os.path.join(_ROOT, "projects", "RevColV2", "configs", "demo", "mask_rcnn_revcolv2_tiny_shapes.py")
 TARGET_BOX_AP50 = 50.0
 
@@ -41,6 +38,7 @@ def main() -> int:
     # 1. data
     from revcolv2_d2.data import datasets_root
     from revcolv2_d2.data.synthetic_shapes import ensure_synthetic_shapes
+    from revcolv2_d2.visualization import main as visualize
 
     t = time.time()
     data_dir = ensure_synthetic_shapes(datasets_root())
@@ -63,14 +61,11 @@ def main() -> int:
         metrics = json.load(f)
 
     # 3. visualizations of predictions on validation images, and their ground truth
-    sys.path.insert(0, os.path.join(_ROOT, "tools"))
-    import visualize
-
     val_images = os.path.join(data_dir, "val")
     inputs = [os.path.join(val_images, n) for n in sorted(os.listdir(val_images))[: args.num_vis]]
-    drawn = visualize.main(["--config-file", CONFIG, "--checkpoint", os.path.join(train_dir, "model_final.pth"),
+    drawn = visualize(["--config-file", CONFIG, "--checkpoint", os.path.join(train_dir, "model_final.pth"),
                             "--output", vis_dir, "--confidence-threshold", "0.5", "--input", *inputs])
-    visualize.main(["--dataset", "synthetic_shapes_val", "--num-images", str(args.num_vis), "--output", gt_dir])
+    visualize(["--dataset", "synthetic_shapes_val", "--num-images", str(args.num_vis), "--output", gt_dir])
 
     # 4. report
     wall = time.time() - start

@@ -1,4 +1,4 @@
-"""RevColV2-B UperNet on ADE20K, 160k iterations (DESIGN section 2: paper's ADE20K recipe).
+"""RevColV2-B UperNet on ADE20K, 160k iterations (paper's ADE20K recipe: docs/TRAINING.md, recipe sources).
 
 batch 16, AdamW lr 4e-5 (at batch 16), weight decay 0.05, layer decay 0.65, drop path 0.1;
 poly schedule (power 1) after a 1500-iteration linear warm-up; 512x512 crops.

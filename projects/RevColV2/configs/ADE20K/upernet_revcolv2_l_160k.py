@@ -1,6 +1,6 @@
 """RevColV2-L UperNet on ADE20K, 160k iterations: the B recipe with 640x640 crops.
 
-Same optimizer, schedule, layer decay 0.65 and drop path 0.1 (DESIGN section 2); the
+Same optimizer, schedule, layer decay 0.65 and drop path 0.1 (docs/TRAINING.md, recipe sources); the
 resize range stays 0.5-2.0 of 2048x512 as in the recipe (mmsegmentation's own 640-crop
 configs use 2560x640: set ``dataloader.train.mapper.augmentations[0].target_width=2560``,
 ``target_height=640`` and the same for ``dataloader.test``).

@@ -1,4 +1,4 @@
-"""RevColV2-B Cascade Mask R-CNN on COCO, 100 epochs (DESIGN section 2).
+"""RevColV2-B Cascade Mask R-CNN on COCO, 100 epochs (docs/TRAINING.md, recipe sources).
 
 batch 64, AdamW lr 1e-4, LSJ, drop path 0.2, layer decay 0.9, no soft-NMS (plain NMS in
 every stage). Cascade heads as detectron2's ViTDet cascade configs (4conv1fc, LN).

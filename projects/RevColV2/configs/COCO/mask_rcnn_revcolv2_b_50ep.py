@@ -1,4 +1,4 @@
-"""RevColV2-B Mask R-CNN on COCO, 50 epochs (DESIGN section 2: paper's COCO recipe).
+"""RevColV2-B Mask R-CNN on COCO, 50 epochs (paper's COCO recipe: docs/TRAINING.md, recipe sources).
 
 batch 32, AdamW lr 1e-4, LSJ 1024 with scale [0.1, 2.0], drop path 0.2, layer decay 0.9;
 warm-up and step decay as detectron2's ViTDet.

@@ -1,4 +1,5 @@
-"""RevColV2-L Mask R-CNN on COCO, 50 epochs: the B recipe with drop path 0.3 (DESIGN section 2)."""
+"""RevColV2-L Mask R-CNN on COCO, 50 epochs: the B recipe with drop path 0.3 (paper; the
+recipe sources are in docs/TRAINING.md)."""
 from .mask_rcnn_revcolv2_b_50ep import dataloader, lr_multiplier, model, optimizer, train
 
 model.backbone.bottom_up.variant = "revcolv2_large"

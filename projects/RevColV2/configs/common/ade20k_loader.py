@@ -1,4 +1,4 @@
-"""ADE20K semantic-segmentation loaders, the usual UperNet recipe (DESIGN section 2).
+"""ADE20K semantic-segmentation loaders, the usual UperNet recipe (docs/SEGMENTATION.md).
 
 Training: resize so the image fits a random 0.5-2.0 multiple of 2048x512 (long x short
 edge, aspect kept), random 512x512 crop in which no single class covers more than 75% of

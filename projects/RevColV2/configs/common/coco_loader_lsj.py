@@ -12,7 +12,7 @@ from detectron2.config import LazyCall as L
 from revcolv2_d2.data.coco_checks import CheckedDatasetMapper
 
 image_size = 1024
-lsj_scale = (0.1, 2.0)  # DESIGN section 2: large-scale jitter scale range
+lsj_scale = (0.1, 2.0)  # paper: large-scale jitter scale range (docs/TRAINING.md)
 
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
 dataloader.train.mapper._target_ = CheckedDatasetMapper

@@ -1,0 +1,219 @@
+"""Draw a RevColV2 detectron2 model's predictions (or a dataset's ground truth) on images.
+
+The library half of ``tools/visualize.py`` (which only calls :func:`main`): a predictor
+for LazyConfigs and the drawing functions, all on detectron2's ``Visualizer``, so that the
+demo, the tests and the command line share them.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+from typing import Dict, Iterator, List, Optional
+
+import cv2
+import detectron2.data.transforms as T
+import numpy as np
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from .checkpoint import RevColV2Checkpointer
+from .data import register_all
+
+USAGE = """Draw a RevColV2 detectron2 model's predictions (or a dataset's ground truth) on images.
+
+Predictions: boxes, masks, class names and scores (instance models), or a class-coloured
+overlay with names (semantic segmentation models returning ``sem_seg``), drawn by
+detectron2's ``Visualizer``:
+
+    python tools/visualize.py --config-file CFG --checkpoint output/model_final.pth \
+        --input img.jpg more/*.png a_folder/ clip.mp4 --output vis/ --confidence-threshold 0.5
+
+Ground truth of a registered dataset (instances and/or ``sem_seg_file_name``), no model:
+
+    python tools/visualize.py --dataset synthetic_shapes_val --output vis/ --num-images 8
+
+Like detectron2's demo: ``--video-input`` for a video, ``key=value`` config overrides
+after ``--opts``, runs on CPU (CUDA when available). Videos come back as ``<name>.mp4``.
+"""
+
+logger = logging.getLogger("detectron2.visualize")
+
+__all__ = ["LazyPredictor", "draw_predictions", "draw_ground_truth", "expand_inputs", "visualize_video", "main"]
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+
+
+class LazyPredictor:
+    """detectron2's ``DefaultPredictor`` for a LazyConfig: the test mapper's resize, the
+    model's input format, outputs at the original resolution."""
+
+    def __init__(self, cfg, checkpoint: str, device: Optional[str] = None):
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = instantiate(cfg.model).to(self.device).eval()
+        if checkpoint:
+            RevColV2Checkpointer(self.model).load(checkpoint)
+        else:
+            logger.warning("No checkpoint given: drawing the predictions of an untrained model")
+        mapper = cfg.dataloader.test.get("mapper", {}) if "dataloader" in cfg else {}
+        self.augmentations = T.AugmentationList([instantiate(a) for a in mapper.get("augmentations", [])])
+        self.input_format = mapper.get("image_format", cfg.model.get("input_format", "BGR"))
+
+    @torch.no_grad()
+    def __call__(self, bgr: np.ndarray) -> Dict:
+        """(H, W, 3) uint8 BGR -> the model's output dict for that image."""
+        image = bgr[:, :, ::-1] if self.input_format == "RGB" else bgr
+        h, w = image.shape[:2]
+        aug = T.AugInput(np.ascontiguousarray(image))
+        self.augmentations(aug)
+        tensor = torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1))).to(self.device)
+        return self.model([{"image": tensor, "height": h, "width": w}])[0]
+
+
+def draw_predictions(rgb: np.ndarray, outputs: Dict, metadata, threshold: float) -> np.ndarray:
+    """Draw instance and/or semantic predictions; returns an RGB uint8 image."""
+    vis = Visualizer(rgb, metadata, instance_mode=ColorMode.IMAGE)
+    out = None
+    if "sem_seg" in outputs:
+        out = vis.draw_sem_seg(outputs["sem_seg"].argmax(dim=0).cpu(), alpha=0.5)
+    if "panoptic_seg" in outputs:
+        seg, info = outputs["panoptic_seg"]
+        out = vis.draw_panoptic_seg(seg.cpu(), info)
+    if "instances" in outputs:
+        instances = outputs["instances"].to("cpu")
+        out = vis.draw_instance_predictions(instances[instances.scores >= threshold])
+    if out is None:
+        raise ValueError(f"the model returned none of instances / sem_seg / panoptic_seg: {sorted(outputs)}")
+    return out.get_image()
+
+
+def draw_ground_truth(record: Dict, metadata) -> np.ndarray:
+    """Draw a dataset record's annotations and/or semantic labels; returns RGB uint8."""
+    rgb = read_image(record["file_name"], format="RGB")
+    return Visualizer(rgb, metadata).draw_dataset_dict(record).get_image()
+
+
+def expand_inputs(inputs: List[str]) -> Iterator[str]:
+    """Files, folders (their images and videos, sorted) and glob patterns -> file paths."""
+    for item in inputs:
+        if os.path.isdir(item):
+            for name in sorted(os.listdir(item)):
+                if name.lower().endswith(IMAGE_EXTS + VIDEO_EXTS):
+                    yield os.path.join(item, name)
+        elif os.path.isfile(item):
+            yield item
+        else:
+            matches = sorted(glob.glob(os.path.expanduser(item)))
+            if not matches:
+                raise FileNotFoundError(f"input not found: {item}")
+            yield from matches
+
+
+def read_bgr(path: str) -> np.ndarray:
+    try:
+        return read_image(path, format="BGR")
+    except Exception as e:
+        raise ValueError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+
+
+def visualize_video(path: str, out_path: str, predictor: LazyPredictor, metadata, threshold: float) -> int:
+    """Predict every frame of a video and write the drawn frames as mp4; returns the count."""
+    cap = cv2.VideoCapture(path)
+    if not cap.isOpened():
+        raise ValueError(f"cannot open video file {path}")
+    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    writer, frames = None, 0
+    try:
+        while True:
+            ok, bgr = cap.read()
+            if not ok:
+                break
+            drawn = draw_predictions(bgr[:, :, ::-1], predictor(bgr), metadata, threshold)
+            if writer is None:
+                h, w = drawn.shape[:2]
+                writer = cv2.VideoWriter(out_path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+            writer.write(np.ascontiguousarray(drawn[:, :, ::-1]))
+            frames += 1
+    finally:
+        cap.release()
+        if writer is not None:
+            writer.release()
+    if frames == 0:
+        raise ValueError(f"no frame could be read from video file {path}")
+    return frames
+
+
+def metadata_for(cfg, name: Optional[str]):
+    if name is None and cfg is not None and "dataloader" in cfg:
+        names = cfg.dataloader.test.dataset.get("names", None)
+        name = names if isinstance(names, str) else (names[0] if names else None)
+    return MetadataCatalog.get(name) if name else MetadataCatalog.get("__unused")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tools/visualize.py", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", help="a LazyConfig (.py); not needed with --dataset")
+    p.add_argument("--checkpoint", default=None,
+                   help="model weights (default: the config's train.init_checkpoint)")
+    p.add_argument("--input", nargs="+", default=[], help="images, folders, glob patterns or videos")
+    p.add_argument("--video-input", default=None, help="a video file (same as giving it to --input)")
+    p.add_argument("--dataset", default=None, help="draw this registered dataset's ground truth instead")
+    p.add_argument("--num-images", type=int, default=16, help="with --dataset: how many records to draw")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score of drawn instances")
+    p.add_argument("--metadata", default=None,
+                   help="dataset whose class names to use (default: the config's test dataset)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                   help="config overrides key=value ..., at the end of the command line")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> List[str]:
+    """Run the tool; returns the written file paths."""
+    args = get_parser().parse_args(argv)
+    setup_logger(name="detectron2")
+    register_all()
+    os.makedirs(args.output, exist_ok=True)
+    written: List[str] = []
+
+    if args.dataset:
+        metadata = MetadataCatalog.get(args.metadata or args.dataset)
+        for record in DatasetCatalog.get(args.dataset)[: args.num_images]:
+            out = os.path.join(args.output, os.path.basename(record["file_name"]))
+            out = os.path.splitext(out)[0] + ".png"
+            cv2.imwrite(out, draw_ground_truth(record, metadata)[:, :, ::-1])
+            written.append(out)
+        logger.info("Drew the ground truth of %d images of %s into %s", len(written), args.dataset, args.output)
+        return written
+
+    if not args.config_file:
+        raise SystemExit("--config-file is needed to draw predictions (or give --dataset)")
+    inputs = list(expand_inputs(args.input + ([args.video_input] if args.video_input else [])))
+    if not inputs:
+        raise SystemExit("no input: give --input (images, folders, videos) or --dataset")
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    checkpoint = args.checkpoint if args.checkpoint is not None else cfg.train.get("init_checkpoint", "")
+    predictor = LazyPredictor(cfg, checkpoint, args.device)
+    metadata = metadata_for(cfg, args.metadata)
+    for path in inputs:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if path.lower().endswith(VIDEO_EXTS):
+            out = os.path.join(args.output, stem + ".mp4")
+            n = visualize_video(path, out, predictor, metadata, args.confidence_threshold)
+            logger.info("%s: %d frames -> %s", path, n, out)
+        else:
+            bgr = read_bgr(path)
+            drawn = draw_predictions(bgr[:, :, ::-1], predictor(bgr), metadata, args.confidence_threshold)
+            out = os.path.join(args.output, stem + ".png")
+            cv2.imwrite(out, drawn[:, :, ::-1])
+        written.append(out)
+    logger.info("Wrote %d visualizations to %s", len(written), args.output)
+    return written
+
