@@ -13,6 +13,8 @@ from PIL import Image
 from revcolv2_d2 import visualization as visualize  # tools/visualize.py's code, in this process
 from revcolv2_d2.data.ade20k import make_scene
 
+pytestmark = pytest.mark.slow  # end to end: training runs in subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(ROOT, "tools", "lazyconfig_train_net.py")
 DEMO = os.path.join(ROOT, "projects", "RevColV2", "configs", "demo", "upernet_revcolv2_tiny_synthetic.py")

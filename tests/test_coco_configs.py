@@ -141,6 +141,7 @@ def _fake_coco(root: str) -> None:
             json.dump(content, f)
 
 
+@pytest.mark.slow
 def test_coco_config_trains_and_evaluates_on_a_coco_layout(tmp_path):
     """DETECTRON2_DATASETS pointing at a COCO 2017 layout is all the B config needs."""
     _fake_coco(str(tmp_path / "datasets"))

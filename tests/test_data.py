@@ -80,6 +80,7 @@ def pretrain_args(data, out, *extra):
             "train.vis_images=2"]
 
 
+@pytest.mark.slow
 def test_training_on_a_messy_folder_does_not_crash(messy_folder, tmp_path):
     tool = load_tool("pretrain")
     with one_thread(), pytest.warns(UserWarning, match="skipped 2 unreadable"):

@@ -27,6 +27,19 @@ def _assert_same_levels(a, b, x):
         assert torch.equal(u, v)
 
 
+def test_mim_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    mim = create_mim_model("revcolv2_tiny", **SMALL)
+    ckpt = {"model": mim.state_dict(), "epoch": 3, "config": {"model": {"name": "revcolv2_tiny", "kwargs": SMALL}}}
+    export_to_folder(ckpt, str(tmp_path), verbose=False)  # preset and sizes from the recorded config
+    x = torch.randn(2, 3, 32, 32)
+    _assert_same_levels(mim, timm.create_model(f"local-dir:{tmp_path}", pretrained=True), x)
+    from_file = timm.create_model("revcolv2_tiny", pretrained=True, num_classes=0, **SMALL,
+                                  pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")))
+    _assert_same_levels(mim, from_file, x)
+
+
+@pytest.mark.slow
 def test_mim_checkpoint_round_trip_through_the_cli(tmp_path):
     torch.manual_seed(0)
     mim = create_mim_model("revcolv2_tiny", **SMALL)

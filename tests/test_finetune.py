@@ -119,6 +119,7 @@ def finetune(data, out, *opts, extra=()):
     )
 
 
+@pytest.mark.slow
 def test_finetune_end_to_end_then_eval_only(data, mim_checkpoint, tmp_path, capsys):
     out = finetune(data, tmp_path, "schedule.epochs=2", extra=("--finetune", mim_checkpoint))
     assert "unused from checkpoint" in capsys.readouterr().out
@@ -133,6 +134,7 @@ def test_finetune_end_to_end_then_eval_only(data, mim_checkpoint, tmp_path, caps
                                                                     best["metrics"]["ema_top1"]))
 
 
+@pytest.mark.slow
 def test_finetune_resume_with_mixup_and_ema_is_exact(data, tmp_path):
     opts = ("schedule.epochs=2", "model.drop_path_rate=0.1")
     full = finetune(data, tmp_path / "full", *opts)
@@ -144,6 +146,7 @@ def test_finetune_resume_with_mixup_and_ema_is_exact(data, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.slow
 def test_linear_probe_end_to_end(data, mim_checkpoint, tmp_path):
     out = run_tool(
         "linear_probe", "--config", REPO / "configs/linear_probe/revcolv2_tiny_demo.yaml", "--data-path", data,

@@ -89,6 +89,7 @@ def test_sincos_pos_embed_any_grid():
     assert len({tuple(r.tolist()) for r in pe[0]}) == 15  # every position distinct
 
 
+@pytest.mark.slow
 def test_sizes_match_the_paper():
     """Supplementary Table 5: B 88M / 19 GFLOPs, L 327M / 67 GFLOPs at 224x224 (1000 classes)."""
     base = timm.create_model("revcolv2_base")

@@ -8,6 +8,8 @@ from PIL import Image
 
 from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
+pytestmark = pytest.mark.slow  # end to end: tools/pretrain.py runs
+
 CONFIG = REPO / "configs" / "pretrain" / "revcolv2_tiny_demo.yaml"
 
 

@@ -7,6 +7,8 @@ import torch
 
 from d2_helpers import DEMO_CONFIG, TINY_OVERRIDES, TRAIN_NET, make_mini_shapes, run_tool
 
+pytestmark = pytest.mark.slow  # end to end: training runs in subprocesses
+
 
 def _training_iterations(out):
     """Iterations logged with a training loss in metrics.json (evaluations log without)."""
