@@ -17,9 +17,12 @@ model = L(RevColV2SemanticSegmentor)(
         reversible=True,
     ),
     sem_seg_head=L(UPerHead)(
-        # the backbone's level shapes, following its preset or an embed_dim override
+        # the level shapes of the backbone built from these fields (on the meta device), so
+        # they follow its preset and any embed_dim / num_heads override
         input_shape=L(revcolv2_level_shapes)(
-            variant="${...backbone.variant}", embed_dim="${oc.select:...backbone.embed_dim,null}"
+            variant="${...backbone.variant}",
+            embed_dim="${oc.select:...backbone.embed_dim,null}",
+            num_heads="${oc.select:...backbone.num_heads,null}",
         ),
         num_classes=150,
         channels=512,
