@@ -1,4 +1,5 @@
 """Activation memory, measured as bytes handed to autograd's saved-tensor hooks."""
+import pytest
 import timm
 import torch
 
@@ -34,6 +35,7 @@ def test_reversible_memory_does_not_grow_with_columns():
     assert saved_bytes(_model(4, 2, False), x) > 1.8 * saved_bytes(_model(2, 1, False), x)
 
 
+@pytest.mark.slow  # builds RevColV2-B and runs it forward twice
 def test_base_reversible_saves_5x_less_than_plain():
     x = torch.randn(2, 3, 224, 224)
     model = timm.create_model("revcolv2_base", drop_path_rate=0.1).train()
