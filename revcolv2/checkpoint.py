@@ -82,12 +82,20 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed") from None
 
 
+# words of torch's / our unpickler's message when a file asks for a callable outside the allowlist
+_REFUSAL_WORDS = ("unsupported global", "is blocked", "not allowed", "unsupported operand")
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    return any(w in str(exc).lower() for w in _REFUSAL_WORDS)
+
+
 def _describe(exc: BaseException) -> str:
     """The informative line of torch's long weights-only message (or the whole message)."""
     text = str(exc)
     for line in text.splitlines():
         line = line.strip()
-        if "Unsupported global" in line or "not allowed" in line or "Unsupported operand" in line:
+        if any(w in line.lower() for w in _REFUSAL_WORDS):
             return line
     return " ".join(text.split())[:300]
 
@@ -116,7 +124,7 @@ def load_file(path: "os.PathLike | str", mmap: bool = False) -> Any:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e) or "not allowed" in str(e):
+        if _is_refusal(e):
             raise CheckpointError(
                 f"refusing to load {path}: it holds Python objects other than tensors, numbers, strings, "
                 f"plain containers and numpy arrays ({_describe(e)}). Unpickling them could run arbitrary "
