@@ -221,15 +221,17 @@ def load_checkpoint(
     allow_unexpected: Iterable[str] = (),
     verbose: bool = True,
     ema: bool = True,
+    source: Optional[str] = None,
 ) -> LoadReport:
     """Load a path or (wrapped) state dict into ``model`` and report what matched.
 
     Weights follow :func:`select_weights` (EMA where present unless ``ema=False``). A tensor
     whose shape differs from the model's raises ``ValueError`` naming it (a checkpoint of
     another size). Missing/unexpected keys are errors unless they start with one of the
-    ``allow_*`` prefixes; either way they are listed in the returned report.
+    ``allow_*`` prefixes; either way they are listed in the returned report. Errors name
+    the file (or ``source``, the file a given state dict came from).
     """
-    source, from_file = "state dict", isinstance(checkpoint, (str, os.PathLike))
+    source, from_file = source or "state dict", isinstance(checkpoint, (str, os.PathLike))
     if from_file:
         source = os.fspath(checkpoint)
         checkpoint = load_file(source)

@@ -47,7 +47,7 @@ def load_pretrained(model: nn.Module, path: str, verbose: bool = True, ema: bool
             print(f"not loading the checkpoint's classifier ({', '.join(stale)}): other number of classes")
         sd = {k: v for k, v in sd.items() if k not in stale}
     return load_checkpoint(model, sd, allow_missing=CLASSIFIER_ONLY_PREFIXES,
-                           allow_unexpected=PRETRAIN_ONLY_PREFIXES, verbose=verbose)
+                           allow_unexpected=PRETRAIN_ONLY_PREFIXES, verbose=verbose, source=path)
 
 
 class LinearProbe(nn.Module):
