@@ -96,7 +96,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     num_workers = num_workers_default() if args.num_workers is None else args.num_workers
 
     if args.eval:
-        ckpt = find_resume_checkpoint(args.resume, out_dir)
+        ckpt = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
         if ckpt is None:
             raise SystemExit("--eval needs a checkpoint: --resume PATH (or auto with an existing run)")
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
@@ -143,7 +143,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         find_unused_parameters=True,
         val_dataset=val_set, criterion=criterion, mixup=mixup, ema=ema, eval_batch=t_cfg["eval_batch"],
     )
-    resume = find_resume_checkpoint(args.resume, out_dir)
+    resume = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
     if resume:
         trainer.resume(resume)
     history = trainer.fit(stop_at_step=args.stop_at_step)

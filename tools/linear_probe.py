@@ -90,7 +90,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if info.device.type == "cuda" and t_cfg["amp"] == "bf16" else nullcontext
 
     if args.eval:
-        ckpt = find_resume_checkpoint(args.resume, out_dir)
+        ckpt = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
         if ckpt is None:
             raise SystemExit("--eval needs a checkpoint: --resume PATH (or auto with an existing run)")
         return {"results": evaluate_checkpoint(model, ckpt, val_set, info, t_cfg["eval_batch"], num_workers, autocast,
@@ -118,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         config=cfg, name="linear_probe",
         val_dataset=val_set, criterion=torch.nn.CrossEntropyLoss(), eval_batch=t_cfg["eval_batch"],
     )
-    resume = find_resume_checkpoint(args.resume, out_dir)
+    resume = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
     if resume:
         trainer.resume(resume)
     history = trainer.fit(stop_at_step=args.stop_at_step)
