@@ -51,6 +51,17 @@ def _numpy_globals() -> List[Any]:
     return out
 
 
+def _torch_safe_globals() -> List[Any]:
+    """:func:`_numpy_globals` for ``torch.load``, also under the other numpy major version's
+    module name (``numpy.core`` in 1.x, ``numpy._core`` in 2.x), so files from either load."""
+    out: List[Any] = _numpy_globals()
+    for obj in out[:2]:  # _reconstruct, scalar
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            if module != obj.__module__:
+                out.append((obj, f"{module}.{obj.__name__}"))
+    return out
+
+
 def _pickle_names() -> Dict[Tuple[str, str], Any]:
     """(module, name) -> object for :class:`RestrictedUnpickler`, under numpy 1.x and 2.x spellings."""
     import collections
@@ -121,7 +132,7 @@ def load_file(path: "os.PathLike | str", mmap: bool = False) -> Any:
             import zipfile
 
             mmap = zipfile.is_zipfile(path)  # torch maps only its zip format; a truncated one is no zip
-        with torch.serialization.safe_globals(_numpy_globals()):
+        with torch.serialization.safe_globals(_torch_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if _is_refusal(e):

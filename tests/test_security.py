@@ -133,6 +133,17 @@ def test_last_checkpoint_may_only_name_a_file_in_its_folder(tmp_path):
     assert read_last_checkpoint(str(run)) == os.path.join(str(run), "checkpoint-0001.pth")
 
 
+def test_detectron2_resume_refuses_a_pointer_out_of_its_folder(evil, tmp_path):
+    """lazyconfig_train_net.py --resume: detectron2 would load whatever last_checkpoint names."""
+    from revcolv2_d2.checkpoint import RevColV2Checkpointer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last_checkpoint").write_text(str(evil["pth"]))
+    with pytest.raises(CheckpointError, match="not a file inside"):
+        RevColV2Checkpointer(torch.nn.Linear(2, 2), str(run)).resume_or_load("", resume=True)
+
+
 # ----------------------------------------------------------------------------- entry points
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
