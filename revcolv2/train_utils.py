@@ -31,7 +31,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import (
+from .checkpoint import (  # noqa: F401  (LAST_CHECKPOINT_FILE: kept importable from here)
     LAST_CHECKPOINT_FILE, CheckpointError, load_file, newest_readable_checkpoint, read_last_checkpoint,
     remove_stale_temporaries, save_atomic, write_last_checkpoint,
 )

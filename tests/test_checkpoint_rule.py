@@ -77,7 +77,8 @@ def test_shape_mismatch_names_file_and_tensor_at_every_entry_point(tmp_path):
     other = timm.create_model("revcolv2_tiny", num_classes=3, embed_dim=64, num_heads=2, patch_size=8)
     path = tmp_path / "wide.pth"
     save_atomic({"model": other.state_dict()}, str(path))
-    pattern = rf"{path}: checkpoint tensor '.*patch_embed\.proj\.weight' has shape \(64, 3, 8, 8\).*different model size"
+    pattern = (rf"{path}: checkpoint tensor '.*patch_embed\.proj\.weight' has shape \(64, 3, 8, 8\)"
+               r".*different model size")
     with pytest.raises(ValueError, match=pattern):
         load_checkpoint(classifier(), str(path), verbose=False)
     with pytest.raises(ValueError, match=pattern):

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from d2_helpers import DEMO_CONFIG, TINY_OVERRIDES, make_mini_shapes

@@ -22,9 +22,8 @@ import revcolv2  # noqa: F401
 from revcolv2.checkpoint import CheckpointError, load_checkpoint, load_file, read_last_checkpoint
 from revcolv2.classification import evaluate_checkpoint, load_pretrained
 from revcolv2.train_utils import DistInfo, find_resume_checkpoint
+from d2_helpers import DEMO_CONFIG
 from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
-
-from d2_helpers import DEMO_CONFIG, TINY_OVERRIDES
 
 TINY = dict(embed_dim=32, num_heads=2, patch_size=8)
 D2_TINY = ["model.backbone.bottom_up.embed_dim=32", "model.backbone.bottom_up.num_heads=2"]

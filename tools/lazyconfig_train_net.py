@@ -9,9 +9,9 @@
 Besides detectron2's own tool: RevColV2 checkpoints (MIM or classification) load through
 ``train.init_checkpoint`` (their EMA weights where they have them, unless ``--no-ema``);
 no file is loaded in a way that can run code (checkpoints with ``weights_only``, ``.pkl``
-with a restricted unpickler, YAML configs with a safe loader; ``.py`` configs are code); checkpoints are written atomically; ``train.amp.precision``
-picks bf16 or fp16 (mixed precision is switched off on CPU); the project's built-in
-datasets are registered.
+with a restricted unpickler, YAML configs with a safe loader; ``.py`` configs are code);
+checkpoints are written atomically; ``train.amp.precision`` picks bf16 or fp16 (mixed
+precision is switched off on CPU); the project's built-in datasets are registered.
 """
 import json
 import logging
