@@ -16,34 +16,37 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import PRETRAIN_ONLY_PREFIXES, LoadReport, load_checkpoint, save_atomic, unwrap_state_dict
+from .checkpoint import (
+    PRETRAIN_ONLY_PREFIXES, CheckpointError, LoadReport, check_shapes, load_checkpoint, load_file, save_atomic,
+    select_weights, strip_ddp_prefix,
+)
 from .train_utils import Trainer, evaluate
 
 # Present in a classifier, absent from a MIM checkpoint (the MIM model has no classifier).
 CLASSIFIER_ONLY_PREFIXES = ("head.", "fc_norm.")
 
 
-def load_pretrained(model: nn.Module, path: str, verbose: bool = True) -> LoadReport:
+def load_pretrained(model: nn.Module, path: str, verbose: bool = True, ema: bool = True) -> LoadReport:
     """Initialise ``model`` (a RevColV2 classifier) from a pre-training or fine-tuning checkpoint.
 
-    Allowed to differ: the pre-training-only tensors (mask token, reconstruction head) may
-    stay unused and the classifier (``head``, ``fc_norm``) may be missing; a classifier for
-    another number of classes (e.g. IN-22K -> IN-1K) is dropped with a note. Anything else
-    unmatched raises ``ValueError``.
+    The weights follow the one rule of :func:`revcolv2.checkpoint.select_weights`: the EMA
+    weights where the checkpoint has them, unless ``ema=False`` (``--no-ema``); the choice is
+    printed. Allowed to differ: the pre-training-only tensors (mask token, reconstruction
+    head) may stay unused and the classifier (``head``, ``fc_norm``) may be missing; a
+    classifier for another number of classes (e.g. IN-22K -> IN-1K) is dropped with a note.
+    Anything else unmatched raises ``ValueError``.
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    # prefer the trained weights over an EMA copy unless only the EMA exists
-    sd = unwrap_state_dict({"model": ckpt["model"]} if isinstance(ckpt, dict) and "model" in ckpt else ckpt)
+    if verbose:
+        print(f"loading {path}")
+    sd, _ = select_weights(load_file(path), ema=ema, source=path, log=print if verbose else None)
     own = model.state_dict()
     stale = [k for k in sd if k.startswith("head.") and (k not in own or own[k].shape != sd[k].shape)]
     if stale:
         if verbose:
             print(f"not loading the checkpoint's classifier ({', '.join(stale)}): other number of classes")
         sd = {k: v for k, v in sd.items() if k not in stale}
-    if verbose:
-        print(f"loading {path}")
     return load_checkpoint(model, sd, allow_missing=CLASSIFIER_ONLY_PREFIXES,
-                           allow_unexpected=PRETRAIN_ONLY_PREFIXES, verbose=verbose)
+                           allow_unexpected=PRETRAIN_ONLY_PREFIXES, verbose=verbose, source=path)
 
 
 class LinearProbe(nn.Module):
@@ -146,14 +149,23 @@ class ClassificationTrainer(Trainer):
 
 
 def evaluate_checkpoint(model: nn.Module, path: str, val_dataset, info, batch: int, num_workers: int,
-                        autocast) -> List[Dict[str, float]]:
-    """``--eval``: top-1/top-5 of a checkpoint's weights (and of its EMA weights if it has them)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+                        autocast, ema: bool = True) -> List[Dict[str, float]]:
+    """``--eval``: top-1/top-5 of a checkpoint's weights, and of its EMA weights if it has them
+    (unless ``ema=False``). Each result names the weights it measured."""
+    ckpt = load_file(path)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint")
+    keys = [k for k in ("model", "model_ema") if isinstance(ckpt.get(k), dict) and (ema or k == "model")]
+    if not keys:  # a raw or otherwise wrapped state dict
+        sd, key = select_weights(ckpt, ema=ema, source=path, log=None)
+        weights = [(key, sd)]
+    else:
+        weights = [(k, strip_ddp_prefix(ckpt[k], path)) for k in keys]
     results = []
-    for key in ("model", "model_ema"):
-        if key not in ckpt:
-            continue
-        model.load_state_dict(ckpt[key])
+    own = model.state_dict()
+    for key, sd in weights:
+        check_shapes(sd, own, path)
+        model.load_state_dict(sd)
         model.eval()
         r = evaluate(model, val_dataset, info, batch, num_workers, autocast)
         r["weights"] = key
@@ -161,6 +173,4 @@ def evaluate_checkpoint(model: nn.Module, path: str, val_dataset, info, batch: i
         if info.is_main:
             print(f"{path} [{key}]: top-1 {r['top1']:.2f}  top-5 {r['top5']:.2f}  loss {r['loss']:.4f} "
                   f"on {len(val_dataset)} images")
-    if not results:
-        raise ValueError(f"{path} holds neither 'model' nor 'model_ema' weights")
     return results

@@ -31,6 +31,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
+from .checkpoint import remove_stale_temporaries
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -415,7 +417,8 @@ def ensure_synthetic_imagenet(root: Optional[os.PathLike] = None, **kwargs) -> P
     if (root / "train").is_dir() and (root / "val").is_dir():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp_" + root.name, dir=root.parent))
+    remove_stale_temporaries(root.parent, prefix=".tmp_" + root.name)  # of killed generations
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{root.name}_{os.getpid()}_", dir=root.parent))
     try:
         logger.info("generating the built-in synthetic dataset in %s", root)
         generate_synthetic_imagenet(tmp, **kwargs)

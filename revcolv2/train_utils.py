@@ -31,13 +31,15 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import save_atomic
+from .checkpoint import (  # noqa: F401  (LAST_CHECKPOINT_FILE: kept importable from here)
+    LAST_CHECKPOINT_FILE, CheckpointError, load_file, newest_readable_checkpoint, read_last_checkpoint,
+    remove_stale_temporaries, save_atomic, write_last_checkpoint,
+)
 from .data import EpochSampler, SeededSamples, resolve_data_path, shard_indices
 from .layer_decay import lr_scale
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-LAST_CHECKPOINT_FILE = "last_checkpoint"
 
 
 # --------------------------------------------------------------------------- configs
@@ -144,15 +146,30 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and lists only (a checkpoint loads with
+    ``weights_only=True``); :func:`set_rng_state` restores them exactly."""
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore :func:`rng_state` (also the tuple / ndarray form of older checkpoints)."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    npst = state["numpy"]
+    if isinstance(npst, dict):
+        keys = np.asarray(npst["keys"].numpy() if torch.is_tensor(npst["keys"]) else npst["keys"]).astype(np.uint32)
+        npst = (npst["kind"], keys, npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    np.random.set_state(npst)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -317,6 +334,8 @@ class Trainer:
         self.history: Dict[int, float] = {}  # step -> training loss of that update (this rank)
         self._epoch_losses: List[float] = []
         self._stop_requested = False
+        if info.is_main:  # temporary files of a killed checkpoint write
+            remove_stale_temporaries(output_dir)
         self.tb = TensorBoard(os.path.join(output_dir, "tb"), info.is_main)
 
     # ----------------------------------------------------------------- to override
@@ -363,15 +382,19 @@ class Trainer:
         if self.info.is_main:
             save_atomic(state, path)
             if resume_point:
-                tmp = os.path.join(self.output_dir, f".{LAST_CHECKPOINT_FILE}.tmp")
-                with open(tmp, "w") as f:
-                    f.write(filename)
-                os.replace(tmp, os.path.join(self.output_dir, LAST_CHECKPOINT_FILE))
+                write_last_checkpoint(self.output_dir, filename)
         barrier(self.info)
         return path
 
     def resume(self, path: str) -> None:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_file(path)  # weights_only: nothing in the file can run code
+        needed = ("model", "optimizer", "scaler", "scheduler", "epoch", "step", "step_in_epoch", "rng")
+        lacking = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
+        if lacking:
+            raise CheckpointError(
+                f"{path} is not a resumable training checkpoint (it lacks {', '.join(lacking)}); "
+                "to start from its weights, pass it as the initial checkpoint instead (--finetune)"
+            )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -529,21 +552,31 @@ class Trainer:
         return False
 
 
-def find_resume_checkpoint(resume: Optional[str], output_dir: str) -> Optional[str]:
-    """``--resume``: a path, ``auto`` (the latest resume point in ``output_dir``) or None."""
+def find_resume_checkpoint(resume: Optional[str], output_dir: str, verbose: bool = True) -> Optional[str]:
+    """``--resume``: a path, ``auto`` (the newest readable checkpoint in ``output_dir``) or None.
+
+    ``auto`` reads the ``step`` of the checkpoint the ``last_checkpoint`` pointer names and of
+    every ``checkpoint-*.pth`` beside it, and takes the highest (the pointer's on a tie). An
+    unreadable file (truncated, corrupt, not a checkpoint) is skipped with a warning naming
+    it, so a write cut short falls back to the previous good checkpoint. A pointer naming a
+    file outside ``output_dir`` is an error. Returns None (and says so) when nothing is there.
+    """
     if not resume:
         return None
     if resume != "auto":
         if not os.path.isfile(resume):
             raise FileNotFoundError(f"--resume {resume}: no such file")
         return resume
-    pointer = os.path.join(output_dir, LAST_CHECKPOINT_FILE)
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            path = os.path.join(output_dir, f.read().strip())
-        if os.path.isfile(path):
-            return path
-    return None
+    pointed = read_last_checkpoint(output_dir)
+    names = sorted(os.path.join(output_dir, n) for n in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+                   if n.startswith("checkpoint-") and n.endswith(".pth"))
+    found = newest_readable_checkpoint(([pointed] if pointed else []) + [p for p in names if p != pointed],
+                                       "step", pointed, required=("optimizer",), log=print if verbose else None)
+    if found is None:
+        if verbose:
+            print(f"--resume auto: no resumable checkpoint in {output_dir}; starting from scratch")
+        return None
+    return found[0]
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -69,6 +69,8 @@ def _references(text: str, code: bool = False):
             continue
         if code and text[m.start(1) - 1:m.start(1)] in "\"'" and text[m.end(1):m.end(1) + 1] == text[m.start(1) - 1]:
             continue  # a quoted file name in code ("config.yaml"): what the code reads or writes
+        if "/" not in ref and not ref.endswith((".md", ".py", ".txt")):
+            continue  # a bare data-file name (config.yaml, x.yaml): what a run reads or writes
         yield ref
     yield from (m.group(1) for m in _DOCS_DIR.finditer(text))
     yield from (m.group(1) + ".md" for m in _NAMED_DOC.finditer(text))

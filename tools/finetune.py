@@ -48,6 +48,8 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=None, help="default: output/finetune/<config name>")
     p.add_argument("--finetune", default=None, help="initialise from this pre-training (MIM) or "
                    "fine-tuning checkpoint; omit for random init (supervised baseline)")
+    p.add_argument("--no-ema", action="store_true", help="from a checkpoint with EMA weights (model_ema), "
+                   "take the raw ones ('model'); --eval then measures only those")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the latest in --output-dir")
     p.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     p.add_argument("--batch-per-gpu", type=int, default=None)
@@ -88,18 +90,19 @@ def main(argv: Optional[List[str]] = None) -> dict:
         **(m_cfg.get("kwargs") or {}),
     )
     if args.finetune and not args.eval:
-        load_pretrained(model, args.finetune, verbose=info.is_main)
+        load_pretrained(model, args.finetune, verbose=info.is_main, ema=not args.no_ema)
     model.to(info.device)
     seed_everything(args.seed + info.rank)
     num_workers = num_workers_default() if args.num_workers is None else args.num_workers
 
     if args.eval:
-        ckpt = find_resume_checkpoint(args.resume, out_dir)
+        ckpt = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
         if ckpt is None:
             raise SystemExit("--eval needs a checkpoint: --resume PATH (or auto with an existing run)")
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
             if info.device.type == "cuda" and t_cfg["amp"] == "bf16" else nullcontext
-        return {"results": evaluate_checkpoint(model, ckpt, val_set, info, t_cfg["eval_batch"], num_workers, autocast)}
+        return {"results": evaluate_checkpoint(model, ckpt, val_set, info, t_cfg["eval_batch"], num_workers, autocast,
+                                               ema=not args.no_ema)}
 
     train_set = RobustImageFolder(str(root / "train"), transform=train_tf, strict=args.strict_data)
     if len(train_set.classes) != num_classes:
@@ -140,7 +143,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         find_unused_parameters=True,
         val_dataset=val_set, criterion=criterion, mixup=mixup, ema=ema, eval_batch=t_cfg["eval_batch"],
     )
-    resume = find_resume_checkpoint(args.resume, out_dir)
+    resume = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
     if resume:
         trainer.resume(resume)
     history = trainer.fit(stop_at_step=args.stop_at_step)

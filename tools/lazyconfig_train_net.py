@@ -7,9 +7,11 @@
     python tools/lazyconfig_train_net.py --config-file CFG --eval-only train.init_checkpoint=model.pth
 
 Besides detectron2's own tool: RevColV2 checkpoints (MIM or classification) load through
-``train.init_checkpoint``; checkpoints are written atomically; ``train.amp.precision``
-picks bf16 or fp16 (mixed precision is switched off on CPU); the project's built-in
-datasets are registered.
+``train.init_checkpoint`` (their EMA weights where they have them, unless ``--no-ema``);
+no file is loaded in a way that can run code (checkpoints with ``weights_only``, ``.pkl``
+with a restricted unpickler, YAML configs with a safe loader; ``.py`` configs are code);
+checkpoints are written atomically; ``train.amp.precision`` picks bf16 or fp16 (mixed
+precision is switched off on CPU); the project's built-in datasets are registered.
 """
 import json
 import logging
@@ -38,6 +40,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa
 from detectron2.utils import comm  # noqa: E402
 
 from revcolv2_d2.checkpoint import RevColV2Checkpointer  # noqa: E402
+from revcolv2_d2.safe_config import load_lazy_config  # noqa: E402
 from revcolv2_d2.data import register_all  # noqa: E402
 
 logger = logging.getLogger("detectron2")
@@ -90,7 +93,7 @@ def do_train(args, cfg):
         trainer = AMPTrainer(model, train_loader, optim, grad_scaler=grad_scaler, precision=amp_dtype)
     else:
         trainer = SimpleTrainer(model, train_loader, optim)
-    checkpointer = RevColV2Checkpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = RevColV2Checkpointer(model, cfg.train.output_dir, ema=not args.no_ema, trainer=trainer)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
@@ -118,7 +121,7 @@ def do_train(args, cfg):
 
 def main(args):
     register_all()
-    cfg = LazyConfig.load(args.config_file)
+    cfg = load_lazy_config(args.config_file)  # YAML: plain data only (detectron2 would unsafe_load it)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     if str(cfg.train.get("device", "cuda")).startswith("cuda") and not torch.cuda.is_available():
         cfg.train.device = "cpu"
@@ -129,7 +132,7 @@ def main(args):
         model.to(cfg.train.device)
         model = create_ddp_model(model)
         # train.init_checkpoint, or with --resume the last checkpoint in train.output_dir
-        RevColV2Checkpointer(model, cfg.train.output_dir).resume_or_load(
+        RevColV2Checkpointer(model, cfg.train.output_dir, ema=not args.no_ema).resume_or_load(
             cfg.train.init_checkpoint, resume=args.resume
         )
         return do_test(cfg, model)
@@ -137,7 +140,10 @@ def main(args):
 
 
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    parser.add_argument("--no-ema", action="store_true",
+                        help="from a checkpoint with EMA weights (model_ema), take the raw ones ('model')")
+    args = parser.parse_args()
     launch(
         main,
         args.num_gpus,

@@ -43,6 +43,8 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--data-path", default=None)
     p.add_argument("--output-dir", default=None, help="default: output/linear_probe/<config name>")
     p.add_argument("--finetune", default=None, help="the pre-trained (MIM) checkpoint to probe")
+    p.add_argument("--no-ema", action="store_true", help="from a checkpoint with EMA weights (model_ema), "
+                   "take the raw ones ('model'); --eval then measures only those")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto'")
     p.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     p.add_argument("--batch-per-gpu", type=int, default=None)
@@ -75,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     backbone = timm.create_model(m_cfg["name"], num_classes=0, reversible=False, img_size=d_cfg["input_size"],
                                  **(m_cfg.get("kwargs") or {}))
     if args.finetune and not args.eval:
-        load_pretrained(backbone, args.finetune, verbose=info.is_main)
+        load_pretrained(backbone, args.finetune, verbose=info.is_main, ema=not args.no_ema)
     elif not args.eval and info.is_main:
         print("warning: no --finetune checkpoint: probing a randomly initialised backbone")
     model = LinearProbe(backbone, num_classes)
@@ -88,10 +90,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if info.device.type == "cuda" and t_cfg["amp"] == "bf16" else nullcontext
 
     if args.eval:
-        ckpt = find_resume_checkpoint(args.resume, out_dir)
+        ckpt = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
         if ckpt is None:
             raise SystemExit("--eval needs a checkpoint: --resume PATH (or auto with an existing run)")
-        return {"results": evaluate_checkpoint(model, ckpt, val_set, info, t_cfg["eval_batch"], num_workers, autocast)}
+        return {"results": evaluate_checkpoint(model, ckpt, val_set, info, t_cfg["eval_batch"], num_workers, autocast,
+                                               ema=not args.no_ema)}
 
     train_set = RobustImageFolder(str(root / "train"), transform=train_tf, strict=args.strict_data)
     write_config(cfg, out_dir, info)
@@ -115,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         config=cfg, name="linear_probe",
         val_dataset=val_set, criterion=torch.nn.CrossEntropyLoss(), eval_batch=t_cfg["eval_batch"],
     )
-    resume = find_resume_checkpoint(args.resume, out_dir)
+    resume = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
     if resume:
         trainer.resume(resume)
     history = trainer.fit(stop_at_step=args.stop_at_step)

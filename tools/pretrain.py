@@ -187,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         seed=args.seed, save_every=train_cfg["save_every"], log_every=train_cfg["log_every"],
         config=cfg, vis_images=vis, vis_every=train_cfg["vis_every"],
     )
-    resume = find_resume_checkpoint(args.resume, out_dir)
+    resume = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
     if resume:
         trainer.resume(resume)
     history = trainer.fit(stop_at_step=args.stop_at_step)

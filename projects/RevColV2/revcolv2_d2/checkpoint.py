@@ -6,6 +6,14 @@
   they are renamed to the model's RevColV2 module (e.g. ``backbone.bottom_up.net.``),
   the pre-training / classification-only tensors are dropped, and every key is reported.
 A tensor whose shape differs from the model's is an error naming it (never skipped).
+
+Files are read without running code from them (``revcolv2.checkpoint.load_file``): ``.pth``
+with ``torch.load(weights_only=True)``, ``.pkl`` (detectron2 model zoo) with a restricted
+unpickler that builds only numpy arrays and plain containers. The weights taken from a
+RevColV2 training checkpoint follow the project's one rule (EMA weights where present,
+unless ``ema=False``) and are logged. ``last_checkpoint`` may only name a file in
+``save_dir``; a resume falls back past an unreadable newest checkpoint to the newest
+readable one.
 """
 from __future__ import annotations
 
@@ -17,7 +25,11 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _group_checkpoint_keys, _group_to_str
 
-from revcolv2.checkpoint import PRETRAIN_ONLY_PREFIXES, save_atomic, unwrap_state_dict
+from revcolv2.checkpoint import (
+    LAST_CHECKPOINT_FILE, PRETRAIN_ONLY_PREFIXES, CheckpointError, check_shapes, load_file,
+    newest_readable_checkpoint, read_last_checkpoint, remove_stale_temporaries, save_atomic, select_weights,
+    write_last_checkpoint,
+)
 from revcolv2.model import RevColV2
 
 logger = logging.getLogger("detectron2").getChild(__name__)  # shown by default_setup
@@ -53,30 +65,45 @@ def _grouped(keys) -> str:
 
 
 class RevColV2Checkpointer(DetectionCheckpointer):
+    def __init__(self, model: torch.nn.Module, save_dir: str = "", *, ema: bool = True, **kwargs: Any):
+        super().__init__(model, save_dir, **kwargs)
+        self.ema = ema
+        self._source = "checkpoint"
+        if self.save_dir and self.save_to_disk:  # temporary files of a killed checkpoint write
+            remove_stale_temporaries(self.save_dir)
+
+    def _torch_load(self, f: str) -> Dict[str, Any]:
+        return load_file(f)  # weights_only: nothing in the file can run code
+
     def _load_file(self, filename: str) -> Dict[str, Any]:
-        loaded = super()._load_file(filename)
-        sd = loaded.get("model", loaded)
-        if isinstance(sd, dict) and not is_revcolv2_state_dict(sd):
-            # a wrapped RevColV2 checkpoint ({'model': ...}, {'state_dict': ...})
+        self._source = filename
+        if filename.endswith(".pkl"):
+            loaded = _model_zoo_pickle(load_file(filename), filename)
+        elif filename.endswith(".pyth"):  # pycls, as detectron2 reads it
+            data = load_file(filename)
+            if not isinstance(data, dict) or "model_state" not in data:
+                raise CheckpointError(f"{filename}: pycls checkpoints (.pyth) must contain 'model_state'")
+            loaded = {"model": {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")},
+                      "__author__": "pycls", "matching_heuristics": True}
+        else:
+            loaded = super()._load_file(filename)
+        # a RevColV2 checkpoint, raw (which detectron2 wraps as {'model': ...}) or wrapped
+        # ({'model', 'model_ema', 'optimizer', ...} of our training tools, {'state_dict': ...})
+        for candidate in (loaded, loaded.get("model") if isinstance(loaded, dict) else None):
+            if not isinstance(candidate, dict):
+                continue
             try:
-                inner = unwrap_state_dict(sd)
-            except ValueError:
-                inner = {}
-            if is_revcolv2_state_dict(inner):
-                sd = inner
-        if isinstance(sd, dict) and is_revcolv2_state_dict(sd):
-            return {"model": convert_revcolv2_state_dict(unwrap_state_dict(sd), self.model),
-                    "__author__": "revcolv2"}
+                sd, _ = select_weights(candidate, ema=self.ema, source=filename, log=None)
+            except CheckpointError:
+                continue
+            if is_revcolv2_state_dict(sd):
+                select_weights(candidate, ema=self.ema, source=filename, log=self.logger.info)
+                return {"model": convert_revcolv2_state_dict(sd, self.model), "__author__": "revcolv2"}
         return loaded
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         own = self.model.state_dict()
-        for k, v in checkpoint["model"].items():
-            if k in own and hasattr(v, "shape") and tuple(own[k].shape) != tuple(v.shape):
-                raise ValueError(
-                    f"checkpoint tensor {k!r} has shape {tuple(v.shape)} but the model expects "
-                    f"{tuple(own[k].shape)}: the checkpoint is for a different model size"
-                )
+        check_shapes(checkpoint["model"], own, self._source)
         loaded = [k for k in checkpoint["model"] if k in own]  # fvcore pops "model" below
         incompatible = super()._load_model(checkpoint)
         # fvcore then logs the missing and unused keys by name (_log_incompatible_keys)
@@ -86,6 +113,20 @@ class RevColV2Checkpointer(DetectionCheckpointer):
             _grouped(loaded),
         )
         return incompatible
+
+    def get_checkpoint_file(self) -> str:
+        """The checkpoint to resume: the one ``last_checkpoint`` names (only a file in
+        ``save_dir``), or the newest readable one when that file is unreadable."""
+        pointed = read_last_checkpoint(self.save_dir)
+        if pointed is None:
+            return ""
+        others = sorted(os.path.join(self.save_dir, n) for n in os.listdir(self.save_dir)
+                        if n.endswith(".pth") and os.path.join(self.save_dir, n) != pointed)
+        found = newest_readable_checkpoint([pointed] + others, "iteration", pointed, log=self.logger.warning)
+        if found is None:
+            raise CheckpointError(f"--resume: no readable checkpoint in {self.save_dir} "
+                                  f"({LAST_CHECKPOINT_FILE} names {pointed})")
+        return found[0]
 
     def save(self, name: str, **kwargs: Any) -> None:
         """Like fvcore's save, but written to a temporary file and renamed into place."""
@@ -102,8 +143,15 @@ class RevColV2Checkpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        path = os.path.join(self.save_dir, "last_checkpoint")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(last_filename_basename)
-        os.replace(tmp, path)
+        write_last_checkpoint(self.save_dir, last_filename_basename)
+
+
+def _model_zoo_pickle(data: Any, filename: str) -> Dict[str, Any]:
+    """A ``.pkl`` as detectron2 reads it: detectron2 model-zoo format, or Caffe2 blobs."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{filename} holds a {type(data).__name__}, not a dict of weights")
+    if "model" in data and "__author__" in data:
+        return data
+    data = data.get("blobs", data)
+    return {"model": {k: v for k, v in data.items() if not k.endswith("_momentum")},
+            "__author__": "Caffe2", "matching_heuristics": True}

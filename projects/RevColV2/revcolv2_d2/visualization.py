@@ -24,6 +24,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from .checkpoint import RevColV2Checkpointer
 from .data import register_all
+from .safe_config import load_lazy_config
 
 USAGE = """Draw a RevColV2 detectron2 model's predictions (or a dataset's ground truth) on images.
 
@@ -54,11 +55,11 @@ class LazyPredictor:
     """detectron2's ``DefaultPredictor`` for a LazyConfig: the test mapper's resize, the
     model's input format, outputs at the original resolution."""
 
-    def __init__(self, cfg, checkpoint: str, device: Optional[str] = None):
+    def __init__(self, cfg, checkpoint: str, device: Optional[str] = None, ema: bool = True):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = instantiate(cfg.model).to(self.device).eval()
         if checkpoint:
-            RevColV2Checkpointer(self.model).load(checkpoint)
+            RevColV2Checkpointer(self.model, ema=ema).load(checkpoint)
         else:
             logger.warning("No checkpoint given: drawing the predictions of an untrained model")
         mapper = cfg.dataloader.test.get("mapper", {}) if "dataloader" in cfg else {}
@@ -161,6 +162,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-file", help="a LazyConfig (.py); not needed with --dataset")
     p.add_argument("--checkpoint", default=None,
                    help="model weights (default: the config's train.init_checkpoint)")
+    p.add_argument("--no-ema", action="store_true",
+                   help="from a checkpoint with EMA weights (model_ema), draw with the raw ones ('model')")
     p.add_argument("--input", nargs="+", default=[], help="images, folders, glob patterns or videos")
     p.add_argument("--video-input", default=None, help="a video file (same as giving it to --input)")
     p.add_argument("--dataset", default=None, help="draw this registered dataset's ground truth instead")
@@ -198,9 +201,9 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     inputs = list(expand_inputs(args.input + ([args.video_input] if args.video_input else [])))
     if not inputs:
         raise SystemExit("no input: give --input (images, folders, videos) or --dataset")
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    cfg = LazyConfig.apply_overrides(load_lazy_config(args.config_file), args.opts)
     checkpoint = args.checkpoint if args.checkpoint is not None else cfg.train.get("init_checkpoint", "")
-    predictor = LazyPredictor(cfg, checkpoint, args.device)
+    predictor = LazyPredictor(cfg, checkpoint, args.device, ema=not args.no_ema)
     metadata = metadata_for(cfg, args.metadata)
     for path in inputs:
         stem = os.path.splitext(os.path.basename(path))[0]
