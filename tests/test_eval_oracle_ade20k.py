@@ -175,3 +175,21 @@ def test_the_config_slides_windows_over_the_resized_images(ade_root):
         assert min(h, w) == 512 and (item["height"], item["width"]) in IMAGE_SIZES
         seen.append(len(RevColV2SemanticSegmentor.window_boxes(h, w, (512, 512), (341, 341))))
     assert len(seen) == len(IMAGE_SIZES) and all(n >= 2 for n in seen)
+
+
+@pytest.mark.parametrize("target_class", [0, 1, NUM_CLASSES - 1])
+def test_head_inference_logits_keep_the_class_order_at_input_resolution(target_class):
+    """The part of the path the oracle replaces: UPerHead's inference output. A classifier
+    whose only non-zero bias is class c predicts c everywhere, at the padded input size."""
+    from detectron2.config import instantiate
+
+    cfg = load_config(CONFIG, TINY)
+    model = instantiate(cfg.model).eval()
+    head = model.sem_seg_head
+    with torch.no_grad():
+        head.predictor.weight.zero_()
+        head.predictor.bias.zero_()
+        head.predictor.bias[target_class] = 1.0
+        logits, _ = head(model.backbone(torch.randn(1, 3, 64, 96)))
+    assert logits.shape == (1, NUM_CLASSES, 64, 96)
+    assert torch.all(logits.argmax(1) == target_class)
