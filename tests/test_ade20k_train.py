@@ -18,6 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(ROOT, "tools", "lazyconfig_train_net.py")
 DEMO = os.path.join(ROOT, "projects", "RevColV2", "configs", "demo", "upernet_revcolv2_tiny_synthetic.py")
 ADE_B = os.path.join(ROOT, "projects", "RevColV2", "configs", "ADE20K", "upernet_revcolv2_b_160k.py")
+pytestmark = pytest.mark.slow  # the training tool in subprocesses
+
 TINY = ["model.backbone.embed_dim=32", "model.backbone.num_heads=2", "model.sem_seg_head.channels=16",
         "model.sem_seg_head.aux_channels=8"]
 
