@@ -86,6 +86,8 @@ def test_training_on_a_messy_folder_does_not_crash(messy_folder, tmp_path):
     with one_thread(), pytest.warns(UserWarning, match="skipped 2 unreadable"):
         out = tool.main(pretrain_args(messy_folder, tmp_path / "run"))
     assert len(out["history"]) == 2  # 10 readable images // batch 4
+    assert all(v == v and abs(v) < float("inf") for v in out["history"].values())  # finite losses
+    assert out["trainer"].model.decoder_pred.bias.abs().max() > 0  # zero-initialised, moved by the steps
     with one_thread(), pytest.raises(UnreadableImageError):
         tool.main(pretrain_args(messy_folder, tmp_path / "strict", "--strict-data"))
 

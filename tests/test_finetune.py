@@ -160,4 +160,12 @@ def test_linear_probe_end_to_end(data, mim_checkpoint, tmp_path):
     for k, v in trainer.model.backbone.state_dict().items():
         if k in sd:
             assert torch.equal(v, sd[k]), f"frozen backbone changed: {k}"
-    assert 0.0 <= out["best"]["top1"] <= 100.0 and (tmp_path / "checkpoint-best.pth").is_file()
+    # the head trained (its zero-initialised bias moved) and checkpoint-best.pth holds the
+    # weights that scored the best top-1: evaluating it again gives the same number
+    assert trainer.model.head[1].bias.abs().max() > 0
+    res = run_tool(
+        "linear_probe", "--config", REPO / "configs/linear_probe/revcolv2_tiny_demo.yaml", "--data-path", data,
+        "--output-dir", tmp_path, "--num-workers", "0", "--eval", "--resume", tmp_path / "checkpoint-best.pth",
+        "--opts", "data.input_size=32", f"model.kwargs={TINY_MODEL}", "train.eval_batch=8",
+    )["results"]
+    assert res[0]["top1"] == pytest.approx(out["best"]["top1"])

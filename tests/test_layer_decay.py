@@ -1,4 +1,4 @@
-"""The one layer-id rule (docs/ARCHITECTURE.md, layer-wise decay), checked on RevColV2-B's grid."""
+"""The one layer-id rule (docs/ARCHITECTURE.md, "Layer-wise learning-rate decay"), checked on RevColV2-B's grid."""
 import pytest
 
 from revcolv2.layer_decay import layer_id, lr_factor_func, lr_scale, max_layer_id, num_layers

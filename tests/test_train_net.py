@@ -7,7 +7,7 @@ import torch
 
 from d2_helpers import DEMO_CONFIG, TINY_OVERRIDES, TRAIN_NET, make_mini_shapes, run_tool
 
-pytestmark = pytest.mark.slow  # end to end: training runs in subprocesses
+pytestmark = pytest.mark.slow  # the training tool in subprocesses
 
 
 def _training_iterations(out):
@@ -36,6 +36,10 @@ def test_training_writes_checkpoints_and_evaluates(trained):
     assert os.path.isfile(os.path.join(out, "model_0000001.pth"))  # period 2: after iteration index 1
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
     assert trained["first_iters"] == [0, 1, 2, 3]
+    # the optimizer steps moved the weights between the two checkpoints
+    early = torch.load(os.path.join(out, "model_0000001.pth"), map_location="cpu", weights_only=False)["model"]
+    final = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False)["model"]
+    assert not torch.equal(early["roi_heads.box_predictor.cls_score.weight"], final["roi_heads.box_predictor.cls_score.weight"])
     # the evaluation after the last iteration ran COCOEvaluator on the built-in val split
     with open(os.path.join(out, "last_eval.json")) as f:
         metrics = json.load(f)
