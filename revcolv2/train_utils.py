@@ -13,6 +13,7 @@ whose values it overrides.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -744,6 +745,12 @@ class Trainer:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
             self.tb.close()
+            # end the loader workers however training ended: they ignore SIGTERM, so the
+            # SIGTERM that multiprocessing sends its daemon children at exit would not end
+            # them, and the process would wait for them forever
+            batches = None  # noqa: F841
+            self.loader._iterator = None
+            gc.collect()
         if self.info.is_main:
             print(f"{self.name} finished: {self.step - start_step} steps in {format_seconds(time.time() - start_time)}")
         return self.history
