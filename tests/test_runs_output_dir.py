@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from revcolv2.train_utils import RunExistsError, prune_checkpoints, read_best
-from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
+from training_helpers import REPO, TINY_MODEL, load_tool, run_tool, tiny_dataset
 
 PRETRAIN = REPO / "configs" / "pretrain" / "revcolv2_tiny_demo.yaml"
 FINETUNE = REPO / "configs" / "finetune" / "revcolv2_tiny_demo.yaml"
@@ -124,3 +124,16 @@ def test_read_best_of_an_unreadable_file_warns(tmp_path, capsys):
     (tmp_path / "checkpoint-best.pth").write_bytes(b"not a checkpoint")
     assert read_best(str(tmp_path)) is None
     assert "checkpoint-best.pth" in capsys.readouterr().out
+
+
+def test_demo_refuses_to_delete_an_earlier_run(tmp_path):
+    train = tmp_path / "train"
+    train.mkdir()
+    (train / "last_checkpoint").write_text("model_final.pth")
+    (train / "model_final.pth").write_bytes(b"weights")
+    (train / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        load_tool("demo").main(["--output", str(tmp_path)])
+    msg = str(e.value.code)
+    assert str(train) in msg and "--resume" in msg and "--output" in msg and "--overwrite" in msg
+    assert sorted(os.listdir(train)) == ["last_checkpoint", "model_final.pth", "notes.txt"]

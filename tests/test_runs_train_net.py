@@ -113,3 +113,16 @@ def test_two_processes_without_cuda_train_on_cpu_with_gloo(root, tmp_path):
     assert iterations(out) == [0, 1]
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
     shutil.rmtree(out)
+
+
+def test_every_detection_and_segmentation_config_bounds_its_checkpoints():
+    import glob
+
+    from detectron2.config import LazyConfig
+
+    configs = [f for f in glob.glob(os.path.join(ROOT, "projects", "RevColV2", "configs", "*", "*.py"))
+               if os.sep + "common" + os.sep not in f]
+    assert len(configs) >= 8
+    for f in configs:
+        # detectron2's default keeps 100 periodic checkpoints (~130 GB for a base model)
+        assert LazyConfig.load(f).train.checkpointer.max_to_keep <= 5, f
