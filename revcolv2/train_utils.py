@@ -790,7 +790,7 @@ def find_resume_checkpoint(resume: Optional[str], output_dir: str) -> Optional[s
         print(f"--resume auto: {pointer} is missing or names no file; resuming from the newest "
               f"checkpoint, {path}")
         return path
-    print(f"--resume auto: no checkpoint in {output_dir}; starting a new run from step 0")
+    print(f"--resume auto: no resumable checkpoint in {output_dir}; starting from scratch")
     return None
 
 
