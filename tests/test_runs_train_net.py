@@ -53,8 +53,11 @@ def test_plus_prefix_adds_a_new_key(tmp_path):
     apply_overrides(cfg, [*TINY_OVERRIDES, "+train.note=hello", "train.max_iter=3"])
     assert cfg.train.note == "hello" and cfg.train.max_iter == 3
     assert cfg.dataloader.train.mapper.augmentations[1].target_height == 128  # list items by index
-    with pytest.raises(OverrideKeyError, match="model.backbone.bottom_up.embed_dim"):
-        apply_overrides(cfg, ["model.backbone.bottom_up.embed_dm=16"])
+    # an argument the config leaves at its default is a key too (RevColV2Backbone(**net_kwargs))
+    apply_overrides(cfg, ["model.backbone.bottom_up.mlp_ratio=2", "model.proposal_generator.min_box_size=0.5"])
+    assert cfg.model.proposal_generator.min_box_size == 0.5
+    with pytest.raises(OverrideKeyError, match="dataloader.train.mapper.augmentations.1.target_height"):
+        apply_overrides(cfg, ["dataloader.train.mapper.augmentations.1.target_heigth=16"])
     with pytest.raises(OverrideKeyError, match="did you mean 'train.max_iter'"):
         apply_overrides(cfg, ["train.max_iterz=5"])
     assert cfg.train.max_iter == 3  # nothing applied

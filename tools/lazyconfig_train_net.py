@@ -78,16 +78,39 @@ def _config_keys(node, prefix: str = ""):
             yield from _config_keys(v, key + ".")
 
 
+def _call_accepts(cfg, key: str) -> bool:
+    """Whether ``key`` names an argument of a LazyCall: its parent has a ``_target_`` whose
+    signature has that parameter, or takes ``**kwargs`` (then the call itself rejects an
+    unknown name when the config is instantiated)."""
+    import inspect
+
+    from detectron2.utils.registry import locate
+
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return False
+    target = node._target_
+    try:
+        target = locate(target) if isinstance(target, str) else target
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError, ImportError):
+        return False
+    return any(p.name == leaf or p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def apply_overrides(cfg, overrides, config_file: str = "the config"):
     """detectron2's ``LazyConfig.apply_overrides``, but a key that the config does not have is
     an error (a typo such as ``trian.max_iter=5`` would otherwise be ignored) naming the key
-    and the closest existing one. ``+key=value`` adds a new key on purpose."""
+    and the closest existing one. An argument of a LazyCall that the config leaves at its
+    default counts as existing. ``+key=value`` adds a new key on purpose."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     missing = object()
     for o in OverridesParser.create().parse_overrides(list(overrides)):
         key = o.key_or_group
-        if o.is_add() or OmegaConf.select(cfg, key, default=missing, throw_on_missing=False) is not missing:
+        if (o.is_add() or OmegaConf.select(cfg, key, default=missing, throw_on_missing=False) is not missing
+                or _call_accepts(cfg, key)):
             continue
         close = difflib.get_close_matches(key, list(_config_keys(cfg)), n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
