@@ -20,7 +20,6 @@ import os
 import random
 import re
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass

@@ -30,7 +30,8 @@ def start(data, out, *extra) -> subprocess.Popen:
     """tools/pretrain.py in a new session (its own process group, as under a scheduler)."""
     cmd = [sys.executable, str(REPO / "tools" / "pretrain.py"), "--config", str(CONFIG), "--data-path", str(data),
            "--output-dir", str(out), "--num-workers", "2", *extra, "--opts", *OPTS]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
