@@ -20,7 +20,7 @@ from .checkpoint import (
     PRETRAIN_ONLY_PREFIXES, CheckpointError, LoadReport, check_shapes, load_checkpoint, load_file, save_atomic,
     select_weights, strip_ddp_prefix,
 )
-from .train_utils import Trainer, evaluate
+from .train_utils import Trainer, evaluate, read_best
 
 # Present in a classifier, absent from a MIM checkpoint (the MIM model has no classifier).
 CLASSIFIER_ONLY_PREFIXES = ("head.", "fc_norm.")
@@ -92,7 +92,8 @@ class ClassificationTrainer(Trainer):
         self.ema = ema
         self.eval_batch = eval_batch
         self.num_workers = self.loader.num_workers
-        self.best: Dict[str, Any] = {"top1": -1.0}
+        # a checkpoint-best.pth already in the folder (an earlier run) is replaced only by a better model
+        self.best: Dict[str, Any] = read_best(self.output_dir) or {"top1": -1.0}
 
     def forward_loss(self, batch) -> Tensor:
         images, target = batch

@@ -52,6 +52,8 @@ def load_rgb(path: str) -> Image.Image:
 
     RGBA / LA / palette-with-transparency images are composited over white rather than
     having their alpha dropped (dropping it turns transparent areas into arbitrary colours).
+    16-bit grayscale (Pillow's ``I;16*`` / ``I`` modes) is scaled to 8 bits (value / 257)
+    rather than clipped, which would turn nearly every pixel white.
     Raises :class:`UnreadableImageError` for empty, truncated or non-image files.
     """
     try:
@@ -60,6 +62,8 @@ def load_rgb(path: str) -> Image.Image:
             img.load()  # full decode: a truncated JPEG fails here, not later in a worker
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
         raise UnreadableImageError(f"{path}: {type(e).__name__}: {e}") from e
+    if img.mode.startswith("I;16") or img.mode == "I":
+        img = _to_8bit(img)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -67,6 +71,26 @@ def load_rgb(path: str) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert("RGB")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit (or 32-bit integer) single-channel image as 8-bit ``L``: 0..65535 -> 0..255."""
+    a = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+
+
+def check_same_classes(train: ImageFolder, val: ImageFolder) -> None:
+    """Fine-tuning and linear probing score val images by class *index*: the train and
+    val folders must hold the same class names, or the accuracy is silently wrong."""
+    if list(train.classes) == list(val.classes):
+        return
+    only_train = sorted(set(train.classes) - set(val.classes))
+    only_val = sorted(set(val.classes) - set(train.classes))
+    raise ValueError(
+        f"the class folders of {train.root} and {val.root} differ: only in train {only_train[:10]}, "
+        f"only in val {only_val[:10]} ({len(train.classes)} vs {len(val.classes)} classes); "
+        "both must hold the same class names"
+    )
 
 
 def _check_readable(path: str) -> Optional[str]:

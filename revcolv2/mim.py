@@ -34,6 +34,20 @@ def unpatchify(x: Tensor, p: int, hw: Tuple[int, int], c: int = 3) -> Tensor:
     return torch.einsum("bhwpqc->bchpwq", x).reshape(b, c, h * p, w * p)
 
 
+def num_visible(num_tokens: int, mask_ratio: float) -> int:
+    """Patches left visible by ``mask_ratio``; a ratio that leaves none masked (the loss
+    would be 0) or none visible (nothing to reconstruct from) is a ``ValueError``."""
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be a number in (0, 1), got {mask_ratio!r}")
+    keep = int(round(num_tokens * (1 - mask_ratio)))
+    if not 1 <= keep < num_tokens:
+        raise ValueError(
+            f"mask_ratio {mask_ratio} leaves {keep} of {num_tokens} patches visible and "
+            f"{num_tokens - keep} masked; both must be at least 1"
+        )
+    return keep
+
+
 def random_masking(batch: int, num_tokens: int, mask_ratio: float, device=None, generator=None):
     """Per-sample random masking by argsort of uniform noise.
 
@@ -56,6 +70,7 @@ class RevColV2MIM(RevColV2):
     def __init__(self, mask_ratio: float = 0.75, norm_pix_loss: bool = True, **kwargs):
         kwargs.setdefault("num_classes", 0)
         super().__init__(**kwargs)
+        num_visible((self.img_size // self.patch_size) ** 2, mask_ratio)  # fail at construction
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         in_chans = self.patch_embed.in_chans
@@ -100,6 +115,7 @@ class RevColV2MIM(RevColV2):
         p = self.patch_size
         n = (h // p) * (w // p)
         if ids_keep is None:
+            num_visible(n, ratio)  # the loss needs masked patches, the encoder visible ones
             ids_keep, mask = random_masking(b, n, ratio, imgs.device, generator)
         else:
             mask = torch.ones(b, n, device=imgs.device).scatter_(1, ids_keep, 0.0)

@@ -13,10 +13,12 @@ whose values it overrides.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
 import random
+import re
 import signal
 import time
 from contextlib import nullcontext
@@ -83,6 +85,196 @@ def _parse_value(text: str):
         except ValueError:
             pass
     return value
+
+
+# --------------------------------------------------------------------------- validation
+_MISSING = object()
+
+
+def config_value(cfg: dict, key: str, kind: str = "positive_int"):
+    """``cfg[a][b]`` for ``key = "a.b"``, checked; errors name the key.
+
+    ``kind``: ``positive_int`` (an integer >= 1; ``2.0`` is taken as 2, ``1.5`` refused),
+    ``nonneg_int``, ``positive_float`` or ``nonneg_float`` (any real number; booleans and
+    strings are refused).
+    """
+    node: Any = cfg
+    for part in key.split("."):
+        node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is _MISSING:
+            raise KeyError(f"config key {key!r} is missing")
+    return check_number(node, key, kind)
+
+
+def check_number(value, key: str, kind: str = "positive_int"):
+    """``value`` as an int / float of the given ``kind`` (see :func:`config_value`)."""
+    want_int = kind.endswith("_int")
+    positive = kind.startswith("positive")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a{' whole' if want_int else ''} number, got {value!r}")
+    if want_int:
+        if value != int(value):
+            raise ValueError(f"{key} must be a whole number, got {value!r}")
+        value = int(value)
+    if positive and value <= 0:
+        raise ValueError(f"{key} must be > 0, got {value!r}")
+    if not positive and value < 0:
+        raise ValueError(f"{key} must be >= 0, got {value!r}")
+    return value
+
+
+def validate_config(cfg: dict, spec: Dict[str, str]) -> dict:
+    """Check the numbers ``spec`` names (``{"optim.batch_size": "positive_int", ...}``) and
+    store them back normalised (``2.0`` epochs -> 2); the first bad one is a ``ValueError``
+    naming its key. Returns ``cfg``."""
+    for key, kind in spec.items():
+        value = config_value(cfg, key, kind)
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return cfg
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` for an integer >= 1 (``--batch-per-gpu 0`` is an error, not 'default')."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    """argparse ``type`` for an integer >= 0."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- output folders
+_EPOCH_CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pth$")
+_RESUME_POINT = re.compile(r"^checkpoint-(\d+|last)\.pth$")
+LOG_FILE = "log.jsonl"
+
+
+class RunExistsError(SystemExit):
+    """The output folder already holds a run; the message says how to continue or replace it."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def run_files(output_dir: str) -> List[str]:
+    """The files in ``output_dir`` that make it hold a training run (resume points, the
+    pointer, the metrics log), sorted."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(n for n in os.listdir(output_dir)
+                  if _RESUME_POINT.match(n) or n in (LAST_CHECKPOINT_FILE, LOG_FILE))
+
+
+def check_output_dir(output_dir: str, resume: Optional[str], overwrite: bool, info: "DistInfo") -> None:
+    """Refuse to start a new run over an existing one.
+
+    Without ``--resume`` a folder holding a run is an error that offers ``--resume auto``,
+    a new ``--output-dir`` or ``--overwrite``. With ``--overwrite`` the old run's resume
+    points, pointer and log are removed (``checkpoint-best.pth`` is kept: the new run
+    replaces it only with a better model). Called before anything is written.
+    """
+    if resume:
+        return
+    found = run_files(output_dir)
+    if not found:
+        return
+    if not overwrite:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise RunExistsError(
+            f"{output_dir} already holds a run ({shown}). Continue it with --resume auto, "
+            f"write to a new --output-dir, or pass --overwrite to start again from step 0 "
+            f"(its checkpoints and log will be deleted)."
+        )
+    barrier(info)  # every rank has looked before the main process deletes
+    if info.is_main:
+        for name in found:
+            os.remove(os.path.join(output_dir, name))
+        print(f"--overwrite: removed {len(found)} file(s) of the previous run in {output_dir}: {', '.join(found)}")
+    barrier(info)
+
+
+def prune_checkpoints(output_dir: str, keep_last: int, keep_every: int) -> List[str]:
+    """Delete ``checkpoint-NNNN.pth`` files except the ``keep_last`` highest epochs and every
+    epoch divisible by ``keep_every`` (0: none). ``keep_last <= 0`` keeps everything.
+    Returns the deleted names."""
+    if keep_last <= 0 or not os.path.isdir(output_dir):
+        return []
+    epochs = sorted(int(m.group(1)) for m in map(_EPOCH_CHECKPOINT.match, os.listdir(output_dir)) if m)
+    keep = set(epochs[-keep_last:]) | {e for e in epochs if keep_every > 0 and e % keep_every == 0}
+    deleted = []
+    for e in epochs:
+        if e not in keep:
+            name = f"checkpoint-{e:04d}.pth"
+            try:
+                os.remove(os.path.join(output_dir, name))
+            except FileNotFoundError:
+                continue
+            deleted.append(name)
+    return deleted
+
+
+def trim_log(path: str, step: int) -> int:
+    """Drop the records of a JSON-lines log whose ``step`` is past ``step`` (they belong to
+    training that a resume repeats). Returns how many were dropped."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut by a kill: drop it
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def read_best(output_dir: str, key: str = "top1") -> Optional[Dict[str, Any]]:
+    """``{"top1", "epoch"}`` of an existing ``checkpoint-best.pth`` (read memory-mapped), or
+    None when there is none or it cannot be read."""
+    path = os.path.join(output_dir, "checkpoint-best.pth")
+    if not os.path.isfile(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        value = float(ckpt["best"][key]) if "best" in ckpt else float(max(
+            ckpt["metrics"].get(key, -1.0), ckpt["metrics"].get("ema_" + key, -1.0)))
+        return {key: value, "epoch": int(ckpt.get("epoch", 0))}
+    except Exception as e:  # noqa: BLE001 - any unreadable file: warn, do not crash the run
+        print(f"warning: cannot read the score of {path} ({type(e).__name__}: {e}); "
+              "a new best model will replace it")
+        return None
 
 
 # --------------------------------------------------------------------------- distributed
@@ -261,6 +453,27 @@ def format_seconds(s: float) -> str:
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+# --------------------------------------------------------------------------- signals
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT / SIGTERM.
+
+    A scheduler (SLURM, Kubernetes) or Ctrl-C in a terminal signals the whole process
+    group; workers that die first make the main process crash before it can write its
+    checkpoint. The main process alone decides to stop; its workers end with it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class TrainingInterrupted(SystemExit):
+    """Raised after the checkpoint of a run stopped by a signal: exit status 128 + signal
+    (130 for SIGINT, 143 for SIGTERM), so ``pretrain && finetune`` does not go on."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(128 + signum)
+        self.signum, self.step = signum, step
+
+
 # --------------------------------------------------------------------------- trainer
 class Trainer:
     """Epoch / step loop shared by the entry points.
@@ -278,7 +491,7 @@ class Trainer:
                  epochs: int, warmup_epochs: float, min_lr: float = 0.0, amp: str = "bf16",
                  num_workers: int = 4, seed: int = 0, save_every: int = 1, log_every: int = 10,
                  clip_grad: Optional[float] = None, find_unused_parameters: bool = False,
-                 config: Optional[dict] = None, name: str = "train"):
+                 config: Optional[dict] = None, name: str = "train", keep_last: int = 0, keep_every: int = 0):
         self.model = model
         self.optimizer = optimizer
         self.info = info
@@ -286,6 +499,7 @@ class Trainer:
         self.epochs = epochs
         self.seed = seed
         self.save_every = max(1, int(save_every))
+        self.keep_last, self.keep_every = int(keep_last), int(keep_every)  # checkpoint retention
         self.log_every = max(1, int(log_every))
         self.clip_grad = clip_grad
         self.config = config or {}
@@ -309,7 +523,7 @@ class Trainer:
         self.loader = DataLoader(
             SeededSamples(dataset, seed), batch_size=micro_batch, sampler=self.sampler,
             num_workers=num_workers, pin_memory=info.device.type == "cuda",
-            persistent_workers=num_workers > 0, drop_last=False,
+            persistent_workers=num_workers > 0, drop_last=False, worker_init_fn=ignore_stop_signals,
             # its own generator: creating an iterator must not draw from the global RNG,
             # or a run resumed mid-epoch would diverge from an uninterrupted one
             generator=torch.Generator().manual_seed(seed),
@@ -333,7 +547,7 @@ class Trainer:
         self.step_in_epoch = 0  # updates done in the epoch in progress
         self.history: Dict[int, float] = {}  # step -> training loss of that update (this rank)
         self._epoch_losses: List[float] = []
-        self._stop_requested = False
+        self._stop_requested = 0  # the signal number once one arrived
         if info.is_main:  # temporary files of a killed checkpoint write
             remove_stale_temporaries(output_dir)
         self.tb = TensorBoard(os.path.join(output_dir, "tb"), info.is_main)
@@ -425,18 +639,30 @@ class Trainer:
     def _request_stop(self, signum, frame) -> None:
         if self._stop_requested:  # second Ctrl-C: give up at once
             raise KeyboardInterrupt
-        self._stop_requested = True
+        self._stop_requested = int(signum)
         if self.info.is_main:
             print(f"\nsignal {signum}: saving a checkpoint after this step, then stopping "
                   "(press Ctrl-C again to abort without saving)")
 
     def _should_stop(self, stop_at_step: Optional[int]) -> bool:
-        stop = self._stop_requested or (stop_at_step is not None and self.step >= stop_at_step)
-        if self.info.enabled:  # every rank must stop at the same step
-            flag = torch.tensor([float(stop)], device=self.info.device)
+        """Whether to stop after this step. Every rank must stop at the same step: the ranks
+        agree by an all-reduce (MAX) of the signal number, so a signal seen by one rank
+        stops all of them, and every rank then knows which signal it was."""
+        signum = self._stop_requested
+        if self.info.enabled:
+            flag = torch.tensor([float(signum)], device=self.info.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        return stop
+            signum = int(flag.item())
+        self._stop_signal = signum
+        return bool(signum) or (stop_at_step is not None and self.step >= stop_at_step)
+
+    def _stopped(self, where: str) -> Dict[int, float]:
+        """After the stop checkpoint: raise :class:`TrainingInterrupted` for a signal."""
+        if self.info.is_main:
+            print(f"stopped {where}; resume with --resume auto")
+        if self._stop_signal:
+            raise TrainingInterrupted(self._stop_signal, self.step)
+        return self.history
 
     def autocast(self):
         if not self.use_amp:
@@ -488,6 +714,12 @@ class Trainer:
                   f"{self.accum} accumulation, device {self.info.device}, "
                   f"amp {self.amp_dtype if self.use_amp else 'off'}")
         start_time, start_step = time.time(), self.step
+        self._stop_signal = 0
+        if self.info.is_main:
+            # records past the resume point would be written again: drop them
+            dropped = trim_log(os.path.join(self.output_dir, LOG_FILE), self.step)
+            if dropped:
+                print(f"{LOG_FILE}: dropped {dropped} record(s) past step {self.step}, which this run repeats")
         try:
             while self.epoch < self.epochs:
                 epoch = self.epoch
@@ -513,9 +745,7 @@ class Trainer:
                     if self.step_in_epoch < self.steps_per_epoch and self._should_stop(stop_at_step):
                         bar.close()
                         self.save("checkpoint-last.pth")
-                        if self.info.is_main:
-                            print(f"stopped at step {self.step}; resume with --resume auto")
-                        return self.history
+                        return self._stopped(f"at step {self.step}")
                 bar.close()
                 del batches
                 self.epoch, self.step_in_epoch = epoch + 1, 0
@@ -526,19 +756,23 @@ class Trainer:
                 self.tb.scalars({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")},
                                 self.epoch)
                 if self.info.is_main:
-                    with open(os.path.join(self.output_dir, "log.jsonl"), "a") as f:
+                    with open(os.path.join(self.output_dir, LOG_FILE), "a") as f:
                         f.write(json.dumps(metrics) + "\n")
                 saved = self.save_epoch_checkpoint(epoch + 1)
                 if self.epoch < self.epochs and self._should_stop(stop_at_step):
                     if not saved:
                         self.save("checkpoint-last.pth")
-                    if self.info.is_main:
-                        print(f"stopped after epoch {self.epoch}; resume with --resume auto")
-                    return self.history
+                    return self._stopped(f"after epoch {self.epoch}")
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
             self.tb.close()
+            # end the loader workers however training ended: they ignore SIGTERM, so the
+            # SIGTERM that multiprocessing sends its daemon children at exit would not end
+            # them, and the process would wait for them forever
+            batches = None  # noqa: F841
+            self.loader._iterator = None
+            gc.collect()
         if self.info.is_main:
             print(f"{self.name} finished: {self.step - start_step} steps in {format_seconds(time.time() - start_time)}")
         return self.history
@@ -548,6 +782,11 @@ class Trainer:
         Returns whether a resumable checkpoint was written."""
         if epochs_done % self.save_every == 0 or epochs_done == self.epochs:
             self.save(f"checkpoint-{epochs_done:04d}.pth")
+            if self.info.is_main:
+                deleted = prune_checkpoints(self.output_dir, self.keep_last, self.keep_every)
+                if deleted:
+                    print(f"retention (keep last {self.keep_last}, every {self.keep_every}-th epoch): "
+                          f"deleted {', '.join(deleted)}")
             return True
         return False
 
@@ -592,7 +831,8 @@ def evaluate(forward, dataset: Dataset, info: DistInfo, batch_size: int, num_wor
 
     subset = Subset(dataset, shard_indices(len(dataset), info.rank, info.world_size))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=info.device.type == "cuda", generator=torch.Generator())
+                        pin_memory=info.device.type == "cuda", generator=torch.Generator(),
+                        worker_init_fn=ignore_stop_signals)
     sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # n, top1, top5, loss
     for images, target in loader:
         images = images.to(info.device, non_blocking=True)

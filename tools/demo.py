@@ -10,6 +10,10 @@
    code of tools/visualize.py), next to
    the ground truth;
 4. print box / mask AP and the wall time; fail if box AP50 stays below the target.
+
+An ``<output>/train`` folder that holds an earlier run is never deleted silently: the demo
+stops and offers ``--resume`` (continue that run), another ``--output``, or
+``--overwrite`` (delete it and train again).
 """
 import argparse
 import json
@@ -24,16 +28,37 @@ CONFIG = os.path.join(_ROOT, "projects", "RevColV2", "configs", "demo", "mask_rc
 TARGET_BOX_AP50 = 50.0
 
 
-def main() -> int:
+def holds_run(folder: str) -> bool:
+    """Whether ``folder`` holds a detectron2 training run (checkpoints, pointer or metrics)."""
+    if not os.path.isdir(folder):
+        return False
+    return any(n in ("last_checkpoint", "metrics.json") or (n.startswith("model_") and n.endswith(".pth"))
+               for n in os.listdir(folder))
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="output/demo")
     ap.add_argument("--num-vis", type=int, default=8, help="validation images to draw")
+    ap.add_argument("--resume", action="store_true", help="continue the run in <output>/train")
+    ap.add_argument("--overwrite", action="store_true", help="delete the run in <output>/train and train again")
     ap.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                     help="extra config overrides for training, key=value (e.g. train.max_iter=100)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     start = time.time()
     train_dir = os.path.join(args.output, "train")
     vis_dir, gt_dir = os.path.join(args.output, "predictions"), os.path.join(args.output, "ground_truth")
+
+    # never delete an earlier run silently
+    if holds_run(train_dir) and not args.resume:
+        if not args.overwrite:
+            raise SystemExit(
+                f"[demo] {train_dir} holds an earlier training run. Continue it with --resume, "
+                f"write elsewhere with --output DIR (make demo OUTPUT=DIR), or delete it and train "
+                f"again with --overwrite."
+            )
+        print(f"[demo] --overwrite: deleting the earlier run in {train_dir}", flush=True)
+        shutil.rmtree(train_dir)
 
     # 1. data
     from revcolv2_d2.data import datasets_root
@@ -44,11 +69,10 @@ def main() -> int:
     data_dir = ensure_synthetic_shapes(datasets_root())
     print(f"[demo] data: {data_dir} ready ({time.time() - t:.0f} s)", flush=True)
 
-    # 2. train + COCO evaluation (a fresh run: an old last_checkpoint would be resumed by nothing,
-    # but stale files would be confusing)
-    shutil.rmtree(train_dir, ignore_errors=True)
+    # 2. train + COCO evaluation
     cmd = [sys.executable, os.path.join(_ROOT, "tools", "lazyconfig_train_net.py"),
-           "--config-file", CONFIG, f"train.output_dir={train_dir}", *args.opts]
+           "--config-file", CONFIG, *(["--resume"] if args.resume else []), f"train.output_dir={train_dir}",
+           *args.opts]
     print("[demo] " + " ".join(cmd), flush=True)
     t = time.time()
     # passive OpenMP waiting: with 2 cores, spinning threads starve the data loader (and any

@@ -33,11 +33,20 @@ from timm.utils import ModelEmaV3  # noqa: E402
 
 import revcolv2  # noqa: E402,F401  (registers the models with timm)
 from revcolv2.classification import ClassificationTrainer, evaluate_checkpoint, load_pretrained  # noqa: E402
-from revcolv2.data import RobustImageFolder, pillow_safe_randaugment  # noqa: E402
+from revcolv2.data import RobustImageFolder, check_same_classes, pillow_safe_randaugment  # noqa: E402
 from revcolv2.train_utils import (  # noqa: E402
-    IMAGENET_MEAN, IMAGENET_STD, find_resume_checkpoint, init_distributed, load_config,
-    num_workers_default, prepare_data_root, param_groups_layer_decay, seed_everything, write_config,
+    IMAGENET_MEAN, IMAGENET_STD, check_output_dir, find_resume_checkpoint, init_distributed, load_config,
+    nonneg_int, num_workers_default, param_groups_layer_decay, positive_int, prepare_data_root,
+    seed_everything, validate_config, write_config,
 )
+
+# the numbers of the config, checked before anything runs
+NUMBERS = {
+    "data.input_size": "positive_int", "optim.batch_size": "positive_int", "optim.base_lr": "positive_float",
+    "optim.weight_decay": "nonneg_float", "schedule.epochs": "positive_int",
+    "schedule.warmup_epochs": "nonneg_float", "schedule.min_lr": "nonneg_float",
+    "train.batch_per_gpu": "positive_int", "train.eval_batch": "positive_int", "train.log_every": "positive_int",
+}
 
 
 def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -52,12 +61,14 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "take the raw ones ('model'); --eval then measures only those")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the latest in --output-dir")
     p.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
-    p.add_argument("--batch-per-gpu", type=int, default=None)
-    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from step 0 in an --output-dir that holds a run, deleting its checkpoints")
+    p.add_argument("--batch-per-gpu", type=positive_int, default=None)
+    p.add_argument("--num-workers", type=nonneg_int, default=None)
     p.add_argument("--strict-data", action="store_true", help="fail on unreadable images instead of skipping them")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop-at-step", type=int, default=None)
+    p.add_argument("--stop-at-step", type=positive_int, default=None)
     p.add_argument("--opts", nargs="*", default=[], help="config overrides, e.g. schedule.epochs=10")
     return p.parse_args(argv)
 
@@ -74,6 +85,7 @@ def build_transforms(cfg: dict):
 def main(argv: Optional[List[str]] = None) -> dict:
     args = get_args(argv)
     cfg = load_config(args.config, args.opts)
+    validate_config(cfg, NUMBERS)
     info = init_distributed(args.device)
     out_dir = args.output_dir or os.path.join("output", "finetune", Path(args.config).stem)
     m_cfg, o_cfg, s_cfg, t_cfg, mix_cfg = cfg["model"], cfg["optim"], cfg["schedule"], cfg["train"], cfg["mixup"]
@@ -105,8 +117,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
                                                ema=not args.no_ema)}
 
     train_set = RobustImageFolder(str(root / "train"), transform=train_tf, strict=args.strict_data)
+    check_same_classes(train_set, val_set)
     if len(train_set.classes) != num_classes:
-        raise ValueError(f"train has {len(train_set.classes)} classes, val {len(val_set.classes)}")
+        raise ValueError(f"model.num_classes is {num_classes} but {root / 'train'} has "
+                         f"{len(train_set.classes)} class folders")
+    check_output_dir(out_dir, args.resume, args.overwrite, info)
     write_config(cfg, out_dir, info)
 
     batch = o_cfg["batch_size"]
@@ -131,7 +146,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
               f"layer decay {o_cfg['layer_decay']}, mixup {'on' if mixup else 'off'}, "
               f"EMA {cfg['ema']['decay'] or 'off'}")
 
-    micro = args.batch_per_gpu or t_cfg["batch_per_gpu"]
+    micro = t_cfg["batch_per_gpu"] if args.batch_per_gpu is None else args.batch_per_gpu
     if mixup is not None and micro % 2:
         raise ValueError("Mixup/CutMix needs an even batch per process")
     trainer = ClassificationTrainer(

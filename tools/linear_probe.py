@@ -30,11 +30,20 @@ import revcolv2  # noqa: E402,F401
 from revcolv2.classification import (  # noqa: E402
     ClassificationTrainer, LinearProbe, evaluate_checkpoint, load_pretrained,
 )
-from revcolv2.data import RobustImageFolder  # noqa: E402
+from revcolv2.data import RobustImageFolder, check_same_classes  # noqa: E402
 from revcolv2.train_utils import (  # noqa: E402
-    IMAGENET_MEAN, IMAGENET_STD, find_resume_checkpoint, init_distributed, load_config,
-    num_workers_default, prepare_data_root, seed_everything, write_config,
+    IMAGENET_MEAN, IMAGENET_STD, check_output_dir, find_resume_checkpoint, init_distributed, load_config,
+    nonneg_int, num_workers_default, positive_int, prepare_data_root, seed_everything,
+    validate_config, write_config,
 )
+
+# the numbers of the config, checked before anything runs
+NUMBERS = {
+    "data.input_size": "positive_int", "optim.batch_size": "positive_int", "optim.base_lr": "positive_float",
+    "optim.weight_decay": "nonneg_float", "schedule.epochs": "positive_int",
+    "schedule.warmup_epochs": "nonneg_float", "schedule.min_lr": "nonneg_float",
+    "train.batch_per_gpu": "positive_int", "train.eval_batch": "positive_int", "train.log_every": "positive_int",
+}
 
 
 def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -47,12 +56,14 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "take the raw ones ('model'); --eval then measures only those")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto'")
     p.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
-    p.add_argument("--batch-per-gpu", type=int, default=None)
-    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from step 0 in an --output-dir that holds a run, deleting its checkpoints")
+    p.add_argument("--batch-per-gpu", type=positive_int, default=None)
+    p.add_argument("--num-workers", type=nonneg_int, default=None)
     p.add_argument("--strict-data", action="store_true")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop-at-step", type=int, default=None)
+    p.add_argument("--stop-at-step", type=positive_int, default=None)
     p.add_argument("--opts", nargs="*", default=[])
     return p.parse_args(argv)
 
@@ -60,6 +71,7 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> dict:
     args = get_args(argv)
     cfg = load_config(args.config, args.opts)
+    validate_config(cfg, NUMBERS)
     info = init_distributed(args.device)
     out_dir = args.output_dir or os.path.join("output", "linear_probe", Path(args.config).stem)
     m_cfg, d_cfg, o_cfg, s_cfg, t_cfg = cfg["model"], cfg["data"], cfg["optim"], cfg["schedule"], cfg["train"]
@@ -97,6 +109,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                                                ema=not args.no_ema)}
 
     train_set = RobustImageFolder(str(root / "train"), transform=train_tf, strict=args.strict_data)
+    check_same_classes(train_set, val_set)
+    check_output_dir(out_dir, args.resume, args.overwrite, info)
     write_config(cfg, out_dir, info)
     batch = o_cfg["batch_size"]
     lr = o_cfg["base_lr"] * batch / 256
@@ -112,7 +126,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
               f"{len(val_set)} val images, LARS lr {lr:.3g} (base {o_cfg['base_lr']} x {batch}/256)")
     trainer = ClassificationTrainer(
         model=model, optimizer=optimizer, dataset=train_set, info=info, output_dir=out_dir,
-        effective_batch=batch, micro_batch=args.batch_per_gpu or t_cfg["batch_per_gpu"],
+        effective_batch=batch,
+        micro_batch=t_cfg["batch_per_gpu"] if args.batch_per_gpu is None else args.batch_per_gpu,
         epochs=s_cfg["epochs"], warmup_epochs=s_cfg["warmup_epochs"], min_lr=s_cfg["min_lr"],
         amp=t_cfg["amp"], num_workers=num_workers, seed=args.seed, log_every=t_cfg["log_every"],
         config=cfg, name="linear_probe",

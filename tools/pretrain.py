@@ -31,9 +31,20 @@ from torchvision.utils import make_grid, save_image  # noqa: E402
 from revcolv2.data import RobustImageFolder  # noqa: E402
 from revcolv2.mim import RevColV2MIM, create_mim_model  # noqa: E402
 from revcolv2.train_utils import (  # noqa: E402
-    IMAGENET_MEAN, IMAGENET_STD, Trainer, find_resume_checkpoint, init_distributed, prepare_data_root,
-    load_config, num_workers_default, seed_everything, write_config,
+    IMAGENET_MEAN, IMAGENET_STD, Trainer, check_output_dir, find_resume_checkpoint, init_distributed,
+    load_config, nonneg_int, num_workers_default, positive_int, prepare_data_root, seed_everything,
+    validate_config, write_config,
 )
+
+# the numbers of a pre-training config, checked before anything runs
+NUMBERS = {
+    "data.input_size": "positive_int", "optim.batch_size": "positive_int", "optim.base_lr": "positive_float",
+    "optim.weight_decay": "nonneg_float", "schedule.epochs": "positive_int",
+    "schedule.warmup_epochs": "nonneg_float", "schedule.min_lr": "nonneg_float",
+    "train.batch_per_gpu": "positive_int", "train.save_every": "positive_int", "train.log_every": "positive_int",
+    "train.vis_every": "positive_int", "train.vis_images": "nonneg_int",
+    "train.keep_last": "nonneg_int", "train.keep_every": "nonneg_int",
+}
 
 
 def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -42,14 +53,16 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--data-path", default=None, help="ImageNet-style folder with train/<class>/*; "
                    "default: the built-in synthetic dataset")
     p.add_argument("--output-dir", default=None, help="default: output/pretrain/<config name>")
-    p.add_argument("--batch-per-gpu", type=int, default=None, help="micro-batch per process "
+    p.add_argument("--batch-per-gpu", type=positive_int, default=None, help="micro-batch per process "
                    "(default: train.batch_per_gpu of the config); accumulation makes up the rest")
     p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the latest in --output-dir")
-    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from step 0 in an --output-dir that holds a run, deleting its checkpoints")
+    p.add_argument("--num-workers", type=nonneg_int, default=None)
     p.add_argument("--strict-data", action="store_true", help="fail on unreadable images instead of skipping them")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop-at-step", type=int, default=None,
+    p.add_argument("--stop-at-step", type=positive_int, default=None,
                    help="stop after this many optimizer steps with a resumable checkpoint (as on Ctrl-C)")
     p.add_argument("--opts", nargs="*", default=[], help="config overrides, e.g. schedule.epochs=10")
     return p.parse_args(argv)
@@ -154,8 +167,12 @@ def build_model(cfg: dict) -> RevColV2MIM:
 def main(argv: Optional[List[str]] = None) -> dict:
     args = get_args(argv)
     cfg = load_config(args.config, args.opts)
+    cfg["train"].setdefault("keep_last", 0)
+    cfg["train"].setdefault("keep_every", 0)
+    validate_config(cfg, NUMBERS)
     info = init_distributed(args.device)
     out_dir = args.output_dir or os.path.join("output", "pretrain", Path(args.config).stem)
+    check_output_dir(out_dir, args.resume, args.overwrite, info)
     train_cfg, optim_cfg, sched_cfg = cfg["train"], cfg["optim"], cfg["schedule"]
 
     seed_everything(args.seed)  # same initial weights on every rank
@@ -181,11 +198,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
         vis = fixed_images(root, cfg["data"]["input_size"], train_cfg["vis_images"])
     trainer = PretrainTrainer(
         model=model, optimizer=optimizer, dataset=dataset, info=info, output_dir=out_dir,
-        effective_batch=batch, micro_batch=args.batch_per_gpu or train_cfg["batch_per_gpu"],
+        effective_batch=batch,
+        micro_batch=train_cfg["batch_per_gpu"] if args.batch_per_gpu is None else args.batch_per_gpu,
         epochs=sched_cfg["epochs"], warmup_epochs=sched_cfg["warmup_epochs"], min_lr=sched_cfg["min_lr"],
         amp=train_cfg["amp"], num_workers=num_workers_default() if args.num_workers is None else args.num_workers,
         seed=args.seed, save_every=train_cfg["save_every"], log_every=train_cfg["log_every"],
         config=cfg, vis_images=vis, vis_every=train_cfg["vis_every"],
+        keep_last=train_cfg["keep_last"], keep_every=train_cfg["keep_every"],
     )
     resume = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
     if resume:

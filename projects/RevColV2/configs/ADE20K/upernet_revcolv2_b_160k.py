@@ -31,6 +31,7 @@ train.ddp.fp16_compression = True
 train.max_iter = 160000
 train.eval_period = 16000
 train.checkpointer.period = 16000
+train.checkpointer.max_to_keep = 3  # detectron2 keeps 100; plus model_final.pth
 train.log_period = 50
 
 dataloader.train.total_batch_size = 16

@@ -26,6 +26,7 @@ train.init_checkpoint = ""
 train.amp.enabled = True
 train.amp.precision = "bf16"  # or "fp16"; mixed precision is switched off on CPU
 train.ddp.fp16_compression = True
+train.checkpointer.max_to_keep = 3  # every 5000 iterations, the newest 3 (detectron2 keeps 100)
 
 dataloader.train.total_batch_size = 32
 # 50 epochs x 118,287 images / 32 images per iteration = 184,823 iterations

@@ -76,6 +76,7 @@ train.output_dir = "output/demo/train"
 # (400 iterations: 56.9), about 510 CPU-seconds (docs/DETECTION.md)
 train.max_iter = 600
 train.checkpointer.period = train.max_iter
+train.checkpointer.max_to_keep = 3  # detectron2 keeps 100
 train.eval_period = train.max_iter
 train.log_period = 20
 

@@ -56,6 +56,7 @@ train.amp.enabled = False
 train.max_iter = 200
 train.eval_period = 200
 train.checkpointer.period = 200
+train.checkpointer.max_to_keep = 3  # detectron2 keeps 100
 train.log_period = 20
 
 # from scratch: a larger learning rate and no layer decay (it is for pre-trained backbones)

@@ -186,8 +186,15 @@ def ensure_synthetic_ade(root: str) -> str:
             f.write(GENERATOR_VERSION + "\n")
         if _is_current(root):
             return base  # another process finished first
-        if os.path.exists(base):
-            shutil.rmtree(base)  # an older generator version
+        if os.path.exists(base):  # never deleted: an older version is moved aside, anything else reported
+            if not os.path.isfile(_version_file(root)) and os.listdir(base):
+                raise FileExistsError(f"{base} exists but was not written by this project (no {_version_file(root)}); "
+                                      "nothing was deleted: move it away to have the dataset generated there")
+            aside, i = base + ".old", 1
+            while os.path.exists(aside):
+                aside, i = f"{base}.old{i}", i + 1
+            os.replace(base, aside)
+            logger.warning("synthetic_ade: an older version was moved to %s; delete it when no longer needed", aside)
         os.replace(os.path.join(tmp, "synthetic_ade"), base)
         logger.info("Generated the synthetic ADE20K-layout dataset in %s", base)
     finally:

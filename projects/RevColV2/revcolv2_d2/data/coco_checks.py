@@ -5,15 +5,23 @@ the file, a ``KeyError`` on an unknown category id, a PIL error deep in a datalo
 worker). These helpers wrap them:
 
 - :func:`validate_coco_instances_json`: the annotation file exists, is JSON, has the COCO
-  instance keys, and every annotation's ``category_id`` / ``image_id`` is declared.
+  instance keys, every annotation's ``category_id`` / ``image_id`` is declared, its box is
+  four finite numbers with no negative size, and its segmentation (when it has one) is not
+  empty. Zero-width or zero-height boxes are counted and warned about (detectron2 drops
+  them when mapping).
 - :func:`register_checked_coco_instances`: detectron2's ``register_coco_instances`` with
   that validation run when the dataset is first loaded.
+- :func:`check_registered_coco_datasets`: the same validation for every COCO-format
+  dataset registered by name (``coco_2017_*`` and the rest of detectron2's built-ins), run
+  in the main process when the dataset is loaded, before training starts.
 - :class:`CheckedDatasetMapper`: detectron2's ``DatasetMapper`` that names a missing or
   unreadable image file.
 """
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from typing import Any, Callable, Dict, Optional
 
@@ -25,8 +33,11 @@ __all__ = [
     "CocoInputError",
     "validate_coco_instances_json",
     "register_checked_coco_instances",
+    "check_registered_coco_datasets",
     "CheckedDatasetMapper",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class CocoInputError(ValueError):
@@ -66,7 +77,51 @@ def validate_coco_instances_json(json_file: str) -> Dict[str, Any]:
                 f"COCO annotation file {json_file}: annotation id {ann.get('id')} refers to "
                 f"image_id {ann.get('image_id')}, which is not in the 'images' list"
             )
+        _check_segmentation(json_file, ann)
+    degenerate = [ann.get("id") for ann in data["annotations"] if _box_is_degenerate(json_file, ann)]
+    if degenerate:
+        logger.warning(
+            "COCO annotation file %s: %d annotation(s) with a zero-width or zero-height box "
+            "(ids %s%s); they are ignored in training", json_file, len(degenerate), degenerate[:10],
+            " ..." if len(degenerate) > 10 else "",
+        )
     return data
+
+
+def _box_is_degenerate(json_file: str, ann: Dict[str, Any]) -> bool:
+    """Whether ``ann``'s box has zero width or height; a missing, malformed, non-finite or
+    negative-size box is a :class:`CocoInputError` naming the annotation."""
+    box = ann.get("bbox")
+    if box is None:
+        return False  # detectron2 derives no box; its mapper computes one from the mask if asked
+    if (not isinstance(box, (list, tuple)) or len(box) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+        raise CocoInputError(f"COCO annotation file {json_file}: annotation id {ann.get('id')} has bbox {box!r}; "
+                             "expected [x, y, width, height], four finite numbers")
+    if box[2] < 0 or box[3] < 0:
+        raise CocoInputError(f"COCO annotation file {json_file}: annotation id {ann.get('id')} has bbox {box} "
+                             "with a negative width or height")
+    return box[2] == 0 or box[3] == 0
+
+
+def _check_segmentation(json_file: str, ann: Dict[str, Any]) -> None:
+    """A present segmentation must not be empty: detectron2 drops an empty one from its
+    annotation, and an image whose first annotation has no mask then fails in a loader
+    worker with ``AttributeError: gt_masks``. (Polygons with fewer than 3 points inside a
+    non-empty list are dropped by detectron2 with a warning; COCO itself has a few.)"""
+    if "segmentation" not in ann:
+        return
+    segm = ann["segmentation"]
+    where = f"COCO annotation file {json_file}: annotation id {ann.get('id')}"
+    if not segm:
+        raise CocoInputError(f"{where} has an empty segmentation ({segm!r}); give it a polygon or RLE, "
+                             "or remove the 'segmentation' key")
+    if isinstance(segm, dict):
+        if "counts" not in segm or "size" not in segm:
+            raise CocoInputError(f"{where} has an RLE segmentation without 'counts' and 'size'")
+    elif not isinstance(segm, list):
+        raise CocoInputError(f"{where} has a segmentation of type {type(segm).__name__}; "
+                             "expected a list of polygons or an RLE dict")
 
 
 def register_checked_coco_instances(
@@ -93,8 +148,32 @@ def register_checked_coco_instances(
         MetadataCatalog.remove(name)
     DatasetCatalog.register(name, load)
     MetadataCatalog.get(name).set(
-        json_file=json_file, image_root=image_root, evaluator_type="coco", **metadata
+        json_file=json_file, image_root=image_root, evaluator_type="coco", coco_checked=True, **metadata
     )
+
+
+def check_registered_coco_datasets() -> list:
+    """Validate every registered COCO-format dataset (``evaluator_type == "coco"`` with a
+    ``json_file``: detectron2's ``coco_2017_*`` and the like) with
+    :func:`validate_coco_instances_json` when it is loaded. Idempotent; returns the names
+    wrapped by this call."""
+    wrapped = []
+    for name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        json_file = meta.get("json_file", None)
+        if meta.get("evaluator_type", None) != "coco" or not json_file or meta.get("coco_checked", False):
+            continue
+        original = DatasetCatalog[name]
+
+        def load(original=original, json_file=json_file):
+            validate_coco_instances_json(json_file)
+            return original()
+
+        DatasetCatalog.remove(name)
+        DatasetCatalog.register(name, load)
+        meta.set(coco_checked=True)
+        wrapped.append(name)
+    return wrapped
 
 
 class CheckedDatasetMapper(DatasetMapper):

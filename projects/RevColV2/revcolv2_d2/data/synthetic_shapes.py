@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 
-from .coco_checks import register_checked_coco_instances
+from .coco_checks import CocoInputError, register_checked_coco_instances
 
 __all__ = [
     "CATEGORIES",
@@ -202,7 +202,7 @@ def generate_split(image_dir: str, json_file: str, num_images: int, seed: int) -
                 "iscrowd": iscrowd,
             })
     content = {
-        "info": {"description": "RevColV2 synthetic shapes", "version": GENERATOR_VERSION, "seed": seed},
+        "info": {"description": DESCRIPTION, "version": GENERATOR_VERSION, "seed": seed},
         "licenses": [],
         "images": images,
         "annotations": annotations,
@@ -213,23 +213,41 @@ def generate_split(image_dir: str, json_file: str, num_images: int, seed: int) -
         json.dump(content, f)
 
 
+DESCRIPTION = "RevColV2 synthetic shapes"
+
+
 def _is_current(json_file: str) -> bool:
+    return _state(json_file) == "current"
+
+
+def _state(json_file: str) -> str:
+    """``current``, ``old`` (written by an earlier generator version), ``missing``, or
+    ``foreign`` (unreadable, not JSON, or not written by this generator)."""
+    if not os.path.exists(json_file):
+        return "missing"
     try:
         with open(json_file) as f:
-            return json.load(f).get("info", {}).get("version") == GENERATOR_VERSION
-    except (OSError, ValueError):
-        return False
+            info = json.load(f).get("info", {})
+    except (OSError, ValueError, AttributeError):
+        return "foreign"
+    if not isinstance(info, dict) or info.get("description") != DESCRIPTION:
+        return "foreign"
+    return "current" if info.get("version") == GENERATOR_VERSION else "old"
 
 
 def ensure_synthetic_shapes(root: str, splits: Dict[str, Tuple[int, int]] = SPLITS) -> str:
     """Generate the dataset under ``root`` unless a current copy is there; return its folder.
 
     Built in a temporary sibling folder and renamed into place, so an interrupted run or a
-    concurrent one never leaves a half-written dataset behind.
+    concurrent one never leaves a half-written dataset behind. An existing folder is never
+    deleted: one from an older generator version is renamed aside
+    (``synthetic_shapes.old``); anything else there (a malformed or foreign annotation
+    file, a folder without our files) is reported, naming the file, and left alone.
     """
     base = os.path.join(root, "synthetic_shapes")
     if all(_is_current(synthetic_shapes_paths(root, s)[1]) for s in splits):
         return base
+    _refuse_foreign(base, [synthetic_shapes_paths(root, s)[1] for s in splits])
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".synthetic_shapes_", dir=root)
     try:
@@ -240,11 +258,40 @@ def ensure_synthetic_shapes(root: str, splits: Dict[str, Tuple[int, int]] = SPLI
         if all(_is_current(synthetic_shapes_paths(root, s)[1]) for s in splits):
             return base  # another process finished first
         if os.path.exists(base):
-            shutil.rmtree(base)  # an older generator version
+            _refuse_foreign(base, [synthetic_shapes_paths(root, s)[1] for s in splits])
+            aside = _free_name(base + ".old")
+            os.replace(base, aside)  # an older generator version: kept, not deleted
+            print(f"synthetic_shapes: an older version was moved to {aside}; delete it when no longer needed")
         os.replace(built, base)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return base
+
+
+def _refuse_foreign(base: str, json_files: List[str]) -> None:
+    """Raise :class:`CocoInputError` unless ``base`` is absent or holds only our own files
+    (current, older or not yet written annotation files)."""
+    if not os.path.exists(base):
+        return
+    states = {f: _state(f) for f in json_files}
+    bad = [f for f, st in states.items() if st == "foreign"]
+    if bad:
+        raise CocoInputError(
+            f"{bad[0]} is not an annotation file of the built-in synthetic_shapes dataset (malformed JSON, "
+            f"or written by something else). Nothing was deleted; fix or move {base} to regenerate it there."
+        )
+    if all(st == "missing" for st in states.values()) and os.listdir(base):
+        raise CocoInputError(
+            f"{base} exists but holds no synthetic_shapes annotation files ({', '.join(json_files)}). "
+            "Nothing was deleted; move it away to have the dataset generated there."
+        )
+
+
+def _free_name(stem: str) -> str:
+    name, i = stem, 1
+    while os.path.exists(name):
+        name, i = f"{stem}{i}", i + 1
+    return name
 
 
 def register_synthetic_shapes(root: str) -> None:
