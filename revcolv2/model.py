@@ -538,6 +538,14 @@ class RevColV2(nn.Module):
         Default ``fullgraph=True``: a graph break is an error, not a silent slowdown.
         """
         compile_kwargs.setdefault("fullgraph", True)
+        # Levels share Level.forward's code: each variant (with/without fusion, grad or not,
+        # drop path on/off, window size) is one cached graph; allow enough of them.
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 64))
         for col in self.columns:
             for level in col.levels:
                 level.compile(**compile_kwargs)
