@@ -57,3 +57,36 @@ def count_flops(model: nn.Module, img_size=(224, 224), in_chans: int = 3) -> flo
 def count_params(model: nn.Module) -> float:
     """Parameters in millions."""
     return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+class _NoModuleTracking:
+    """Stand-in for FlopCounterMode's ModuleTracker: everything counts under 'Global'."""
+
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def global_flop_counter():
+    """``torch.utils.flop_counter.FlopCounterMode`` without its per-module breakdown.
+
+    The module tracker registers gradient hooks that cannot run inside ``torch.autograd.grad``,
+    which the reversible engine's backward uses; the total count is unaffected.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _NoModuleTracking()
+    return counter
+
+
+def training_step_gflops(fwd_bwd, per: int = 1) -> float:
+    """GFLOPs of ``fwd_bwd()`` (forward + backward) divided by ``per`` (the batch, say), in
+    FlopCounterMode's convention: one multiply-add = 2 FLOPs (the paper's count is half)."""
+    with global_flop_counter() as counter:
+        fwd_bwd()
+    return counter.get_total_flops() / per / 1e9
