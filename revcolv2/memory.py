@@ -4,7 +4,8 @@
 calling thread, and the ops inside custom autograd Functions), records each tensor storage
 the first time an op outputs it, and drops it when the storage is freed (a weak reference
 on the storage object, which PyTorch keeps unique per storage). Tensors that existed
-before the mode started (weights, inputs) are not counted.
+before the mode started (weights, inputs, gradient buffers that later steps accumulate
+into in place) are not counted, nor are outputs that share an input's storage.
 
 :func:`activation_peak_per_image` turns it into the figure the tests and benchmarks use:
 the peak of live bytes during one forward + backward at batch 6 minus that at batch 2,
@@ -51,9 +52,13 @@ class LiveBytes(TorchDispatchMode):
         self.peak = max(self.peak, self.live)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # an output that shares an input's storage (in-place op, view) allocated nothing
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and not t.is_meta}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and not t.is_meta:
+            if isinstance(t, torch.Tensor) and not t.is_meta and id(t.untyped_storage()) not in inputs:
                 self._track(t)
         return out
 

@@ -82,11 +82,11 @@ def _peak_per_image(model):
 
 def test_reversible_backward_peak_is_constant_in_columns():
     """The peak includes the backward (which saved-tensor counts cannot see). Reversible: about
-    21 level tensors per image whatever the number of columns (one level's F graph and its
-    gradients, the stored last state, the rebuilt state); keeping every column's state alive
-    would add 4 per column. Plain autograd grows with the columns."""
-    rev_small, rev_big = _peak_per_image(_model(2, 1, True)), _peak_per_image(_model(4, 2, True))
-    plain_small, plain_big = _peak_per_image(_model(2, 1, False)), _peak_per_image(_model(4, 2, False))
+    31 level tensors per image with 2 TD columns whatever the number of BU columns (one
+    level's F graph and its gradients, the stored last states, the rebuilt states); keeping
+    every column's state alive would add 4 per column. Plain autograd grows with the columns."""
+    rev_small, rev_big = _peak_per_image(_model(2, 2, True)), _peak_per_image(_model(6, 2, True))
+    plain_small, plain_big = _peak_per_image(_model(2, 2, False)), _peak_per_image(_model(6, 2, False))
     assert rev_big <= rev_small + 1.0, (rev_small, rev_big)
-    assert rev_big <= 24, rev_big
-    assert plain_big > 1.8 * plain_small and plain_small > 2 * rev_small, (plain_small, plain_big, rev_small)
+    assert rev_big <= 34, rev_big
+    assert plain_big > 1.8 * plain_small and plain_small > 1.5 * rev_small, (plain_small, plain_big, rev_small)
