@@ -36,8 +36,13 @@ class _EveryOutput(nn.Module):
         return (self.model.forward_head(feats), *feats)
 
 
-def count_flops(model: nn.Module, img_size=(224, 224), in_chans: int = 3) -> float:
-    """GFLOPs of one eager forward at batch 1 (eval mode, no masking)."""
+def count_flops(model: nn.Module, img_size=(224, 224), in_chans: int = 3, executed: bool = False) -> float:
+    """GFLOPs of one eager forward at batch 1 (eval mode, no masking), fvcore convention.
+
+    Default: every block of a RevColV2 (all levels of the last column, as the paper counts).
+    ``executed=True``: what ``model(x)`` runs for classification, where the levels that
+    cannot reach the top level of the last column are skipped.
+    """
     from fvcore.nn import FlopCountAnalysis
 
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
@@ -45,7 +50,8 @@ def count_flops(model: nn.Module, img_size=(224, 224), in_chans: int = 3) -> flo
     model.eval()
     x = torch.zeros(1, in_chans, h, w, device=next(model.parameters()).device)
     with torch.no_grad():
-        target = _EveryOutput(model) if hasattr(model, "forward_features") and hasattr(model, "columns") else model
+        every = not executed and hasattr(model, "forward_features") and hasattr(model, "columns")
+        target = _EveryOutput(model) if every else model
         fca = FlopCountAnalysis(target, x)
         fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop)
         fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
