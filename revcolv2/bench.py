@@ -255,7 +255,9 @@ def analyze_training_step(model: torch.nn.Module, loss_at: Callable[[int], torch
     gflops = training_step_gflops(lambda: fwd_bwd(2), per=2)
     model.zero_grad(set_to_none=True)
     calls = []
-    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in model.modules()
+    # pre-hooks: checkpointing's recomputation stops early inside the block's forward, so
+    # forward (post) hooks would not see it
+    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in model.modules()
              if type(m).__name__ == "Block"]
     fwd_bwd(1)
     for h in hooks:
