@@ -180,8 +180,8 @@ def step_benchmark_parser(description: str, rows: Sequence[str], default_rows: S
                     help=f"comma-separated rows out of: {', '.join(rows)} (default: %(default)s)")
     ap.add_argument("--compile", action="store_true", help="also run the compiled counterpart of every row")
     ap.add_argument("--batch-sizes", default=None,
-                    help=f"comma-separated; default 2 on CPU, {default_cuda_batches} on CUDA. Rows that do not "
-                         "save memory run at the first batch size only, unless --all-batches")
+                    help=f"comma-separated; default 2 on CPU, {default_cuda_batches} on CUDA. Compiled rows and "
+                         "rows that do not save memory run at the first batch size only, unless --all-batches")
     ap.add_argument("--all-batches", action="store_true", help="run every row at every batch size")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 1 on CPU, 5 on CUDA)")
     ap.add_argument("--iters", type=int, default=None, help="timed steps (default 2 on CPU, 10 on CUDA)")

@@ -188,3 +188,27 @@ def test_bf16_states_are_fp32_and_rebuilt_in_the_forward_dtype(monkeypatch):
         assert all(t.dtype == torch.float32 for t in bu + td)
         sum(t.float().mean() for t in td).backward()
     assert len(checked) > 8  # stored last states and every rebuilt one went through the check
+
+
+def test_linear_probe_runs_no_td_column_and_freezing_names_the_dead_levels():
+    from revcolv2.classification import LinearProbe, freeze_unused_levels
+
+    model = _model(1, 0).float()
+    td_blocks = [m for col in model.td_columns for m in col.modules() if isinstance(m, Block)]
+    calls = []
+    for m in td_blocks:
+        m.register_forward_pre_hook(lambda *a: calls.append(1))
+    probe = LinearProbe(model, num_classes=3).train()
+    x = torch.randn(2, 3, 32, 32)
+    feats = probe.features(x)
+    assert calls == []
+    model.eval()
+    with torch.no_grad():
+        bu, _, _ = model.forward_columns(x)
+    assert torch.equal(feats, bu[-1].mean(dim=1))
+
+    fresh = _model(1, 0)
+    frozen = freeze_unused_levels(fresh)
+    assert frozen and all(n.startswith(("columns.2.levels.0.", "columns.2.levels.1.", "columns.2.levels.2."))
+                          for n in frozen)
+    assert {n for n, p in fresh.named_parameters() if not p.requires_grad} == set(frozen)

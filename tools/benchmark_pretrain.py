@@ -161,7 +161,7 @@ def main():
 
     batches = [int(b) for b in (args.batch_sizes or ("256" if cuda else "2")).split(",")]
     jobs = [(k, b, [] if b == batches[0] and not args.no_analysis else ["--no-analysis"])
-            for b in batches for k in keys if b == batches[0] or args.all_batches or k.startswith("rev")]
+            for b in batches for k in keys if b == batches[0] or args.all_batches or k == "rev"]
     common = ["--device", args.device, "--img-size", args.img_size, "--warmup", args.warmup, "--iters", args.iters,
               "--variant", args.variant]
     rows = run_step_workers(__file__, jobs, common, args.worker_timeout, "benchmark_pretrain")
