@@ -168,6 +168,8 @@ def main():
     by = {(r["key"], r["batch"]): r for r in rows}
     for r in rows:
         r["model"] = ROWS[r["key"]].replace("RevColV2", args.variant)
+        if args.variant in MAE_OF:
+            r["model"] = r["model"].replace("MAE ViT-B/16", f"MAE ViT ({args.variant} width)")
         mae = by.get(("mae-compiled" if r["key"].endswith("-compiled") else "mae", r["batch"]))
         if "error" in r or not mae or "error" in mae:
             continue
