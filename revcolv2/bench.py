@@ -163,3 +163,130 @@ def append_report(path: str, title: str, command: str, device: str, body: str) -
             f.write("# Benchmarks\n\nEvery table is appended by a script in `tools/`; each says how it was made.\n")
         f.write(f"\n## {title}\n\n- command: `{command}`\n- machine: {machine_description(device)}\n"
                 f"- date: {when}" + (f" (commit {rev})" if rev else "") + "\n\n" + body + "\n")
+
+
+# --------------------------------------------------------------------------- training-step benchmarks
+def step_benchmark_parser(description: str, rows: Sequence[str], default_rows: Sequence[str],
+                          default_cuda_batches: str) -> argparse.ArgumentParser:
+    """Command line of the training-step benchmarks (backbone, pre-training).
+
+    Rows are named by key; ``--compile`` adds each row's compiled counterpart. Every (row,
+    batch) pair runs in a fresh process. Nothing is written to docs/BENCHMARKS.md without
+    ``--report``.
+    """
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rows", default=",".join(default_rows),
+                    help=f"comma-separated rows out of: {', '.join(rows)} (default: %(default)s)")
+    ap.add_argument("--compile", action="store_true", help="also run the compiled counterpart of every row")
+    ap.add_argument("--batch-sizes", default=None,
+                    help=f"comma-separated; default 2 on CPU, {default_cuda_batches} on CUDA. Compiled rows and "
+                         "rows that do not save memory run at the first batch size only, unless --all-batches")
+    ap.add_argument("--all-batches", action="store_true", help="run every row at every batch size")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 1 on CPU, 5 on CUDA)")
+    ap.add_argument("--iters", type=int, default=None, help="timed steps (default 2 on CPU, 10 on CUDA)")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--variant", default="revcolv2_base", help="RevColV2 preset (revcolv2_tiny for a quick check)")
+    ap.add_argument("--no-analysis", action="store_true",
+                    help="skip the activation-peak / FLOP / block-evaluation columns")
+    ap.add_argument("--worker-timeout", type=int, default=420, help="seconds per (row, batch) process")
+    ap.add_argument("--report", nargs="?", const=REPORT, default=None, metavar="PATH",
+                    help="append the table to docs/BENCHMARKS.md (or PATH)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    return ap
+
+
+def resolve_step_args(args: argparse.Namespace, rows: Sequence[str]) -> List[str]:
+    """Fill the device defaults; returns the row keys to run (compiled ones added with --compile)."""
+    cuda = args.device.startswith("cuda")
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    args.iters = args.iters or (10 if cuda else 2)
+    keys = [k.strip() for k in args.rows.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in rows]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {list(rows)}")
+    if args.compile:
+        keys += [k + "-compiled" for k in keys if not k.endswith("-compiled") and k + "-compiled" in rows
+                 and k + "-compiled" not in keys]
+    return keys
+
+
+def step_worker_result(step: Callable[[], None], analysis: Callable[[], Dict], device: str, batch: int,
+                       warmup: int, iters: int) -> Dict:
+    """Time ``step`` (after ``warmup`` steps) and measure memory; ``analysis()`` adds its columns."""
+    cuda = device.startswith("cuda")
+    out: Dict = {}
+    out.update(analysis())
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    sec, cpu_sec = timed(step, device, 0, iters)
+    out.update({"img/s": round(batch / sec, 1), "ms/step": round(sec * 1000, 1),
+                "host CPU-s/step": round(cpu_sec, 3)})
+    if cuda:
+        out["peak GiB"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+    else:
+        out["peak RSS (MB)"] = round(peak_rss_mb(), 0)
+    return out
+
+
+def analyze_training_step(model: torch.nn.Module, loss_at: Callable[[int], torch.Tensor]) -> Dict:
+    """Device-independent figures of one training step (forward + backward, no optimizer):
+
+    - activation peak per image (MB): :func:`revcolv2.memory.activation_peak_per_image`;
+    - GFLOPs per image: ``torch.utils.flop_counter.FlopCounterMode`` over forward + backward
+      at batch 2 (one multiply-add = 2 FLOPs, its convention);
+    - block forward evaluations per step: calls of every module whose class is ``Block``
+      (ours and timm's), recomputations in backward included.
+
+    ``loss_at(batch)`` runs the forward (under the caller's autocast) and returns the loss.
+    """
+    from .flops import training_step_gflops
+    from .memory import activation_peak_per_image
+
+    def fwd_bwd(batch: int) -> None:
+        loss_at(batch).backward()
+
+    peak = activation_peak_per_image(fwd_bwd)
+    model.zero_grad(set_to_none=True)
+    gflops = training_step_gflops(lambda: fwd_bwd(2), per=2)
+    model.zero_grad(set_to_none=True)
+    calls = []
+    # pre-hooks: checkpointing's recomputation stops early inside the block's forward, so
+    # forward (post) hooks would not see it
+    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in model.modules()
+             if type(m).__name__ == "Block"]
+    fwd_bwd(1)
+    for h in hooks:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    return {"act peak (MB/img)": round(peak / 2 ** 20, 3), "GFLOPs/img (fwd+bwd)": round(gflops, 1),
+            "block evals/step": len(calls)}
+
+
+def run_step_workers(script: str, jobs: Sequence[Tuple[str, int, Sequence[str]]], args: Sequence[str],
+                     timeout: int, tag: str) -> List[Dict]:
+    """Run ``script --worker KEY --batch B *args *extra`` per (key, batch, extra) in a fresh
+    process. A failed worker (out of memory, say) gives a row with its error instead of
+    stopping the others."""
+    rows = []
+    for key, batch, extra in jobs:
+        print(f"[{tag}] {key} batch {batch} ...", flush=True)
+        try:
+            proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker", key, "--batch", str(batch),
+                                   *map(str, args), *extra], capture_output=True, text=True, timeout=timeout)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not line:
+                err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                row = {"error": err[:120]}
+                print(proc.stderr[-3000:], file=sys.stderr)
+            else:
+                row = json.loads(line[0][len("RESULT "):])
+        except subprocess.TimeoutExpired:
+            row = {"error": f"timed out after {timeout} s"}
+        rows.append({"key": key, "batch": batch, **row})
+        print("   ", rows[-1], flush=True)
+    return rows

@@ -49,6 +49,18 @@ def load_pretrained(model: nn.Module, path: str, verbose: bool = True, ema: bool
                            allow_unexpected=PRETRAIN_ONLY_PREFIXES, verbose=verbose, source=path)
 
 
+def freeze_unused_levels(model: nn.Module, verbose: bool = False) -> List[str]:
+    """Freeze the levels a classifier's ``forward`` never runs (those that cannot reach the
+    top level of the last TD column): no gradient, no optimizer state, no weight decay, and
+    DDP can use ``find_unused_parameters=False``. Call before building the optimizer.
+    The parameters stay in the model, so checkpoints load and save unchanged."""
+    frozen = model.freeze_unused_levels() if hasattr(model, "freeze_unused_levels") else []
+    if verbose and frozen:
+        n = sum(p.numel() for name, p in model.named_parameters() if name in set(frozen))
+        print(f"frozen {len(frozen)} tensors ({n / 1e6:.1f}M parameters) of levels that do not reach the classifier")
+    return frozen
+
+
 class LinearProbe(nn.Module):
     """Frozen RevColV2 + trainable head on the last level of the bottom-up columns.
 
@@ -73,7 +85,7 @@ class LinearProbe(nn.Module):
 
     @torch.no_grad()
     def features(self, x: Tensor) -> Tensor:
-        """Global average of the last BU level, (B, D)."""
+        """Global average of the last BU level, (B, D); the TD columns do not run."""
         return self.backbone.forward_bottom_up(x)[-1].mean(dim=1)
 
     def forward(self, x: Tensor) -> Tensor:

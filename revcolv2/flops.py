@@ -36,8 +36,13 @@ class _EveryOutput(nn.Module):
         return (self.model.forward_head(levels[-1]), *levels)
 
 
-def count_flops(model: nn.Module, img_size=(224, 224), in_chans: int = 3) -> float:
-    """GFLOPs of one eager forward at batch 1 (eval mode, no masking)."""
+def count_flops(model: nn.Module, img_size=(224, 224), in_chans: int = 3, executed: bool = False) -> float:
+    """GFLOPs of one eager forward at batch 1 (eval mode, no masking), fvcore convention.
+
+    Default: every block of a RevColV2 (all levels of the last column, as the paper counts).
+    ``executed=True``: what ``model(x)`` runs for classification, where the levels that
+    cannot reach the top level of the last column are skipped.
+    """
     from fvcore.nn import FlopCountAnalysis
 
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
@@ -45,7 +50,8 @@ def count_flops(model: nn.Module, img_size=(224, 224), in_chans: int = 3) -> flo
     model.eval()
     x = torch.zeros(1, in_chans, h, w, device=next(model.parameters()).device)
     with torch.no_grad():
-        target = _EveryOutput(model) if hasattr(model, "forward_features") and hasattr(model, "columns") else model
+        every = not executed and hasattr(model, "forward_features") and hasattr(model, "columns")
+        target = _EveryOutput(model) if every else model
         fca = FlopCountAnalysis(target, x)
         fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop)
         fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
@@ -57,3 +63,36 @@ def count_flops(model: nn.Module, img_size=(224, 224), in_chans: int = 3) -> flo
 def count_params(model: nn.Module) -> float:
     """Parameters in millions."""
     return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+class _NoModuleTracking:
+    """Stand-in for FlopCounterMode's ModuleTracker: everything counts under 'Global'."""
+
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def global_flop_counter():
+    """``torch.utils.flop_counter.FlopCounterMode`` without its per-module breakdown.
+
+    The module tracker registers gradient hooks that cannot run inside ``torch.autograd.grad``,
+    which the reversible engine's backward uses; the total count is unaffected.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _NoModuleTracking()
+    return counter
+
+
+def training_step_gflops(fwd_bwd, per: int = 1) -> float:
+    """GFLOPs of ``fwd_bwd()`` (forward + backward) divided by ``per`` (the batch, say), in
+    FlopCounterMode's convention: one multiply-add = 2 FLOPs (the paper's count is half)."""
+    with global_flop_counter() as counter:
+        fwd_bwd()
+    return counter.get_total_flops() / per / 1e9

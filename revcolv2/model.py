@@ -33,7 +33,7 @@ from timm.models._features import feature_take_indices
 
 from .checkpoint import checkpoint_filter_fn
 from .layer_decay import layer_id, num_layers
-from .reversible import State, run_plain, run_reversible
+from .reversible import State, levels_to_run, run_plain, run_reversible
 
 __all__ = ["RevColV2", "MODEL_CFGS", "create_revcolv2", "sincos_pos_embed_2d"]
 
@@ -236,6 +236,13 @@ class Level(nn.Module):
 class Column(nn.Module):
     """One reversible column. ``direction`` 'up' updates levels 0 -> L-1, 'down' L-1 -> 0.
 
+    The wiring of a column lives here and only here: :attr:`order` (update order),
+    :meth:`in_level` (which level of this column feeds level ``l``; None: the source tokens)
+    and :meth:`cross_level` (which level of the previous column feeds it). Forward,
+    inversion and the reversible engine's backward all go through the per-level
+    :meth:`step` (``c_l = alpha_l * c_l(prev) + F_l(in, cross)``) and its inverse
+    :meth:`unstep`.
+
     ``keep`` (B, L * blocks_per_level, 2) holds drop-path scales in execution order.
     """
 
@@ -249,13 +256,25 @@ class Column(nn.Module):
         self.order = list(range(n)) if direction == "up" else list(range(n - 1, -1, -1))
         self.blocks_per_level = len(levels[0].blocks)
 
-    def _cross_index(self, l: int) -> int:
-        return l + 1 if self.direction == "up" else l - 1
+    # ----------------------------------------------------------------- wiring
+    def in_level(self, l: int) -> Optional[int]:
+        """Level of this column that feeds level ``l`` (None: the source tokens)."""
+        i = self.order.index(l)
+        return None if i == 0 else self.order[i - 1]
 
-    def _alpha(self, l: int) -> Tensor:
+    def cross_level(self, l: int) -> Optional[int]:
+        """Level of the previous column fused into level ``l`` (above for BU, below for TD)."""
+        c = l + 1 if self.direction == "up" else l - 1
+        return c if self.has_prev and 0 <= c < len(self.levels) else None
+
+    # ----------------------------------------------------------------- one level
+    def alpha(self, l: int) -> Tensor:
+        """alpha_l with its magnitude clamped to at least ALPHA_MIN (sign kept)."""
         a = self.alphas[l]
         sign = torch.where(a >= 0, torch.ones_like(a), -torch.ones_like(a))
         return sign * a.abs().clamp(min=ALPHA_MIN)
+
+    _alpha = alpha  # older name
 
     def _level_keep(self, keep: Optional[Tensor], l: int) -> Optional[Tensor]:
         if keep is None:
@@ -263,31 +282,49 @@ class Column(nn.Module):
         pos = self.order.index(l) * self.blocks_per_level
         return keep[:, pos:pos + self.blocks_per_level]
 
-    def _f(self, l, inp, prev, keep, hw) -> Tensor:
-        c = self._cross_index(l)
-        cross = prev[c] if prev is not None and 0 <= c < len(self.levels) else None
+    def level_f(self, l: int, inp: Tensor, cross: Optional[Tensor], keep: Optional[Tensor], hw) -> Tensor:
+        """F_l(in, cross): fusion then the level's blocks."""
         return self.levels[l](inp, cross, self._level_keep(keep, l), hw)
 
-    def forward(self, source: Tensor, prev: Optional[State], keep: Optional[Tensor], hw) -> State:
+    @staticmethod
+    def step_from(l: int, f: Tensor, prev_l: Optional[Tensor], alpha: Optional[Tensor]) -> Tensor:
+        """The update given F: ``alpha * prev + f`` (``f`` in the first column)."""
+        return f if prev_l is None else alpha * prev_l + f
+
+    def step(self, l: int, inp: Tensor, cross: Optional[Tensor], prev_l: Optional[Tensor],
+             keep: Optional[Tensor], hw) -> Tensor:
+        """New value of level ``l``: ``alpha_l * prev_l + F_l(inp, cross)``."""
+        f = self.level_f(l, inp, cross, keep, hw)
+        return self.step_from(l, f, prev_l, self.alpha(l) if prev_l is not None else None)
+
+    def unstep(self, l: int, new_l: Tensor, f: Tensor, alpha: Optional[Tensor] = None) -> Tensor:
+        """Inverse of :meth:`step` given F: ``prev_l = (new_l - f) / alpha_l``."""
+        return (new_l - f) / (self.alpha(l) if alpha is None else alpha)
+
+    # ----------------------------------------------------------------- whole column
+    def forward(self, source: Tensor, prev: Optional[State], keep: Optional[Tensor], hw,
+                num_levels: Optional[int] = None) -> State:
+        """Update the first ``num_levels`` levels of :attr:`order` (all by default); levels
+        not run are None in the returned state."""
         if (prev is not None) != self.has_prev:
             raise RuntimeError("column called with a previous state that does not match has_prev")
         new: List[Optional[Tensor]] = [None] * len(self.levels)
-        inp = source
-        for l in self.order:
-            f = self._f(l, inp, prev, keep, hw)
-            new[l] = f if prev is None else self._alpha(l) * prev[l] + f
-            inp = new[l]
+        k = len(self.order) if num_levels is None else num_levels
+        for l in self.order[:k]:
+            in_l, c = self.in_level(l), self.cross_level(l)
+            inp = source if in_l is None else new[in_l]
+            new[l] = self.step(l, inp, None if c is None else prev[c], None if prev is None else prev[l], keep, hw)
         return tuple(new)
 
     def inverse(self, source: Tensor, new: State, keep: Optional[Tensor], hw) -> State:
         """Recover the previous column's state: c_l(j-1) = (c_l(j) - F_l(in, cross)) / alpha_l."""
         prev: List[Optional[Tensor]] = [None] * len(self.levels)
         # Level l needs prev[cross(l)], so walk the levels against the update order.
-        for i in range(len(self.order) - 1, -1, -1):
-            l = self.order[i]
-            inp = source if i == 0 else new[self.order[i - 1]]
-            f = self._f(l, inp, prev, keep, hw)
-            prev[l] = (new[l] - f) / self._alpha(l)
+        for l in reversed(self.order):
+            in_l, c = self.in_level(l), self.cross_level(l)
+            inp = source if in_l is None else new[in_l]
+            f = self.level_f(l, inp, None if c is None else prev[c], keep, hw)
+            prev[l] = self.unstep(l, new[l], f)
         return tuple(prev)
 
 
@@ -452,6 +489,10 @@ class RevColV2(nn.Module):
     def embed(self, x: Tensor) -> Tuple[Tensor, Tensor, Tuple[int, int]]:
         """Images -> (tokens + pos (B, N, D), pos (1, N, D), grid (H, W))."""
         tokens, hw = self.patch_embed(x)
+        # Column states live in the parameters' dtype, also under autocast (the conv itself
+        # runs in bf16/fp16 there): the reversible rebuild ``(c - F) / alpha`` then replays
+        # every state in exactly the dtype the forward produced (docs/ARCHITECTURE.md).
+        tokens = tokens.to(self.patch_embed.proj.weight.dtype)
         pos = sincos_pos_embed_2d(hw[0], hw[1], self.embed_dim, tokens.device, tokens.dtype)
         return tokens + pos, pos, hw
 
@@ -470,11 +511,57 @@ class RevColV2(nn.Module):
         keep = (torch.rand(nc, batch, self.blocks_per_column, 2, device=device) < keep_prob).float() / keep_prob
         return keep[: self.num_bu_columns], keep[self.num_bu_columns:]
 
-    def _run(self, columns, source, prev, keep, hw) -> State:
-        use_rev = self.reversible and torch.is_grad_enabled() and self.training
+    def _run(self, columns, source, prev, keep, hw, needed_levels=None) -> State:
+        """Run ``columns``: reversible engine when training with gradients, else plain autograd.
+
+        Only the levels that ``needed_levels`` (of the last column; None: all) depend on run.
+        """
         if len(columns) == 0:
             return prev
-        return (run_reversible if use_rev else run_plain)(columns, source, prev, keep, hw)
+        use_rev = self.reversible and torch.is_grad_enabled() and self.training
+        return (run_reversible if use_rev else run_plain)(columns, source, prev, keep, hw, needed_levels)
+
+    def unused_levels(self, td_levels: Optional[Sequence[int]]) -> List[Tuple[int, int]]:
+        """(column, level) pairs that never run when only ``td_levels`` of the last column are read."""
+        counts = levels_to_run(self.td_columns, td_levels) if self.num_td_columns else []
+        counts = [self.num_levels] * self.num_bu_columns + counts
+        return [(j, l) for j, col in enumerate(self.columns) for l in col.order[counts[j]:]]
+
+    def freeze_unused_levels(self, td_levels: Optional[Sequence[int]] = None) -> List[str]:
+        """Freeze (``requires_grad=False``) the parameters of levels that cannot reach the
+        outputs ``td_levels`` (default: the top level, what :meth:`forward` reads).
+
+        They stay in the model, so checkpoints keep loading unchanged; frozen, they get no
+        gradient, no optimizer state and no weight decay, and DDP can run with
+        ``find_unused_parameters=False``. Returns the frozen parameter names.
+        """
+        if td_levels is None:
+            td_levels = (self.num_levels - 1,)
+        frozen = []
+        for j, l in self.unused_levels(td_levels):
+            for name, p in self.columns[j].levels[l].named_parameters(prefix=f"columns.{j}.levels.{l}"):
+                p.requires_grad_(False)
+                frozen.append(name)
+        return frozen
+
+    def compile_levels(self, **compile_kwargs) -> "RevColV2":
+        """``torch.compile`` every level's F_l in place (plain and reversible modes use them).
+
+        Default ``fullgraph=True``: a graph break is an error, not a silent slowdown.
+        """
+        compile_kwargs.setdefault("fullgraph", True)
+        # Levels share Level.forward's code: each variant (with/without fusion, grad or not,
+        # drop path on/off, window size) is one cached graph; allow enough of them.
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 64))
+        for col in self.columns:
+            for level in col.levels:
+                level.compile(**compile_kwargs)
+        return self
 
     @staticmethod
     def hand_off(t: Tensor, ids_keep: Tensor, fill: Tensor) -> Tensor:
@@ -484,29 +571,38 @@ class RevColV2(nn.Module):
         return full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, d), t)
 
     def forward_columns(
-        self, x: Tensor, ids_keep: Optional[Tensor] = None, mask_token: Optional[Tensor] = None
-    ) -> Tuple[State, State, Tuple[int, int]]:
-        """Run all columns. Returns (last BU state, last TD state, token grid).
+        self, x: Tensor, ids_keep: Optional[Tensor] = None, mask_token: Optional[Tensor] = None,
+        td_levels: Optional[Sequence[int]] = None,
+    ) -> Tuple[State, Optional[State], Tuple[int, int]]:
+        """Run the columns. Returns (last BU state, last TD state, token grid).
 
         With ``ids_keep`` (B, Nv) the BU columns see only those tokens; at the hand-off each
         level (and the patch tokens that feed the TD columns) is scattered back to full
         length with ``mask_token`` + position embedding at the masked positions.
+
+        ``td_levels``: the levels of the last TD column the caller reads (None: all). Only
+        the levels they depend on run, in forward and backward; the others come back as
+        ``None``. ``()`` skips the TD columns (the TD state is then None). Outputs that do
+        run are identical, drop-path draws included.
         """
         tokens, pos, hw = self.embed(x)
         keep_bu, keep_td = self.draw_drop_path(tokens.shape[0], tokens.device)
+        run_td = td_levels is None or len(td_levels) > 0
         if ids_keep is None:
             bu = self._run(self.bu_columns, tokens, None, keep_bu, hw)
-            td = self._run(self.td_columns, tokens, bu, keep_td, hw)
+            td = self._run(self.td_columns, tokens, bu, keep_td, hw, td_levels) if run_td else None
             return bu, td, hw
         if mask_token is None:
             raise ValueError("masked forward needs a mask_token")
         d = tokens.shape[-1]
         visible = tokens.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, d))  # (B, Nv, D)
         bu = self._run(self.bu_columns, visible, None, keep_bu, None)
+        if not run_td:
+            return bu, None, hw
         fill = mask_token.to(tokens.dtype) + pos  # (1, N, D)
         td_source = self.hand_off(visible, ids_keep, fill)
         td_prev = tuple(self.hand_off(c, ids_keep, fill) for c in bu)
-        td = self._run(self.td_columns, td_source, td_prev, keep_td, hw)
+        td = self._run(self.td_columns, td_source, td_prev, keep_td, hw, td_levels)
         return bu, td, hw
 
     def forward_bottom_up(self, x: Tensor) -> List[Tensor]:
@@ -514,9 +610,7 @@ class RevColV2(nn.Module):
 
         Only the BU columns run: the linear probe's path (its head sits on the top BU level).
         """
-        tokens, _, hw = self.embed(x)
-        keep_bu, _ = self.draw_drop_path(tokens.shape[0], tokens.device)
-        return list(self._run(self.bu_columns, tokens, None, keep_bu, hw))
+        return list(self.forward_columns(x, td_levels=())[0])
 
     def forward_intermediates(
         self,
@@ -542,7 +636,9 @@ class RevColV2(nn.Module):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, _ = feature_take_indices(self.num_levels, indices)
-        _, last, (h, w) = self.forward_columns(x)
+        # only the requested levels (and the top one for the final features) run
+        wanted = set(take_indices) | (set() if intermediates_only else {self.num_levels - 1})
+        _, last, (h, w) = self.forward_columns(x, td_levels=sorted(wanted))
         levels = [last[i] for i in take_indices]
         if output_fmt == "NCHW":
             levels = [t.transpose(1, 2).reshape(t.shape[0], -1, h, w) for t in levels]
@@ -561,8 +657,11 @@ class RevColV2(nn.Module):
         return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """Top level of the last column (B, N, D): what :meth:`forward_head` pools."""
-        return self.forward_columns(x)[1][-1]
+        """Top level of the last column (B, N, D): what :meth:`forward_head` pools.
+
+        Only the levels that can reach it run (see ``forward_columns(td_levels=...)``).
+        """
+        return self.forward_columns(x, td_levels=(self.num_levels - 1,))[1][-1]
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """(B, N, D) tokens -> logits (B, K); with ``global_pool=''`` no pooling: (B, N, K)."""
@@ -572,6 +671,7 @@ class RevColV2(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
+        # the classifier reads only the top level: the levels that cannot reach it do not run
         return self.forward_head(self.forward_features(x))
 
 

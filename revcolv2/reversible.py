@@ -1,155 +1,242 @@
-"""Reversible engine: run a sequence of RevColV2 columns without storing their activations.
+"""Reversible engine: train a run of RevColV2 columns without storing their activations.
 
-A column maps ``(source, prev_state) -> new_state`` where a state is a tuple of per-level
-token tensors, and it can be inverted: ``prev_state = column.inverse(source, new_state)``
-(see ``revcolv2.model.Column``). :class:`ReversibleColumns` exploits this in the classic
-RevNet way: the forward pass keeps only ``source``, the last column's state and the
-drop-path masks; the backward pass walks the columns last to first and, level by level,
-evaluates ``F_l`` once with autograd on, uses its value to rebuild the previous column's
-level (``(c_l - F_l) / alpha_l``) and its graph to back-propagate.
+A column updates level ``l`` as ``c_l(j) = alpha_l * c_l(j-1) + F_l(in, cross)`` (see
+:class:`revcolv2.model.Column`, which owns the wiring: update order, which level feeds
+``in`` and which level of the previous column is ``cross``). The update can be undone:
+``c_l(j-1) = (c_l(j) - F_l(in, cross)) / alpha_l``.
 
-What is replayed exactly in the rebuild:
-- drop-path: the per-sample keep masks are drawn once per forward (outside this function)
-  and passed in as a tensor, so inversion and recomputation use the very same masks;
-- autocast: the forward's autocast state (enabled, dtype) is recorded and re-entered.
+Design (one autograd node per (column, level) update):
 
-Memory therefore stays constant in the number of columns (plus one ``(B, num_blocks, 2)``
-mask tensor), at the price of one extra column forward (the inversion) per column.
+- **Forward** runs every update without a graph (inside :class:`_LevelStep`). A per-run
+  :class:`RunBuffer` keeps, detached, only the run's ``source``, its external previous
+  state (the BU state handed to the TD run: the very tensors, so it is stored once) and
+  the newest value of every level (the run's outputs). Each stored value has a use count:
+  the number of backward nodes that will read it. The last reader drops it.
+- **Backward** of node ``(j, l)`` runs after every consumer of its output (autograd's own
+  dependency order guarantees that the level's newer value and its inputs ``in`` / ``cross``
+  were rebuilt by then). It (1) evaluates ``F_l`` once with a graph, (2) rebuilds
+  ``c_l(j-1) = (c_l(j) - F) / alpha`` cast back to the dtype the forward produced, and
+  stores it for its readers, (3) computes the alpha update's gradients directly
+  (``g * alpha`` and ``sum(g * c_l(j-1))``) and (4) returns ``F_l``'s parameter gradients,
+  which reach ``.grad`` (and fire DDP's hooks) level by level.
+- ``set_materialize_grads(False)``: a node whose output receives no gradient does no
+  gradient work and returns ``None`` for everything, as plain autograd does; it still
+  rebuilds its previous value if another node reads it.
+- **Only what an output needs runs**: :func:`levels_to_run` gives, per column, the prefix
+  of its update order that the requested levels of the last column depend on. Skipped
+  levels are neither computed nor rebuilt, in plain and reversible mode alike.
+
+Replayed exactly in the rebuild: drop path (per-sample scales drawn once per forward and
+passed in), autocast (state recorded at forward, re-entered in backward) and dtypes (a
+rebuilt value is cast to the dtype the forward produced for it).
+
+A second backward through the same graph raises a ``RuntimeError``: the buffer frees every
+value after its last use (see ``docs/ARCHITECTURE.md``).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-State = Tuple[Tensor, ...]
+State = Tuple[Optional[Tensor], ...]
+SRC = "source"
+
+
+def levels_to_run(columns: Sequence[nn.Module], needed: Optional[Sequence[int]] = None) -> List[int]:
+    """How many levels (a prefix of its update order) each column must run.
+
+    ``needed``: levels of the last column that the caller reads (None: all). A level needs
+    the levels before it in its column's order (its ``in`` chain) and, from the previous
+    column, its own level (``alpha * prev``) and its ``cross`` level.
+    """
+    if not columns:
+        return []
+    n = len(columns[-1].levels)
+    if needed is None:
+        return [n] * len(columns)
+    want = set(needed)
+    bad = [l for l in want if not 0 <= l < n]
+    if bad:
+        raise ValueError(f"needed levels {sorted(bad)} out of range for columns with {n} levels")
+    counts = [0] * len(columns)
+    for j in range(len(columns) - 1, -1, -1):
+        col = columns[j]
+        k = max((col.order.index(l) + 1 for l in want), default=0)
+        counts[j] = k
+        want = set()
+        if col.has_prev:
+            for l in col.order[:k]:
+                want.add(l)
+                c = col.cross_level(l)
+                if c is not None:
+                    want.add(c)
+    return counts
 
 
 def _autocast_state(device_type: str) -> Tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
-class ReversibleColumns(torch.autograd.Function):
-    """autograd Function over a run of invertible columns.
+class RunBuffer:
+    """What one reversible run keeps for its backward, keyed ``SRC`` or ``(column, level)``.
 
-    Inputs: ``columns`` (list of Column modules), ``hw`` (token grid or None),
-    ``num_prev`` (0 when the first column starts from nothing, else the number of state
-    tensors that follow), ``source``, ``drop_masks`` ((num_columns, B, blocks, 2) or an empty
-    tensor), ``*prev_state``, ``*params``. Returns the last column's state.
+    Column ``-1`` is the run's external previous state. Values are detached aliases (no
+    copies); ``uses[key]`` counts the backward nodes that will still read ``key``.
     """
 
-    @staticmethod
-    def forward(ctx, columns, hw, num_prev: int, source: Tensor, drop_masks: Tensor, *rest):
-        prev: Optional[State] = tuple(rest[:num_prev]) if num_prev else None
-        params = rest[num_prev:]
-        device_type = source.device.type
-        ctx.columns, ctx.hw, ctx.num_prev, ctx.num_params = columns, hw, num_prev, len(params)
-        ctx.device_type = device_type
-        ctx.autocast = _autocast_state(device_type)
-        state = prev
-        with torch.no_grad():
-            for j, column in enumerate(columns):
-                state = column(source, state, _masks_at(drop_masks, j), hw)
-        ctx.save_for_backward(source, drop_masks, *state)
-        return tuple(state)
+    def __init__(self, columns: Sequence[nn.Module], drop_masks: Tensor, hw, device_type: str):
+        self.columns = list(columns)
+        self.drop_masks = drop_masks
+        self.hw = hw
+        self.device_type = device_type
+        self.autocast = _autocast_state(device_type)
+        self.values: Dict[Hashable, Tensor] = {}
+        self.versions: Dict[Hashable, int] = {}
+        self.uses: Dict[Hashable, int] = {}
+        self.dtypes: Dict[Hashable, torch.dtype] = {}
+        self.alphas: Dict[Tuple[int, int], Tensor] = {}
 
-    @staticmethod
-    def backward(ctx, *grad_state):
-        source, drop_masks, *state = ctx.saved_tensors
-        columns, hw = ctx.columns, ctx.hw
-        enabled, dtype = ctx.autocast
-        state = [s.detach() for s in state]
-        grad_state = [torch.zeros_like(s) if g is None else g for s, g in zip(state, grad_state)]
-        grad_source = torch.zeros_like(source)
-        param_grads = {}
+    # ----------------------------------------------------------------- bookkeeping
+    def expect(self, key: Hashable) -> None:
+        self.uses[key] = self.uses.get(key, 0) + 1
 
-        for j in range(len(columns) - 1, -1, -1):
-            has_prev = j > 0 or ctx.num_prev > 0
-            prev, grad_prev, g_src = _column_backward(
-                columns[j], source, state, grad_state, has_prev, _masks_at(drop_masks, j), hw,
-                param_grads, (ctx.device_type, dtype, enabled),
-            )
-            grad_source = _add(grad_source, g_src)
-            if has_prev:
-                state, grad_state = prev, grad_prev
+    def store(self, key: Hashable, t: Tensor) -> None:
+        """Keep ``t`` (detached alias) if some backward node will read it."""
+        if self.uses.get(key, 0) > 0:
+            self.values[key] = t.detach()
+            self.versions[key] = t._version
 
-        grad_prev = tuple(grad_state) if ctx.num_prev else ()
-        params = _segment_params(columns)
-        grad_params = tuple(param_grads.get(p) for p in params)
-        return (None, None, None, grad_source, None, *grad_prev, *grad_params)
-
-
-def _column_backward(column, source, new, grad_new, has_prev, keep, hw, param_grads, autocast):
-    """Rebuild a column's input state from its output and back-propagate through it.
-
-    Levels are visited against the update order. For each level ``F_l`` is evaluated once,
-    with autograd on: its value rebuilds ``c_l(prev) = (c_l - F_l) / alpha_l`` and its graph
-    gives the gradients, so a column costs one forward and one backward (no separate
-    inversion pass). Returns (previous state, its gradient, gradient of ``source``).
-    """
-    n = len(column.levels)
-    grad_new = list(grad_new)
-    prev: List[Optional[Tensor]] = [None] * n
-    grad_prev: List[Optional[Tensor]] = [None] * n
-    grad_source = None
-    device_type, dtype, enabled = autocast
-    for i in range(n - 1, -1, -1):
-        l = column.order[i]
-        c = column._cross_index(l)
-        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            inp = (source if i == 0 else new[column.order[i - 1]]).detach().requires_grad_(True)
-            cross = prev[c] if has_prev and 0 <= c < n else None
-            cross = cross.detach().requires_grad_(True) if cross is not None else None
-            f = column.levels[l](inp, cross, column._level_keep(keep, l), hw)
-            inputs = [inp] + ([cross] if cross is not None else [])
-            if has_prev:
-                alpha = column._alpha(l)
-                with torch.no_grad():
-                    prev_l = (new[l] - f) / alpha
-                prev_l.requires_grad_(True)
-                out = alpha * prev_l + f  # == new[l], with the graph of the update
-                inputs.append(prev_l)
-            else:
-                out = f
-        params = [p for p in column.levels[l].parameters() if p.requires_grad]
-        if has_prev and column.alphas.requires_grad:
-            params.append(column.alphas)
-        grads = torch.autograd.grad(out, inputs + params, grad_new[l], allow_unused=True)
-        g_inp, rest = grads[0], list(grads[1:len(inputs)])
-        if i == 0:
-            grad_source = g_inp
+    def take(self, key: Hashable) -> Tensor:
+        """The value at ``key`` for one reader; dropped after its last reader."""
+        t = self.get(key)
+        left = self.uses.get(key, 0) - 1
+        if left > 0:
+            self.uses[key] = left
         else:
-            k = column.order[i - 1]
-            grad_new[k] = _add(grad_new[k], g_inp)
-        if cross is not None:
-            grad_prev[c] = _add(grad_prev[c], rest.pop(0))
-        if has_prev:
-            prev[l] = prev_l.detach()
-            grad_prev[l] = _add(grad_prev[l], rest.pop(0))
-        for p, g in zip(params, grads[len(inputs):]):
-            if g is not None:
-                param_grads[p] = _add(param_grads.get(p), g)
-    if not has_prev:
-        return None, None, grad_source
-    grad_prev = [torch.zeros_like(p) if g is None else g for p, g in zip(prev, grad_prev)]
-    return tuple(prev), grad_prev, grad_source
+            self.uses.pop(key, None)
+            self.values.pop(key, None)
+            self.versions.pop(key, None)
+        return t
+
+    def get(self, key: Hashable) -> Tensor:
+        if key not in self.values:
+            self._rebuild_missing(key)
+        t = self.values[key]
+        if key in self.versions and t._version != self.versions[key]:
+            raise RuntimeError(
+                f"RevColV2 reversible engine: the value {key} of a column state was modified in place "
+                "after the forward pass; the reversible backward needs it unchanged (clone it before "
+                "modifying it, or use reversible=False)")
+        return t
+
+    def is_empty(self) -> bool:
+        return not self.values
+
+    def keep(self, j: int) -> Optional[Tensor]:
+        return self.drop_masks[j] if self.drop_masks.numel() else None
+
+    def autocast_ctx(self):
+        enabled, dtype = self.autocast
+        return torch.autocast(self.device_type, dtype=dtype, enabled=enabled)
+
+    def _rebuild_missing(self, key: Hashable) -> None:
+        """Rebuild ``(j, l)`` without a graph when the node that normally rebuilds it,
+        ``(j + 1, l)``, never runs because no gradient reaches it (a loss that ignores some
+        outputs). The value is kept until the graph is freed."""
+        if key == SRC or key[0] < 0 or key[0] + 1 >= len(self.columns) or (key[0] + 1, key[1]) not in self.dtypes:
+            raise RuntimeError(
+                f"RevColV2 reversible engine: state {key} is no longer available. A second backward "
+                "through the same graph is not supported (values are freed after their last use): "
+                "run the forward again, or use reversible=False")
+        j, l = key[0] + 1, key[1]
+        col = self.columns[j]
+        in_l, c = col.in_level(l), col.cross_level(l)
+        inp = self.get(SRC if in_l is None else (j, in_l))
+        cross = self.get((j - 1, c)) if c is not None else None
+        with torch.no_grad(), self.autocast_ctx():
+            f = col.level_f(l, inp, cross, self.keep(j), self.hw)
+        out = self.get((j, l))
+        self.values[key] = ((out - f) / self.alphas[(j, l)]).to(self.dtypes[key])
+
+    # ----------------------------------------------------------------- backward of one node
+    def backward_node(self, j: int, l: int, g: Optional[Tensor], needs: Sequence[bool], params):
+        """Gradients of node (j, l): (inp, cross, prev, alpha, *params); see the module docstring."""
+        col = self.columns[j]
+        in_l, c = col.in_level(l), col.cross_level(l)
+        inp = self.take(SRC if in_l is None else (j, in_l))
+        cross = self.take((j - 1, c)) if c is not None else None
+        rebuild = col.has_prev and j > 0
+        prev = self.take((-1, l)) if col.has_prev and j == 0 else None
+        out = self.take((j, l)) if rebuild else None
+        keep, hw = self.keep(j), self.hw
+        need_inp, need_cross, need_prev, need_alpha = needs[3], needs[4], needs[5], needs[6]
+        need_params = needs[7:]
+        n_out = 4 + len(need_params)
+        if g is None:  # nothing downstream uses this level: no gradient work
+            if rebuild and self.uses.get((j - 1, l), 0) > 0:
+                with torch.no_grad(), self.autocast_ctx():
+                    f = col.level_f(l, inp, cross, keep, hw)
+                self.store((j - 1, l), self._unstep(j, l, out, f))
+            return (None,) * n_out
+
+        with torch.enable_grad():
+            inp_ = inp.detach().requires_grad_(need_inp)
+            cross_ = cross.detach().requires_grad_(need_cross) if cross is not None else None
+            with self.autocast_ctx():
+                f = col.level_f(l, inp_, cross_, keep, hw)
+        if rebuild:
+            prev = self._unstep(j, l, out, f.detach())
+            self.store((j - 1, l), prev)
+        del out
+        wrt = [t for t in (inp_, cross_) if t is not None and t.requires_grad]
+        wrt += [p for p, need in zip(params, need_params) if need]
+        grads = list(torch.autograd.grad(f, wrt, g, allow_unused=True)) if wrt else []
+        del f
+        g_inp = grads.pop(0) if need_inp else None
+        g_cross = grads.pop(0) if cross_ is not None and need_cross else None
+        g_params = [grads.pop(0) if need else None for need in need_params]
+        g_prev = g_alpha = None
+        if col.has_prev:
+            alpha = self.alphas[(j, l)]
+            if need_prev:
+                g_prev = (g * alpha).to(prev.dtype)
+            if need_alpha:
+                g_alpha = (g * prev).sum(dim=tuple(range(g.ndim - 1))).to(alpha.dtype)
+        return (g_inp, g_cross, g_prev, g_alpha, *g_params)
+
+    def _unstep(self, j: int, l: int, out: Tensor, f: Tensor) -> Tensor:
+        """c_l(j-1) = (c_l(j) - F) / alpha, in the dtype the forward produced for it."""
+        with torch.no_grad():
+            return self.columns[j].unstep(l, out, f, self.alphas[(j, l)]).to(self.dtypes[(j - 1, l)])
 
 
-def _masks_at(drop_masks: Tensor, j: int) -> Optional[Tensor]:
-    return drop_masks[j] if drop_masks.numel() else None
+class _LevelStep(torch.autograd.Function):
+    """One (column, level) update. Inputs: run, j, l, inp, cross, prev, alpha, *params."""
+
+    @staticmethod
+    def forward(ctx, run: RunBuffer, j: int, l: int, inp, cross, prev, alpha, *params):
+        ctx.set_materialize_grads(False)
+        ctx.run, ctx.j, ctx.l, ctx.params, ctx.done = run, j, l, params, False
+        col = run.columns[j]
+        f = col.level_f(l, inp, cross, run.keep(j), run.hw)
+        return col.step_from(l, f, prev, alpha)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.done:
+            raise RuntimeError(
+                "RevColV2 reversible engine: a second backward through the same graph is not supported "
+                "(the rebuilt states are freed during the first one); run the forward again, or use "
+                "reversible=False")
+        ctx.done = True
+        grads = ctx.run.backward_node(ctx.j, ctx.l, g, ctx.needs_input_grad, ctx.params)
+        return (None, None, None, *grads)
 
 
-def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
-
-
-def _segment_params(columns: Sequence[nn.Module]) -> List[Tensor]:
-    return [p for column in columns for p in column.parameters() if p.requires_grad]
+def _level_params(column: nn.Module, l: int) -> List[Tensor]:
+    return [p for p in column.levels[l].parameters() if p.requires_grad]
 
 
 def run_reversible(
@@ -158,13 +245,56 @@ def run_reversible(
     prev_state: Optional[State],
     drop_masks: Tensor,
     hw: Optional[Tuple[int, int]],
+    needed_levels: Optional[Sequence[int]] = None,
 ) -> State:
-    """Run ``columns`` through :class:`ReversibleColumns` (activation memory O(1) in columns)."""
-    prev = tuple(prev_state) if prev_state is not None else ()
-    params = _segment_params(columns)
-    return ReversibleColumns.apply(
-        list(columns), hw, len(prev), source, drop_masks, *prev, *params
-    )
+    """Run ``columns`` with the reversible engine; returns the last column's state.
+
+    Levels the last column does not need (``needed_levels``, None: all) are not run and
+    come back as ``None``. Activation memory is O(1) in the number of columns.
+    """
+    counts = levels_to_run(columns, needed_levels)
+    run = RunBuffer(columns, drop_masks, hw, source.device.type)
+    n = len(columns[0].levels)
+    if columns[0].has_prev != (prev_state is not None):
+        raise RuntimeError("run_reversible: the first column's has_prev does not match prev_state")
+    state: List[Optional[Tensor]] = list(prev_state) if prev_state is not None else [None] * n
+    newest: Dict[int, Tuple[Tuple[int, int], Tensor]] = {
+        l: ((-1, l), t) for l, t in enumerate(state) if t is not None
+    }
+    if prev_state is not None:
+        for l, t in enumerate(state):
+            if t is not None:
+                run.dtypes[(-1, l)] = t.dtype
+    for j, col in enumerate(columns):
+        new: List[Optional[Tensor]] = [None] * n
+        for l in col.order[: counts[j]]:
+            in_l, c = col.in_level(l), col.cross_level(l)
+            inp = source if in_l is None else new[in_l]
+            cross = state[c] if c is not None else None
+            prev = state[l] if col.has_prev else None
+            if (cross is None and c is not None) or (prev is None and col.has_prev):
+                raise RuntimeError(f"column {j} level {l}: its input from the previous column was not computed")
+            alpha = col.alpha(l) if col.has_prev else None
+            if alpha is not None:
+                run.alphas[(j, l)] = alpha.detach()
+            # what this node's backward will read
+            run.expect(SRC if in_l is None else (j, in_l))
+            if c is not None:
+                run.expect((j - 1, c))
+            if col.has_prev:
+                run.expect((-1, l) if j == 0 else (j, l))
+            out = _LevelStep.apply(run, j, l, inp, cross, prev, alpha, *_level_params(col, l))
+            run.dtypes[(j, l)] = out.dtype
+            new[l] = out
+            newest[l] = ((j, l), out)
+        state = new
+    run.store(SRC, source)
+    for l, t in enumerate(prev_state or ()):
+        if t is not None:
+            run.store((-1, l), t)
+    for key, t in newest.values():
+        run.store(key, t)
+    return tuple(state)
 
 
 def run_plain(
@@ -173,9 +303,20 @@ def run_plain(
     prev_state: Optional[State],
     drop_masks: Tensor,
     hw: Optional[Tuple[int, int]],
+    needed_levels: Optional[Sequence[int]] = None,
 ) -> State:
-    """Ordinary autograd through the same columns (stores every activation)."""
+    """Ordinary autograd through the same columns (stores every activation).
+
+    Levels the last column does not need are not run and come back as ``None``.
+    """
+    counts = levels_to_run(columns, needed_levels)
     state = prev_state
     for j, column in enumerate(columns):
-        state = column(source, state, _masks_at(drop_masks, j), hw)
+        state = column(source, state, drop_masks[j] if drop_masks.numel() else None, hw, counts[j])
     return state
+
+
+def run_buffer_of(t: Tensor) -> Optional[RunBuffer]:
+    """The :class:`RunBuffer` behind an output of :func:`run_reversible` (for tests and debugging)."""
+    fn = t.grad_fn
+    return getattr(fn, "run", None)

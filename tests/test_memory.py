@@ -1,10 +1,19 @@
-"""Activation memory, measured as bytes handed to autograd's saved-tensor hooks."""
+"""Activation memory: saved-tensor bytes, and the live-bytes peak of forward + backward."""
 import pytest
 import timm
 import torch
 
 import revcolv2  # noqa: F401
+from revcolv2.memory import LiveBytes, activation_peak_per_image
 from revcolv2.model import RevColV2
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def saved_bytes(model, x):
@@ -21,9 +30,9 @@ def saved_bytes(model, x):
     return total
 
 
-def _model(nb, nt, reversible):
+def _model(nb, nt, reversible, dim=64):
     torch.manual_seed(0)
-    return RevColV2(embed_dim=64, num_heads=2, num_classes=10, num_bu_columns=nb, num_td_columns=nt,
+    return RevColV2(embed_dim=dim, num_heads=2, num_classes=10, num_bu_columns=nb, num_td_columns=nt,
                     drop_path_rate=0.1, reversible=reversible).train()
 
 
@@ -45,3 +54,40 @@ def test_base_reversible_saves_5x_less_than_plain():
     model.reversible = True
     rev = saved_bytes(model, x)
     assert plain >= 5 * rev, (plain, rev)
+
+
+def test_live_bytes_tracker_counts_creations_and_frees():
+    with LiveBytes() as m:
+        a = torch.empty(1000, dtype=torch.float32)      # 4000 B
+        b = torch.empty(500, dtype=torch.float64)       # 4000 B
+        v = a[:10]                                      # a view: no new storage
+        del b
+        c = torch.empty(250, dtype=torch.float32)       # 1000 B
+    assert (m.peak, m.live) == (8000, 5000)
+    del a, v, c
+
+
+def _peak_per_image(model):
+    """Per-image activation peak of one bf16-autocast training step, in level-tensor units
+    (one (N, D) fp32 level of one image)."""
+    def step(batch):
+        torch.manual_seed(1)
+        x = torch.randn(batch, 3, 64, 64)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+
+    level_bytes = (64 // 16) ** 2 * model.embed_dim * 4
+    return activation_peak_per_image(step) / level_bytes
+
+
+def test_reversible_backward_peak_is_constant_in_columns():
+    """The peak includes the backward (which saved-tensor counts cannot see). Reversible: about
+    31 level tensors per image with 2 TD columns whatever the number of BU columns (one
+    level's F graph and its gradients, the stored last states, the rebuilt states); keeping
+    every column's state alive would add 4 per column. Plain autograd grows with the columns."""
+    rev_small, rev_big = _peak_per_image(_model(2, 2, True)), _peak_per_image(_model(6, 2, True))
+    plain_small, plain_big = _peak_per_image(_model(2, 2, False)), _peak_per_image(_model(6, 2, False))
+    assert rev_big <= rev_small + 1.0, (rev_small, rev_big)
+    assert rev_big <= 34, rev_big
+    assert plain_big > 1.8 * plain_small and plain_small > 1.5 * rev_small, (plain_small, plain_big, rev_small)

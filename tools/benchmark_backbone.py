@@ -1,19 +1,29 @@
 #!/usr/bin/env python
-"""Training-step throughput and memory: RevColV2-B (reversible, plain) vs timm ViT-B/16.
+"""Classification training step: RevColV2-B (reversible, plain) vs timm ViT-B/16 (with and
+without ``set_grad_checkpointing()``), eager and compiled, in one invocation.
 
-All four run in one invocation with the same batch, resolution and precision:
-  revcolv2_base reversible | revcolv2_base plain | vit_base_patch16_224 | same + grad checkpointing
-A step is forward + cross-entropy + backward + AdamW step. Each model runs in its own
-subprocess so that peak-memory figures do not leak between models.
+A step is forward + cross-entropy + backward + AdamW step, for every row: the same batch,
+resolution, drop path (0.1), optimizer (AdamW, foreach), precision (bf16 autocast on CUDA
+and in the CPU analysis; fp32 timing on CPU) and warm-up. Every (row, batch) pair runs in a
+fresh process, so no row inherits another's allocator state, compiled kernels or memory
+peak.
 
-Memory: on CUDA, torch.cuda.max_memory_allocated over the timed steps; on CPU the
-activation bytes that autograd saves for backward (saved-tensor hooks, weights excluded),
-the peak of live tensor bytes added by one forward + backward (profiler memory events),
-and the process's peak RSS (which includes weights and optimizer state). On CPU, speed
-ratios use process CPU time, which other load on the machine does not inflate.
+Columns: img/s and ms/step (wall), host CPU-s/step (a row whose host time is close to its
+wall time is launch-bound: the GPU waits for Python, and img/s then measures overhead, not
+the GPU), peak memory (CUDA: ``torch.cuda.max_memory_allocated`` over the timed steps,
+weights + grads + AdamW state included), and three device-independent columns measured in
+bf16 autocast: activation peak per image (live-bytes tracker, (peak at batch 6 - peak at
+batch 2) / 4), GFLOPs per image of forward + backward (``FlopCounterMode``: 2 FLOPs per
+multiply-add) and block forward evaluations per step.
 
-    python tools/benchmark_backbone.py                     # CPU: batch 2, fp32
-    python tools/benchmark_backbone.py --batch 64          # CUDA: bf16 autocast when a GPU is present
+Rows (``--rows``; ``--compile`` adds the ``-compiled`` ones):
+  vit, vit-ckpt, plain, rev                       eager
+  vit-compiled, vit-ckpt-compiled, plain-compiled torch.compile(model)
+  rev-compiled                                    reversible, model.compile_levels()
+
+    python tools/benchmark_backbone.py --variant revcolv2_tiny --batch-sizes 2    # quick CPU check
+    python tools/benchmark_backbone.py --device cpu --report                       # CPU, appends the table
+    python tools/benchmark_backbone.py --device cuda --batch-sizes 128,512 --compile
 """
 import json
 import os
@@ -23,104 +33,140 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-MODELS = {
-    "RevColV2-B reversible": ("revcolv2_base", dict(reversible=True)),
-    "RevColV2-B plain": ("revcolv2_base", dict(reversible=False)),
-    "ViT-B/16 (timm)": ("vit_base_patch16_224", {}),
-    "ViT-B/16 (timm) + grad ckpt": ("vit_base_patch16_224", {"grad_ckpt": True}),
+ROWS = {
+    "vit": "ViT-B/16 (timm)",
+    "vit-ckpt": "ViT-B/16 (timm) + set_grad_checkpointing()",
+    "plain": "RevColV2 plain",
+    "rev": "RevColV2 reversible",
+    "vit-compiled": "ViT-B/16 (timm), compiled",
+    "vit-ckpt-compiled": "ViT-B/16 (timm) + grad ckpt, compiled",
+    "plain-compiled": "RevColV2 plain, compiled",
+    "rev-compiled": "RevColV2 reversible, compiled levels",
 }
+MEMORY_SAVING = {"vit-ckpt", "rev", "vit-ckpt-compiled", "rev-compiled"}
+DROP_PATH = 0.1
+# the ViT of the same width as each preset (a quick check with revcolv2_tiny uses ViT-Ti)
+VIT_OF = {"revcolv2_tiny": "vit_tiny_patch16_224", "revcolv2_base": "vit_base_patch16_224",
+          "revcolv2_large": "vit_large_patch16_224"}
 
 
-def worker(args) -> dict:
+def build(key: str, variant: str, img_size: int, device: str) -> torch.nn.Module:
     import timm
 
     import revcolv2  # noqa: F401  (registers the presets with timm)
-    from revcolv2.bench import SavedActivations, cpu_peak_bytes, peak_rss_mb, timed
 
-    name, kwargs = MODELS[args.worker]
-    kwargs = dict(kwargs)
-    grad_ckpt = kwargs.pop("grad_ckpt", False)
-    device = args.device
+    base = key.replace("-compiled", "")
+    if base.startswith("vit"):
+        model = timm.create_model(VIT_OF.get(variant, "vit_base_patch16_224"), num_classes=1000, img_size=img_size,
+                                  drop_path_rate=DROP_PATH)
+        model.set_grad_checkpointing(base == "vit-ckpt")
+    else:
+        model = timm.create_model(variant, num_classes=1000, img_size=img_size, drop_path_rate=DROP_PATH,
+                                  reversible=base == "rev")
+    model = model.to(device).train()
+    if key == "rev-compiled":
+        model.compile_levels()
+    elif key.endswith("-compiled"):
+        model = torch.compile(model)
+    return model
+
+
+def worker(args) -> dict:
+    from revcolv2.bench import analyze_training_step, step_worker_result
+
+    device, cuda = args.device, args.device.startswith("cuda")
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=1000, drop_path_rate=0.1, **kwargs).to(device).train()
-    if grad_ckpt:
-        model.set_grad_checkpointing(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model = build(args.worker, args.variant, args.img_size, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+
+    def loss_at(batch: int, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        x = torch.randn(batch, 3, args.img_size, args.img_size, generator=g).to(device)
+        y = torch.randint(0, 1000, (batch,), generator=g).to(device)
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+            return torch.nn.functional.cross_entropy(model(x), y)
+
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
-    use_amp = device.startswith("cuda")
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # allocate optimizer state before measuring memory
-    with SavedActivations(model) as saved:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    opt.zero_grad(set_to_none=True)
-    if use_amp:
-        torch.cuda.reset_peak_memory_stats()
-    sec, cpu_sec = timed(step, device, args.warmup, args.iters)
-    out = {"img/s": round(args.batch / sec, 2), "ms/step": round(sec * 1000, 1),
-           "CPU-s/step": round(cpu_sec, 2),
-           "saved activations (MB)": round(saved.total / 2**20, 1)}
-    if use_amp:
-        out["peak GPU mem (GiB)"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    else:
-        def fwd_bwd():
-            torch.nn.functional.cross_entropy(model(x), y).backward()
+    def analysis():
+        if args.no_analysis or args.worker.endswith("-compiled"):
+            return {}
+        return analyze_training_step(model, loss_at)
 
-        fwd_bwd()  # gradient buffers exist (and stay) from here on
-        out["fwd+bwd adds (MB)"] = round(cpu_peak_bytes(fwd_bwd) / 2**20, 1)
-        opt.zero_grad(set_to_none=True)
-        out["peak RSS (MB)"] = round(peak_rss_mb(), 0)
+    out = step_worker_result(step, analysis, device, args.batch, args.warmup, args.iters)
+    out["params (M)"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
     return out
 
 
 def main():
-    from revcolv2.bench import benchmark_parser, fill_device_defaults
+    from revcolv2.bench import resolve_step_args, step_benchmark_parser
 
-    ap = benchmark_parser(__doc__, MODELS)
-    ap.add_argument("--img-size", type=int, default=224)
+    ap = step_benchmark_parser(__doc__, ROWS, ["vit", "vit-ckpt", "plain", "rev"], "128,512")
     args = ap.parse_args()
-    # batch 2 on CPU, 64 on CUDA
-    cuda = fill_device_defaults(args, batch=(2, 64), warmup=(1, 5), iters=(3, 20))
-
+    keys = resolve_step_args(args, ROWS)
+    cuda = args.device.startswith("cuda")
     if args.worker:
         print("RESULT " + json.dumps(worker(args)))
         return
 
-    from revcolv2.bench import append_report, markdown_table, run_workers
+    from revcolv2.bench import append_report, markdown_table, run_step_workers
 
-    rows = run_workers(__file__, list(MODELS), ["--batch", args.batch, "--img-size", args.img_size,
-                                                "--warmup", args.warmup, "--iters", args.iters,
-                                                "--device", args.device], "benchmark_backbone")
-    # on a CPU, speed ratios use process CPU time, which other load on the machine does not inflate
-    vit = rows[2]
-    for r in rows:
-        ratio = r["img/s"] / vit["img/s"] if cuda else vit["CPU-s/step"] / r["CPU-s/step"]
-        r["speed vs ViT-B"] = f"{ratio:.2f}x"
-    mem_cols = ["peak GPU mem (GiB)"] if cuda else ["fwd+bwd adds (MB)", "peak RSS (MB)"]
-    cols = ["model", "img/s", "ms/step", "CPU-s/step", "speed vs ViT-B", "saved activations (MB)", *mem_cols]
-    table = markdown_table(rows, cols)
-    precision = "bf16 autocast" if cuda else "fp32"
-    body = (f"Training step (forward + CE + backward + AdamW), batch {args.batch}, "
-            f"{args.img_size}x{args.img_size}, {precision}, drop path 0.1, "
-            f"{args.warmup} warm-up + {args.iters} timed steps.\n\n{table}\n")
-    if not cuda:
-        body += ("\nCPU run: throughput ratios on 2 cores are not GPU ratios; the GPU targets "
-                 "(plain >= 0.95x ViT-B, reversible >= ViT-B+ckpt speed at <= its peak memory) "
-                 "need this script on a CUDA machine.\n")
+    batches = [int(b) for b in (args.batch_sizes or ("128,512" if cuda else "2")).split(",")]
+    # the analysis columns do not depend on the batch: measured in the first batch size's jobs only
+    # larger batches: only the memory-saving eager rows (compiling costs ~1 min a row), unless --all-batches
+    jobs = [(k, b, [] if b == batches[0] and not args.no_analysis else ["--no-analysis"])
+            for b in batches for k in keys
+            if b == batches[0] or args.all_batches or (k in MEMORY_SAVING and not k.endswith("-compiled"))]
+    common = ["--device", args.device, "--img-size", args.img_size, "--warmup", args.warmup, "--iters", args.iters,
+              "--variant", args.variant]
+    rows = run_step_workers(__file__, jobs, common, args.worker_timeout, "benchmark_backbone")
+    table = summarize(rows, args.variant, cuda)
+    precision = "bf16 autocast" if cuda else "fp32 timing, bf16-autocast analysis columns"
+    body = (f"Classification training step (forward + CE + backward + AdamW), {args.img_size}x{args.img_size}, "
+            f"{precision}, drop path {DROP_PATH}, {args.warmup} warm-up + {args.iters} timed steps, one process per "
+            f"row and batch.\n\n{table}\n")
     print(table)
-    if not args.no_report:
+    if args.report:
         command = "python tools/benchmark_backbone.py " + " ".join(sys.argv[1:])
-        append_report(args.report, "Backbone training step: RevColV2-B vs ViT-B/16", command.strip(), args.device, body)
+        append_report(args.report, f"Backbone training step: {args.variant} vs ViT-B/16", command.strip(),
+                      args.device, body)
         print(f"appended to {args.report}")
+
+
+def summarize(rows, variant: str, cuda: bool) -> str:
+    """Markdown table with speed and memory relative to ViT-B (+ checkpointing) at the same batch."""
+    from revcolv2.bench import markdown_table
+
+    by = {(r["key"], r["batch"]): r for r in rows}
+    speed = "img/s" if cuda else "host CPU-s/step"
+    vit = VIT_OF.get(variant, "vit_base_patch16_224")
+    for r in rows:
+        r["model"] = ROWS[r["key"]].replace("RevColV2", variant).replace("ViT-B/16", vit)
+        if "error" in r:
+            continue
+        comp = "-compiled" if r["key"].endswith("-compiled") else ""
+        for ref_key, col in (("vit" + comp, "speed vs ViT-B"), ("vit-ckpt" + comp, "speed vs ViT-B+ckpt")):
+            ref = by.get((ref_key, r["batch"]))
+            if ref and "error" not in ref:
+                ratio = r["img/s"] / ref["img/s"] if cuda else ref[speed] / r[speed]
+                r[col] = f"{ratio:.2f}x"
+        ref = by.get(("vit-ckpt" + comp, r["batch"]))
+        mem = "peak GiB" if cuda else None
+        if mem and ref and "error" not in ref:
+            r["memory vs ViT-B+ckpt"] = f"{r[mem] / ref[mem]:.2f}x"
+    cols = ["model", "batch", "img/s", "ms/step", "host CPU-s/step", "speed vs ViT-B", "speed vs ViT-B+ckpt"]
+    cols += ["peak GiB", "memory vs ViT-B+ckpt"] if cuda else ["peak RSS (MB)"]
+    cols += ["act peak (MB/img)", "GFLOPs/img (fwd+bwd)", "block evals/step", "params (M)", "error"]
+    cols = [c for c in cols if any(c in r for r in rows) or c == "model"]
+    return markdown_table(rows, cols)
 
 
 if __name__ == "__main__":

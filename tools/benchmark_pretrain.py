@@ -1,23 +1,26 @@
 #!/usr/bin/env python
-"""MIM pre-training step: RevColV2-B (reversible, plain) vs MAE ViT-B/16, in one run.
+"""MIM pre-training step: RevColV2-B (reversible, plain) vs MAE ViT-B/16, eager and compiled.
 
-A step is masking (ratio 0.75) + forward + masked-patch MSE + backward + AdamW step, the
-same batch, resolution and precision for every model (bf16 autocast on CUDA, fp32 on CPU).
-The MAE baseline is written here from timm's ViT blocks: a 12-block 768-wide encoder on the
-25% visible tokens (+ class token), an 8-block 512-wide decoder on all tokens, as in
-MAE's ``mae_vit_base_patch16_dec512d8b``. Each model runs in its own subprocess, so that
-peak-memory figures do not leak between models.
+A step is masking (ratio 0.75) + forward + masked-patch MSE + backward + AdamW step, with
+the same batch, resolution, optimizer (AdamW betas (0.9, 0.95), foreach), precision (bf16
+autocast on CUDA and in the CPU analysis columns; fp32 timing on CPU) and warm-up for every
+row. The MAE baseline is written here from timm's ViT blocks: a 12-block 768-wide encoder
+on the 25% visible tokens (+ class token), an 8-block 512-wide decoder on all tokens, as in
+MAE's ``mae_vit_base_patch16_dec512d8b``. Every (row, batch) pair runs in a fresh process.
 
-Memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps (weights, grads
-and AdamW state included) and the same minus the memory held between steps ("step adds":
-activations and temporaries). On CPU, "fwd+bwd adds" is the peak of live tensor bytes
-allocated during one forward + backward with the gradient buffers already allocated (the
-profiler's allocator events summed in time order: activations and temporaries, including
-the reversible backward's one-column rebuild), next to the bytes autograd saves for
-backward during one forward (saved-tensor hooks) and the process's peak RSS.
+Columns as in ``tools/benchmark_backbone.py``: img/s, ms/step, host CPU-s/step, peak memory
+(CUDA: ``torch.cuda.max_memory_allocated``, weights + grads + AdamW state included), and the
+device-independent activation peak per image, GFLOPs per image (forward + backward,
+FlopCounterMode) and block forward evaluations per step.
 
-    python tools/benchmark_pretrain.py                  # CPU: batch 2, fp32, 1 + 3 steps
-    python tools/benchmark_pretrain.py --batch 128      # CUDA: bf16 autocast
+Rows (``--rows``; ``--compile`` adds the ``-compiled`` ones):
+  mae, plain, rev                                  eager
+  mae-compiled, plain-compiled                     torch.compile(model)
+  rev-compiled                                     reversible, model.compile_levels()
+
+    python tools/benchmark_pretrain.py --variant revcolv2_tiny --batch-sizes 2     # quick CPU check
+    python tools/benchmark_pretrain.py --device cpu --report                        # CPU, appends the table
+    python tools/benchmark_pretrain.py --device cuda --batch-sizes 256 --compile
 """
 import json
 import os
@@ -29,7 +32,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-MODELS = ["RevColV2-B reversible", "RevColV2-B plain", "MAE ViT-B/16"]
+ROWS = {
+    "mae": "MAE ViT-B/16",
+    "plain": "RevColV2 plain",
+    "rev": "RevColV2 reversible",
+    "mae-compiled": "MAE ViT-B/16, compiled",
+    "plain-compiled": "RevColV2 plain, compiled",
+    "rev-compiled": "RevColV2 reversible, compiled levels",
+}
+# MAE of the same width as each preset (the tiny one for quick checks only)
+MAE_OF = {"revcolv2_tiny": dict(dim=192, heads=3, dec_dim=128, dec_depth=2, dec_heads=4)}
 
 
 class MAEViT(nn.Module):
@@ -84,110 +96,101 @@ class MAEViT(nn.Module):
         return RevColV2MIM.masked_mse(pred, (target - mean) / (var + 1e-6) ** 0.5, mask)
 
 
-def build(label: str, img_size: int) -> nn.Module:
+def build(key: str, variant: str, img_size: int, device: str) -> nn.Module:
     from revcolv2.mim import create_mim_model
 
-    if label == "MAE ViT-B/16":
-        return MAEViT(img_size)
-    return create_mim_model("revcolv2_base", img_size=img_size, reversible=label.endswith("reversible"))
+    base = key.replace("-compiled", "")
+    if base == "mae":
+        model = MAEViT(img_size, **MAE_OF.get(variant, {}))
+    else:
+        model = create_mim_model(variant, img_size=img_size, reversible=base == "rev")
+    model = model.to(device).train()
+    if key == "rev-compiled":
+        model.compile_levels()
+    elif key.endswith("-compiled"):
+        model = torch.compile(model)
+    return model
 
 
 def worker(args) -> dict:
-    from revcolv2.bench import SavedActivations, cpu_peak_bytes, peak_rss_mb, timed
+    from revcolv2.bench import analyze_training_step, step_worker_result
 
     device, cuda = args.device, args.device.startswith("cuda")
     torch.manual_seed(0)
-    model = build(args.worker, args.img_size).to(device).train()
+    model = build(args.worker, args.variant, args.img_size, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
 
-    def loss_of(m):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            out = m(x)
+    def loss_of(x, amp: bool):
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
         return out["loss"] if isinstance(out, dict) else out
 
+    def loss_at(batch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return loss_of(torch.randn(batch, 3, args.img_size, args.img_size, generator=g).to(device), True)
+
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+
     def step():
-        loss_of(model).backward()
+        loss_of(x, cuda).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # allocate the optimizer state before measuring
-    with SavedActivations(model) as saved:
-        loss = loss_of(model)
-    loss.backward()
-    opt.zero_grad(set_to_none=True)
-    out = {"params (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
-    if cuda:
-        torch.cuda.synchronize()
-        static = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    sec, cpu_sec = timed(step, device, args.warmup, args.iters)
-    out.update({"img/s": round(args.batch / sec, 2), "ms/step": round(sec * 1000, 1),
-                "CPU-s/step": round(cpu_sec, 2),
-                "saved activations (MB)": round(saved.total / 2 ** 20, 1)})
-    if cuda:
-        peak = torch.cuda.max_memory_allocated()
-        out["peak GPU mem (GiB)"] = round(peak / 2 ** 30, 2)
-        out["step adds (GiB)"] = round((peak - static) / 2 ** 30, 2)
-    else:
-        loss_of(model).backward()  # gradient buffers exist (and stay) from here on
-        opt.zero_grad(set_to_none=False)
-        out["fwd+bwd adds (MB)"] = round(cpu_peak_bytes(lambda: loss_of(model).backward()) / 2 ** 20, 1)
-        out["peak RSS (MB)"] = round(peak_rss_mb(), 0)
+    def analysis():
+        if args.no_analysis or args.worker.endswith("-compiled"):
+            return {}
+        return analyze_training_step(model, loss_at)
+
+    out = step_worker_result(step, analysis, device, args.batch, args.warmup, args.iters)
+    out["params (M)"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
     return out
 
 
 def main():
-    from revcolv2.bench import benchmark_parser, fill_device_defaults
+    from revcolv2.bench import resolve_step_args, step_benchmark_parser
 
-    ap = benchmark_parser(__doc__, MODELS)
-    ap.add_argument("--img-size", type=int, default=224)
+    ap = step_benchmark_parser(__doc__, ROWS, ["mae", "plain", "rev"], "256")
     args = ap.parse_args()
-    # batch 2 on CPU, 128 on CUDA
-    cuda = fill_device_defaults(args, batch=(2, 128), warmup=(1, 5), iters=(3, 20))
-
+    keys = resolve_step_args(args, ROWS)
+    cuda = args.device.startswith("cuda")
     if args.worker:
         print("RESULT " + json.dumps(worker(args)))
         return
 
-    from revcolv2.bench import append_report, markdown_table, run_workers
+    from revcolv2.bench import append_report, markdown_table, run_step_workers
 
-    rows = run_workers(__file__, MODELS, ["--batch", args.batch, "--img-size", args.img_size,
-                                          "--warmup", args.warmup, "--iters", args.iters,
-                                          "--device", args.device], "benchmark_pretrain")
-    mae = rows[-1]
-    mem_col = "peak GPU mem (GiB)" if cuda else "fwd+bwd adds (MB)"
+    batches = [int(b) for b in (args.batch_sizes or ("256" if cuda else "2")).split(",")]
+    jobs = [(k, b, [] if b == batches[0] and not args.no_analysis else ["--no-analysis"])
+            for b in batches for k in keys if b == batches[0] or args.all_batches or k == "rev"]
+    common = ["--device", args.device, "--img-size", args.img_size, "--warmup", args.warmup, "--iters", args.iters,
+              "--variant", args.variant]
+    rows = run_step_workers(__file__, jobs, common, args.worker_timeout, "benchmark_pretrain")
+    by = {(r["key"], r["batch"]): r for r in rows}
     for r in rows:
-        # on a shared CPU, process CPU time (all threads) is the figure other load does not inflate
-        speed = mae["ms/step"] / r["ms/step"] if cuda else mae["CPU-s/step"] / r["CPU-s/step"]
-        r["speed vs MAE"] = f"{speed:.2f}x"
-        r["memory vs MAE"] = f"{r[mem_col] / mae[mem_col]:.2f}x"
-    cols = ["model", "params (M)", "img/s", "ms/step"] + ([] if cuda else ["CPU-s/step"])
-    cols += ["speed vs MAE", "saved activations (MB)"]
-    cols += ["peak GPU mem (GiB)", "step adds (GiB)"] if cuda else ["fwd+bwd adds (MB)", "peak RSS (MB)"]
-    cols += ["memory vs MAE"]
+        r["model"] = ROWS[r["key"]].replace("RevColV2", args.variant)
+        if args.variant in MAE_OF:
+            r["model"] = r["model"].replace("MAE ViT-B/16", f"MAE ViT ({args.variant} width)")
+        mae = by.get(("mae-compiled" if r["key"].endswith("-compiled") else "mae", r["batch"]))
+        if "error" in r or not mae or "error" in mae:
+            continue
+        r["speed vs MAE"] = (f"{r['img/s'] / mae['img/s']:.2f}x" if cuda
+                             else f"{mae['host CPU-s/step'] / r['host CPU-s/step']:.2f}x")
+        if cuda:
+            r["memory vs MAE"] = f"{r['peak GiB'] / mae['peak GiB']:.2f}x"
+    cols = ["model", "batch", "img/s", "ms/step", "host CPU-s/step", "speed vs MAE"]
+    cols += ["peak GiB", "memory vs MAE"] if cuda else ["peak RSS (MB)"]
+    cols += ["act peak (MB/img)", "GFLOPs/img (fwd+bwd)", "block evals/step", "params (M)", "error"]
+    cols = [c for c in cols if c == "model" or any(c in r for r in rows)]
     table = markdown_table(rows, cols)
-    precision = "bf16 autocast" if cuda else "fp32"
-    plain, rev = rows[1], rows[0]
-    verdict = (f"Targets (GPU): plain >= 0.9x MAE img/s -> {plain['speed vs MAE']}; reversible <= 0.5x MAE "
-               f"peak memory -> {rev['memory vs MAE']}.")
-    body = (f"MIM pre-training step (mask 0.75, forward + masked MSE + backward + AdamW), batch {args.batch}, "
-            f"{args.img_size}x{args.img_size}, {precision}, no drop path, {args.warmup} warm-up + "
-            f"{args.iters} timed steps. \"speed vs MAE\" compares "
-            f"{'wall time' if cuda else 'process CPU seconds'} per step, \"memory vs MAE\" {mem_col}."
-            f"\n\n{table}\n\n"
-            + (verdict if cuda else
-               "CPU run: 2-core speed ratios are not GPU ratios, and \"memory vs MAE\" compares what forward + "
-               "backward add (activations and temporaries, not weights, gradients or optimizer state). The "
-               "reversible figure includes the parameter gradients that the reversible engine holds for a whole "
-               "run of columns until it returns them (about the BU columns' size, 240 MB in fp32), which "
-               "dominates at a small batch. The GPU targets (plain >= 0.9x MAE img/s, reversible <= 0.5x MAE "
-               "peak memory at the same batch) need this script on CUDA.")
-            + "\n")
+    precision = "bf16 autocast" if cuda else "fp32 timing, bf16-autocast analysis columns"
+    body = (f"MIM pre-training step (mask 0.75, forward + masked MSE + backward + AdamW), "
+            f"{args.img_size}x{args.img_size}, {precision}, no drop path, {args.warmup} warm-up + {args.iters} "
+            f"timed steps, one process per row and batch. On CPU \"speed vs MAE\" compares host CPU seconds per "
+            f"step.\n\n{table}\n")
     print(table)
-    if not args.no_report:
+    if args.report:
         command = "python tools/benchmark_pretrain.py " + " ".join(sys.argv[1:])
-        append_report(args.report, "MIM pre-training step: RevColV2-B vs MAE ViT-B/16", command.strip(),
+        append_report(args.report, f"MIM pre-training step: {args.variant} vs MAE ViT-B/16", command.strip(),
                       args.device, body)
         print(f"appended to {args.report}")
 

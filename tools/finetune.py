@@ -32,7 +32,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa
 from timm.utils import ModelEmaV3  # noqa: E402
 
 import revcolv2  # noqa: E402,F401  (registers the models with timm)
-from revcolv2.classification import ClassificationTrainer, evaluate_checkpoint, load_pretrained  # noqa: E402
+from revcolv2.classification import (  # noqa: E402
+    ClassificationTrainer, evaluate_checkpoint, freeze_unused_levels, load_pretrained,
+)
 from revcolv2.data import RobustImageFolder, check_same_classes, pillow_safe_randaugment  # noqa: E402
 from revcolv2.train_utils import (  # noqa: E402
     IMAGENET_MEAN, IMAGENET_STD, check_output_dir, find_resume_checkpoint, init_distributed, load_config,
@@ -126,6 +128,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     batch = o_cfg["batch_size"]
     lr = o_cfg["base_lr"] * batch / 256
+    freeze_unused_levels(model, verbose=info.is_main)  # before the optimizer: no state, no decay for them
     groups = param_groups_layer_decay(model, o_cfg["weight_decay"], o_cfg["layer_decay"], model.no_weight_decay())
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(o_cfg["betas"]))
 
@@ -154,8 +157,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         effective_batch=batch, micro_batch=micro, epochs=s_cfg["epochs"], warmup_epochs=s_cfg["warmup_epochs"],
         min_lr=s_cfg["min_lr"], amp=t_cfg["amp"], num_workers=num_workers, seed=args.seed,
         log_every=t_cfg["log_every"], clip_grad=o_cfg.get("clip_grad"), config=cfg, name="finetune",
-        # levels 0-2 of the last TD column do not feed the top-level classifier
-        find_unused_parameters=True,
+        # the levels that do not feed the top-level classifier are frozen above
+        find_unused_parameters=False,
         val_dataset=val_set, criterion=criterion, mixup=mixup, ema=ema, eval_batch=t_cfg["eval_batch"],
     )
     resume = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Parameters and GFLOPs of every RevColV2 preset at 224x224 (fine-tuning mode, 1000 classes).
 
-FLOPs follow the paper's convention (one multiply-add = one FLOP; fvcore), counting every
-op the eager forward runs.
+FLOPs follow the paper's convention (one multiply-add = one FLOP; fvcore). "GFLOPs" counts
+every block (all levels of the last column, as the paper does); "GFLOPs run (cls)" counts
+what a classification forward executes, where the levels that cannot reach the top level
+of the last TD column are skipped.
 
     python tools/model_stats.py            # table
-    python tools/model_stats.py --json     # [{"model": ..., "params_m": ..., "gflops": ...}, ...]
+    python tools/model_stats.py --json     # [{"model": ..., "params_m": ..., "gflops": ..., "gflops_cls": ...}]
 """
 import argparse
 import json
@@ -36,16 +38,18 @@ def main():
             "model": name,
             "params_m": round(count_params(model), 3),
             "gflops": round(count_flops(model, args.img_size), 3),
+            "gflops_cls": round(count_flops(model, args.img_size, executed=True), 3),
         })
         del model
     if args.json:
         print(json.dumps(rows))
         return
-    print(f"{'model':<16}{'params (M)':>12}{'GFLOPs':>10}{'paper params':>14}{'paper GFLOPs':>14}")
+    print(f"{'model':<16}{'params (M)':>12}{'GFLOPs':>10}{'GFLOPs run (cls)':>18}{'paper params':>14}"
+          f"{'paper GFLOPs':>14}")
     for r in rows:
         p = PAPER.get(r["model"])
         paper = f"{p[0]:>14.0f}{p[1]:>14.0f}" if p else f"{'-':>14}{'-':>14}"
-        print(f"{r['model']:<16}{r['params_m']:>12.1f}{r['gflops']:>10.2f}{paper}")
+        print(f"{r['model']:<16}{r['params_m']:>12.1f}{r['gflops']:>10.2f}{r['gflops_cls']:>18.2f}{paper}")
 
 
 if __name__ == "__main__":

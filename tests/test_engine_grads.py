@@ -1,0 +1,215 @@
+"""Reversible engine v2: exact gradients, skipped levels, buffer hygiene, hook order, errors."""
+import pytest
+import torch
+
+from revcolv2.mim import RevColV2MIM
+from revcolv2.model import Block, RevColV2
+from revcolv2.reversible import run_buffer_of
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops on a shared 2-core machine: one thread avoids OpenMP contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+CFG = dict(embed_dim=32, num_heads=2, num_classes=7, num_bu_columns=2, blocks_per_level=2, drop_path_rate=0.3)
+
+
+def _model(td, window, mim=False, **kw):
+    cfg = dict(CFG, num_td_columns=td, window_size=window, global_attn_indexes=(1, 6) if window else ())
+    cfg.update(kw)
+    torch.manual_seed(0)
+    model = RevColV2MIM(**cfg) if mim else RevColV2(**cfg)
+    return model.double().train()
+
+
+def _loss_all_levels(model, x):
+    bu, td, _ = model.forward_columns(x)  # every level of both runs
+    feats, bu = list(td), list(bu)
+    return model.forward_head(feats[-1]).square().sum() + sum((f * f).mean() for f in feats + bu)
+
+
+def _loss_classification(model, x):
+    return model(x).square().sum()
+
+
+def _loss_classification_unpruned(model, x):
+    """Logits from all levels of the last column: the levels below the top run but get no gradient."""
+    return model.forward_head(model.forward_columns(x)[1][-1]).square().sum()
+
+
+def _loss_mim(model, x):
+    ids_keep = torch.tensor([[0, 2, 5, 7, 9, 10], [1, 2, 3, 8, 11, 12]])
+    return model(x, ids_keep=ids_keep)["loss"]
+
+
+LOSSES = {"all": _loss_all_levels, "cls": _loss_classification, "cls_unpruned": _loss_classification_unpruned,
+          "mim": _loss_mim}
+
+
+def _grads(model, loss_fn, x, reversible, seed=0):
+    model.reversible = reversible
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # same drop-path draws in both modes
+    loss = loss_fn(model, x)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("td", [1, 2])
+@pytest.mark.parametrize("window", [0, 2])
+def test_float64_gradients_equal_plain_autograd(loss, td, window):
+    model = _model(td, window, mim=loss == "mim")
+    x = torch.randn(2, 3, 64, 64 if loss == "mim" else 80, dtype=torch.float64)
+    loss_r, g_r = _grads(model, LOSSES[loss], x, True)
+    loss_p, g_p = _grads(model, LOSSES[loss], x, False)
+    assert torch.allclose(loss_r, loss_p, rtol=1e-12, atol=0)
+    none_r = {n for n, g in g_r.items() if g is None}
+    none_p = {n for n, g in g_p.items() if g is None}
+    assert none_r == none_p
+    if loss == "cls":  # the levels below the top of the last TD column did not run
+        dead = {f"columns.{j}.levels.{l}." for j, l in model.unused_levels((model.num_levels - 1,))}
+        # last TD column: levels 0-2; with 2 TD columns the one before also skips levels 0-1
+        assert len(dead) == (3 if td == 1 else 5)
+        assert {n for n in g_p if n.startswith(tuple(dead))} <= none_p
+    for name, g in g_p.items():
+        if g is not None:
+            assert _rel(g_r[name], g) < 1e-8, name
+
+
+def test_forward_skips_dead_levels_with_identical_logits():
+    """forward() runs only what the top level needs: same logits (drop path included), fewer blocks."""
+    model = _model(2, 0)
+    calls = []
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    torch.manual_seed(3)
+    full = model.forward_head(model.forward_columns(x)[1][-1])
+    n_full, calls[:] = len(calls), []
+    torch.manual_seed(3)
+    pruned = model(x)
+    assert torch.equal(full, pruned)
+    # 2 BU + 2 TD columns of 4 levels x 2 blocks = 32; the last TD column runs its top level
+    # only, which reads levels 2 and 3 of the TD column before it
+    assert n_full == 32 and len(calls) == 32 - (3 + 2) * 2
+
+
+@pytest.mark.parametrize("reversible", [True, False])
+def test_block_evaluations_per_training_step(reversible):
+    """Plain: one forward per live block. Reversible: one more per live block in backward, no more."""
+    model = _model(1, 0, blocks_per_level=1)
+    model.reversible = reversible
+    calls = []
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.register_forward_hook(lambda *a: calls.append(1))
+    model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).sum().backward()
+    live = 2 * 4 + 1
+    assert len(calls) == (2 * live if reversible else live)
+
+
+def test_run_buffer_is_empty_after_backward_and_second_backward_is_an_error():
+    model = _model(2, 2)
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    bu, td, _ = model.forward_columns(x, td_levels=(3,))
+    assert td[0] is None and td[3] is not None
+    runs = [run_buffer_of(bu[0]), run_buffer_of(td[3])]
+    assert all(r is not None and not r.is_empty() for r in runs)
+    loss = model.forward_head(td[3]).square().sum()
+    loss.backward(retain_graph=True)
+    assert all(r.is_empty() for r in runs)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+def test_modifying_an_output_in_place_is_a_clear_error():
+    model = _model(1, 0)
+    _, td, _ = model.forward_columns(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    with torch.no_grad():
+        td[3].add_(1.0)  # level 3 is the input of level 2: the backward reads it
+    with pytest.raises(RuntimeError, match="modified in place"):
+        sum(t.sum() for t in td).backward()
+
+
+def test_parameter_gradients_arrive_level_by_level():
+    """A level's parameters get their .grad (and fire post-accumulate hooks, which DDP uses to
+    all-reduce early) as soon as that level's backward is done, while the rebuild and
+    backward of the run's earlier levels are still to come."""
+    model = _model(1, 0)
+    evals = []
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.register_forward_hook(lambda *a: evals.append(1))
+    first = model.columns[0].levels[0].blocks[0].mlp.fc1.weight
+    last_bu = model.columns[1].levels[3].blocks[0].mlp.fc1.weight
+    seen = {}
+
+    def hook(p):
+        seen.update(first_pending=first.grad is None, evals=len(evals))
+
+    last_bu.register_post_accumulate_grad_hook(hook)
+    model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).sum().backward()
+    assert seen["first_pending"] and first.grad is not None
+    # block evaluations still to come after the hook: the backward of BU levels below
+    assert len(evals) - seen["evals"] >= 2 * 4 - 1
+
+
+def test_bf16_states_are_fp32_and_rebuilt_in_the_forward_dtype(monkeypatch):
+    """Under bf16 autocast every column state is float32 (the parameters' dtype) in both
+    modes, and each rebuilt state has exactly the dtype the forward produced."""
+    from revcolv2 import reversible as rv
+
+    model = _model(1, 0).float()
+    x = torch.randn(2, 3, 32, 32)
+    checked = []
+    orig = rv.RunBuffer.store
+
+    def store(self, key, t):
+        if key in self.dtypes:
+            assert t.dtype == self.dtypes[key] == torch.float32, key
+            checked.append(key)
+        return orig(self, key, t)
+
+    monkeypatch.setattr(rv.RunBuffer, "store", store)
+    for rev in (True, False):
+        model.reversible = rev
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bu, td, _ = model.forward_columns(x)
+        assert all(t.dtype == torch.float32 for t in bu + td)
+        sum(t.float().mean() for t in td).backward()
+    assert len(checked) > 8  # stored last states and every rebuilt one went through the check
+
+
+def test_linear_probe_runs_no_td_column_and_freezing_names_the_dead_levels():
+    from revcolv2.classification import LinearProbe, freeze_unused_levels
+
+    model = _model(1, 0).float()
+    td_blocks = [m for col in model.td_columns for m in col.modules() if isinstance(m, Block)]
+    calls = []
+    for m in td_blocks:
+        m.register_forward_pre_hook(lambda *a: calls.append(1))
+    probe = LinearProbe(model, num_classes=3).train()
+    x = torch.randn(2, 3, 32, 32)
+    feats = probe.features(x)
+    assert calls == []
+    model.eval()
+    with torch.no_grad():
+        bu, _, _ = model.forward_columns(x)
+    assert torch.equal(feats, bu[-1].mean(dim=1))
+
+    fresh = _model(1, 0)
+    frozen = freeze_unused_levels(fresh)
+    assert frozen and all(n.startswith(("columns.2.levels.0.", "columns.2.levels.1.", "columns.2.levels.2."))
+                          for n in frozen)
+    assert {n for n, p in fresh.named_parameters() if not p.requires_grad} == set(frozen)
