@@ -5,7 +5,7 @@ deformable-attention pixel decoder + masked-attention decoder, Hungarian matchin
 point-sampled losses, clipped layer-decay AdamW, poly schedule, whole-image
 SemSegEvaluator) at a size that trains from scratch on 2 CPU cores: a RevColV2 of width 64
 (2 BU + 1 TD columns, the B layout), a 64-wide head with 2 encoder and 3 decoder layers and
-16 queries, 128x128 crops, batch 8.
+16 queries, 96x96 crops, batch 4.
 
     python tools/lazyconfig_train_net.py \
         --config-file projects/RevColV2/configs/demo/mask2former_revcolv2_tiny_synthetic.py
@@ -20,7 +20,8 @@ from revcolv2_d2.data.ade20k import SYNTHETIC_ADE_CLASSES, PhotometricDistortion
 from ..ADE20K.mask2former_revcolv2_b_160k import dataloader, model, optimizer, train
 
 embed_dim = 64
-crop_size = 128
+crop_size = 96
+test_size = 128  # short side at test time (the synthetic scenes are 96-208 px)
 num_classes = len(SYNTHETIC_ADE_CLASSES)
 
 model.backbone.variant = "revcolv2_tiny"
@@ -37,9 +38,9 @@ _head.encoder_layers = 2
 _head.encoder_feedforward_dim = 128
 _head.decoder_layers = 3
 _head.dim_feedforward = 256
-_head.train_num_points = 1024  # the 32x32 mask logits of a 128 crop
+_head.train_num_points = 576  # the 24x24 mask logits of a 96 crop
 
-# Mask2Former's augmentations scaled to the 96-208 px synthetic scenes (short side 64-256)
+# Mask2Former's augmentations scaled to the 96-208 px synthetic scenes (short side 48-192)
 dataloader.train.dataset.names = "synthetic_ade_train"
 dataloader.train.mapper.num_classes = num_classes
 dataloader.train.mapper.augmentations = [
@@ -53,19 +54,19 @@ dataloader.train.mapper.augmentations = [
     L(PhotometricDistortion)(),
     L(T.RandomFlip)(horizontal=True),
 ]
-dataloader.train.total_batch_size = 8
+dataloader.train.total_batch_size = 4
 dataloader.train.num_workers = 1
 dataloader.test.dataset.names = "synthetic_ade_val"
 dataloader.test.mapper.num_classes = num_classes
-dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=crop_size, max_size=4 * crop_size)]
+dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=test_size, max_size=4 * test_size)]
 dataloader.test.num_workers = 1
 
 train.output_dir = "output/demo_mask2former_synthetic"
 train.device = "cpu"
 train.amp.enabled = False
-train.max_iter = 300
-train.eval_period = 300
-train.checkpointer.period = 300
+train.max_iter = 400
+train.eval_period = 400
+train.checkpointer.period = 400
 train.log_period = 20
 
 # from scratch: a larger learning rate, a short warm-up and no layer decay (it is for
