@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import visualize  # tools/visualize.py, run in this process
+from revcolv2_d2 import visualization as visualize  # what tools/visualize.py runs, in this process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(ROOT, "tools", "lazyconfig_train_net.py")
