@@ -37,6 +37,7 @@ train.ddp.fp16_compression = True
 train.max_iter = 160000  # [paper]; Base yaml SOLVER.MAX_ITER
 train.eval_period = 5000  # Base yaml TEST.EVAL_PERIOD
 train.checkpointer.period = 5000  # detectron2's SOLVER.CHECKPOINT_PERIOD default
+train.checkpointer.max_to_keep = 3  # ours: detectron2 keeps 100; plus model_final.pth
 train.log_period = 50
 
 # Training (Base yaml INPUT, mapper "mask_former_semantic"): short side drawn from
