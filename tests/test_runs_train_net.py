@@ -68,8 +68,10 @@ def test_resume_drops_metrics_past_the_resumed_iteration(root, tmp_path):
     out = str(tmp_path)
     run_tool([TRAIN_NET, *common(out), "train.checkpointer.period=2", "train.max_iter=4"], root)
     assert iterations(out) == [0, 1, 2, 3]
-    # as if killed after iteration 3 was logged but before model_final.pth was written
+    # as if killed after iteration 3 was logged but before model_0000003.pth and
+    # model_final.pth were written (--resume takes the newest readable checkpoint)
     os.remove(os.path.join(out, "model_final.pth"))
+    os.remove(os.path.join(out, "model_0000003.pth"))
     with open(os.path.join(out, "last_checkpoint"), "w") as f:
         f.write("model_0000001.pth")
     proc = run_tool([TRAIN_NET, "--resume", *common(out), "train.checkpointer.period=2", "train.max_iter=4"], root)
