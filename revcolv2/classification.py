@@ -20,7 +20,9 @@ from .checkpoint import (
     PRETRAIN_ONLY_PREFIXES, CheckpointError, LoadReport, check_shapes, load_checkpoint, load_file, save_atomic,
     select_weights, strip_ddp_prefix,
 )
-from .train_utils import Trainer, evaluate, read_best
+from .evaluation import evaluate
+from .run_dir import read_best
+from .trainer import Trainer
 
 # Present in a classifier, absent from a MIM checkpoint (the MIM model has no classifier).
 CLASSIFIER_ONLY_PREFIXES = ("head.", "fc_norm.")

@@ -11,10 +11,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from revcolv2.data import (
-    EpochSampler, RobustImageFolder, SeededSamples, UnreadableImageError, ensure_synthetic_imagenet,
-    generate_synthetic_imagenet, load_rgb, shard_indices,
-)
+from revcolv2.data import EpochSampler, RobustImageFolder, SeededSamples, UnreadableImageError, load_rgb, shard_indices
+from revcolv2.synthetic_imagenet import ensure_synthetic_imagenet, generate_synthetic_imagenet
 from training_helpers import REPO, TINY_MODEL, load_tool, one_thread, tiny_dataset
 
 TO_TENSOR = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from revcolv2.train_utils import RunExistsError, prune_checkpoints, read_best
+from revcolv2.run_dir import prune_checkpoints, read_best, RunExistsError
 from training_helpers import REPO, TINY_MODEL, load_tool, run_tool, tiny_dataset
 
 PRETRAIN = REPO / "configs" / "pretrain" / "revcolv2_tiny_demo.yaml"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from revcolv2.data import generate_synthetic_imagenet
+from revcolv2.synthetic_imagenet import generate_synthetic_imagenet
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -36,11 +36,12 @@ from revcolv2.classification import (  # noqa: E402
     ClassificationTrainer, evaluate_checkpoint, freeze_unused_levels, load_pretrained,
 )
 from revcolv2.data import RobustImageFolder, check_same_classes, pillow_safe_randaugment  # noqa: E402
-from revcolv2.train_utils import (  # noqa: E402
-    IMAGENET_MEAN, IMAGENET_STD, check_output_dir, find_resume_checkpoint, init_distributed, load_config,
-    nonneg_int, num_workers_default, param_groups_layer_decay, positive_int, prepare_data_root,
-    seed_everything, validate_config, write_config,
-)
+from revcolv2.config import load_config, nonneg_int, positive_int, validate_config
+from revcolv2.data import IMAGENET_MEAN, IMAGENET_STD, num_workers_default
+from revcolv2.distributed import init_distributed, prepare_data_root
+from revcolv2.optim import param_groups_layer_decay
+from revcolv2.rng import seed_everything
+from revcolv2.run_dir import check_output_dir, find_resume_checkpoint, write_config
 
 # the numbers of the config, checked before anything runs
 NUMBERS = {

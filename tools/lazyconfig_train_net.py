@@ -53,7 +53,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa
 from detectron2.utils import comm  # noqa: E402
 
 import detectron2.data.build as d2_build  # noqa: E402
-from revcolv2.train_utils import ignore_stop_signals  # noqa: E402
+from revcolv2.signals import ignore_stop_signals
 from revcolv2_d2.checkpoint import RevColV2Checkpointer  # noqa: E402
 from revcolv2_d2.safe_config import load_lazy_config  # noqa: E402
 from revcolv2_d2.data import register_all  # noqa: E402

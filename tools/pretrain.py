@@ -30,11 +30,12 @@ from torchvision.utils import make_grid, save_image  # noqa: E402
 
 from revcolv2.data import RobustImageFolder  # noqa: E402
 from revcolv2.mim import RevColV2MIM, create_mim_model  # noqa: E402
-from revcolv2.train_utils import (  # noqa: E402
-    IMAGENET_MEAN, IMAGENET_STD, Trainer, check_output_dir, find_resume_checkpoint, init_distributed,
-    load_config, nonneg_int, num_workers_default, positive_int, prepare_data_root, seed_everything,
-    validate_config, write_config,
-)
+from revcolv2.config import load_config, nonneg_int, positive_int, validate_config
+from revcolv2.data import IMAGENET_MEAN, IMAGENET_STD, num_workers_default
+from revcolv2.distributed import init_distributed, prepare_data_root
+from revcolv2.rng import seed_everything
+from revcolv2.run_dir import check_output_dir, find_resume_checkpoint, write_config
+from revcolv2.trainer import Trainer
 
 # the numbers of a pre-training config, checked before anything runs
 NUMBERS = {
