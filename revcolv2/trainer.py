@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .amp import amp_dtype, autocast
 from .checkpoint import CheckpointError, load_file, remove_stale_temporaries, save_atomic, write_last_checkpoint
 from .data import EpochSampler, SeededSamples
 from .distributed import DistInfo, all_reduce_sum, barrier
@@ -123,7 +124,8 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, self.total_steps,
                                          int(round(warmup_epochs * self.steps_per_epoch)), min_lr)
 
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.amp = amp
+        self.amp_dtype = amp_dtype(amp)
         self.use_amp = info.device.type == "cuda" and self.amp_dtype is not None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
 
@@ -257,9 +259,7 @@ class Trainer:
         return self.history
 
     def autocast(self):
-        if not self.use_amp:
-            return nullcontext()
-        return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
+        return autocast(self.info.device, self.amp)
 
     def train_step(self, micro_batches) -> float:
         self.ddp_model.train()
