@@ -23,14 +23,13 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .amp import amp_dtype, autocast
 from .checkpoint import CheckpointError, load_file, remove_stale_temporaries, save_atomic, write_last_checkpoint
 from .data import EpochSampler, SeededSamples
-from .distributed import DistInfo, all_reduce_sum, barrier
+from .distributed import DistInfo, agree_on_signal, all_reduce_sum, barrier
 from .optim import build_scheduler
 from .rng import gather_rng_states, seed_everything, set_rng_state
 from .run_dir import LOG_FILE, prune_checkpoints, trim_log
@@ -242,11 +241,7 @@ class Trainer:
         """Whether to stop after this step. Every rank must stop at the same step: the ranks
         agree by an all-reduce (MAX) of the signal number, so a signal seen by one rank
         stops all of them, and every rank then knows which signal it was."""
-        signum = self._stop_requested
-        if self.info.enabled:
-            flag = torch.tensor([float(signum)], device=self.info.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            signum = int(flag.item())
+        signum = agree_on_signal(self._stop_requested, self.info)
         self._stop_signal = signum
         return bool(signum) or (stop_at_step is not None and self.step >= stop_at_step)
 
