@@ -22,8 +22,11 @@ $(STAMP): requirements.txt setup.py
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# a second `make demo` into the same OUTPUT stops with a message: pass DEMO_ARGS=--resume
+# (continue that run) or DEMO_ARGS=--overwrite (train again), or another OUTPUT=...
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(PY) tools/demo.py --output $(OUTPUT)
+	$(PY) tools/demo.py --output $(OUTPUT) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

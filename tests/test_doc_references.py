@@ -8,7 +8,7 @@ exists relative to the repository root, to the citing file's folder, or to the
 detectron2 project folder (whose configs are cited as ``configs/COCO/...``); a bare name
 resolves if some tracked file has that name. Configs may also be cited relative to the
 project's ``configs/`` folder, and detectron2's own configs as ``common/...``. Patterns (``{b,l}``, ``*``, ``<name>``),
-absolute paths, URLs, files that runs write (under ``output/``, ``datasets/``) and quoted
+absolute paths, URLs, another repository's files written ``owner/repo:path``, files that runs write (under ``output/``, ``datasets/``) and quoted
 file names in code (``"config.yaml"``) are not references to repository files.
 """
 import importlib.util
@@ -29,7 +29,7 @@ if _D2 is not None and _D2.submodule_search_locations:
 SCANNED = (".md", ".py", ".txt")
 _EXT = r"(?:py|md|txt|yaml|yml|sh|ini|cfg|toml)"
 # a path-like token: segments of word characters, dots and dashes joined by '/', with an extension
-_PATH = re.compile(r"(?<![\w/.$<>{}*\]-])((?:[\w.-]+/)*[\w.-]+\." + _EXT + r")(?![\w/{}*])")
+_PATH = re.compile(r"(?<![\w/.$<>{}*\]:-])((?:[\w.-]+/)*[\w.-]+\." + _EXT + r")(?![\w/{}*])")
 _DOCS_DIR = re.compile(r"(?<![\w/.])(docs/[A-Za-z_]+)(?![\w./])")
 _GENERATED = ("output/", "datasets/", "vis/", "export/")
 # a document cited by name and part, without extension: "DESIGN section 2", "ENVIRONMENT notes"

@@ -38,7 +38,7 @@ def make_head(dim=DIM, **kw):
                 encoder_layers=1, encoder_feedforward_dim=64, decoder_layers=DECODER_LAYERS, dim_feedforward=64,
                 train_num_points=256)
     args.update(kw)
-    return Mask2FormerHead(revcolv2_level_shapes(embed_dim=dim), **args)
+    return Mask2FormerHead(revcolv2_level_shapes("revcolv2_tiny", embed_dim=dim, num_heads=2), **args)
 
 
 def make_model(head_dim=DIM, **head_kw):

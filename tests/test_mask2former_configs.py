@@ -48,7 +48,7 @@ def test_recipe_values(size):
     cfg = load(rel)
     # [paper] RevColV2 supplementary 1.4
     assert cfg.model.backbone.variant == variant and cfg.model.backbone.drop_path_rate == 0.3
-    assert cfg.optimizer.lr == 2e-5 and cfg.optimizer.params.lr_factor_func.decay == 0.9
+    assert cfg.optimizer.lr == 2e-5 and cfg.optimizer.params.layer_decay == 0.9
     assert cfg.dataloader.train.total_batch_size == 16 and cfg.train.max_iter == 160000
     # Mask2Former's ADE20K semantic recipe
     head = cfg.model.sem_seg_head

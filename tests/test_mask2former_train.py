@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from revcolv2_d2.visualization import main as visualize_main  # the code of tools/visualize.py
+from revcolv2_d2 import visualization as visualize  # what tools/visualize.py runs, in this process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(ROOT, "tools", "lazyconfig_train_net.py")
@@ -75,7 +75,7 @@ def test_visualize_draws_the_mask2former_output(trained, tmp_path, monkeypatch):
     for name in sorted(os.listdir(val))[:2]:
         (images / name).write_bytes((val / name).read_bytes())
     monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets))
-    visualize_main(["--config-file", DEMO, "--checkpoint", str(out / "model_final.pth"), "--input", str(images),
+    visualize.main(["--config-file", DEMO, "--checkpoint", str(out / "model_final.pth"), "--input", str(images),
                     "--output", str(tmp_path / "pred"), "--device", "cpu"])
     drawn = sorted(os.listdir(tmp_path / "pred"))
     assert len(drawn) == 2, drawn

@@ -378,12 +378,19 @@ class FullModelGradClipAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def mask2former_optimizer_params(model: nn.Module, *, weight_decay_embed: float = 0.0, **kwargs) -> List[dict]:
-    """detectron2's ``get_default_optimizer_params`` plus Mask2Former's embedding rule: the
-    parameters of ``nn.Embedding`` modules (learned queries, level embeddings) get
-    ``weight_decay_embed`` (``SOLVER.WEIGHT_DECAY_EMBED``, 0.0)."""
+def mask2former_optimizer_params(
+    model: nn.Module, *, weight_decay_embed: float = 0.0, layer_decay: float = 1.0, **kwargs
+) -> List[dict]:
+    """detectron2's ``get_default_optimizer_params`` with the shared layer-decay rule (layer
+    ids of the RevColV2 module inside the built ``model``, as ``revcolv2_optimizer_params``)
+    plus Mask2Former's embedding rule: the parameters of ``nn.Embedding`` modules (learned
+    queries, level embeddings) get ``weight_decay_embed`` (``SOLVER.WEIGHT_DECAY_EMBED``, 0.0)."""
     from detectron2.solver.build import get_default_optimizer_params, reduce_param_groups
 
+    from revcolv2.layer_decay import lr_factor_func
+
+    if layer_decay != 1.0:
+        kwargs["lr_factor_func"] = lr_factor_func(layer_decay, model)
     embeds = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     groups = []
     for group in get_default_optimizer_params(model, **kwargs):

@@ -2,7 +2,7 @@
 
 [paper] (RevColV2 supplementary section 1.4): 160k iterations, batch 16, AdamW lr 2e-5,
 drop path 0.3 (in the model config), layer decay 0.9. Everything else is Mask2Former's
-ADE20K semantic recipe: configs/ade20k/semantic-segmentation/Base-ADE20K-SemanticSegmentation.yaml
+ADE20K semantic recipe, facebookresearch/Mask2Former:configs/ade20k/semantic-segmentation/Base-ADE20K-SemanticSegmentation.yaml
 ("Base yaml") and maskformer2_R50_bs16_160k.yaml (model, common/mask2former_revcolv2.py).
 The paper's layer decay replaces Mask2Former's BACKBONE_MULTIPLIER 0.1.
 
@@ -17,7 +17,6 @@ from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
-from revcolv2_d2.backbone import revcolv2_lr_factor_func
 from revcolv2_d2.data.ade20k import PhotometricDistortion
 from revcolv2_d2.mask2former import FullModelGradClipAdamW, mask2former_optimizer_params
 
@@ -38,6 +37,7 @@ train.ddp.fp16_compression = True
 train.max_iter = 160000  # [paper]; Base yaml SOLVER.MAX_ITER
 train.eval_period = 5000  # Base yaml TEST.EVAL_PERIOD
 train.checkpointer.period = 5000  # detectron2's SOLVER.CHECKPOINT_PERIOD default
+train.checkpointer.max_to_keep = 3  # ours: detectron2 keeps 100; plus model_final.pth
 train.log_period = 50
 
 # Training (Base yaml INPUT, mapper "mask_former_semantic"): short side drawn from
@@ -74,7 +74,8 @@ optimizer = L(FullModelGradClipAdamW)(
         weight_decay_norm=0.0,
         weight_decay_embed=0.0,
         # layer decay 0.9 [paper] through the shared RevCol layer-id rule (revcolv2/layer_decay.py)
-        lr_factor_func=L(revcolv2_lr_factor_func)(decay=0.9, variant="${model.backbone.variant}"),
+        # (layer ids of the built model: the training script sets optimizer.params.model)
+        layer_decay=0.9,
         overrides={"alphas": {"weight_decay": 0.0}},  # reversible-unit scales
     ),
     lr=2e-5,  # [paper] (at batch 16)

@@ -2,7 +2,7 @@
 
 Same optimizer, schedule, layer decay 0.9 and drop path 0.3 [paper]. The input sizes are
 those of Mask2Former's 640-crop ADE20K configs
-(configs/ade20k/semantic-segmentation/swin/maskformer2_swin_large_IN21k_384_bs16_160k_res640.yaml):
+(facebookresearch/Mask2Former:configs/ade20k/semantic-segmentation/swin/maskformer2_swin_large_IN21k_384_bs16_160k_res640.yaml):
 short side 0.5x..2.0x of 640 in 0.1x steps (320..1280), long side at most 2560, 640 crops;
 test short side 640, long side at most 2560.
 """

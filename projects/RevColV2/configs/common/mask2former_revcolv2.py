@@ -4,7 +4,8 @@ transformer decoder (Hugging Face transformers' modules, revcolv2_d2/mask2former
 Global attention in every block (512 crops give 32x32 tokens). Whole-image inference.
 
 Values from Mask2Former's ADE20K semantic config
-(configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml, "R50 yaml" below)
+(facebookresearch/Mask2Former:configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml,
+"R50 yaml" below)
 unless marked [paper] (RevColV2 supplementary section 1.4). The L config changes the sizes.
 """
 from detectron2.config import LazyCall as L
@@ -21,9 +22,12 @@ model = L(RevColV2Mask2Former)(
         reversible=True,
     ),
     sem_seg_head=L(Mask2FormerHead)(
-        # the backbone's level shapes, following its preset or an embed_dim override
+        # the level shapes of the backbone built from these fields (on the meta device), so
+        # they follow its preset and any embed_dim / num_heads override
         input_shape=L(revcolv2_level_shapes)(
-            variant="${...backbone.variant}", embed_dim="${oc.select:...backbone.embed_dim,null}"
+            variant="${...backbone.variant}",
+            embed_dim="${oc.select:...backbone.embed_dim,null}",
+            num_heads="${oc.select:...backbone.num_heads,null}",
         ),
         num_classes=150,  # R50 yaml SEM_SEG_HEAD.NUM_CLASSES
         conv_dim=256,  # SEM_SEG_HEAD.CONVS_DIM

@@ -73,7 +73,7 @@ train.log_period = 20
 # from scratch: a larger learning rate, a short warm-up and no layer decay (it is for
 # pre-trained backbones)
 optimizer.lr = 1e-3
-optimizer.params.lr_factor_func.decay = 1.0
+optimizer.params.layer_decay = 1.0
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(PolynomialDecayParamScheduler)(base_value=1.0, power=0.9),
     warmup_length=20 / train.max_iter,
