@@ -1,4 +1,4 @@
-"""Classification fine-tuning and linear probing on top of :class:`revcolv2.train_utils.Trainer`.
+"""Classification fine-tuning and linear probing on top of :class:`revcolv2.trainer.Trainer`.
 
 - :func:`load_pretrained`: a MIM (or earlier fine-tuning) checkpoint into a classifier,
   with a printed report; only pre-training-only tensors may be left unused.

@@ -1,6 +1,6 @@
 """The training loop shared by pre-training, fine-tuning and linear probing.
 
-The three entry points in ``tools/`` subclass :class:`Trainer`, which owns what they have
+The three entry points (``revcolv2.cli``) subclass :class:`Trainer`, which owns what they have
 in common: distributed setup, the step loop with gradient accumulation and bf16 autocast,
 the per-step cosine schedule, the progress bar and TensorBoard scalars, and checkpoints
 that resume a run *exactly* (model, optimizer, scaler, schedule position, every rank's RNG
