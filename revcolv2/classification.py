@@ -1,4 +1,4 @@
-"""Classification fine-tuning and linear probing on top of :class:`revcolv2.train_utils.Trainer`.
+"""Classification fine-tuning and linear probing on top of :class:`revcolv2.trainer.Trainer`.
 
 - :func:`load_pretrained`: a MIM (or earlier fine-tuning) checkpoint into a classifier,
   with a printed report; only pre-training-only tensors may be left unused.
@@ -20,7 +20,9 @@ from .checkpoint import (
     PRETRAIN_ONLY_PREFIXES, CheckpointError, LoadReport, check_shapes, load_checkpoint, load_file, save_atomic,
     select_weights, strip_ddp_prefix,
 )
-from .train_utils import Trainer, evaluate, read_best
+from .evaluation import evaluate
+from .run_dir import read_best
+from .trainer import Trainer
 
 # Present in a classifier, absent from a MIM checkpoint (the MIM model has no classifier).
 CLASSIFIER_ONLY_PREFIXES = ("head.", "fc_norm.")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from revcolv2_d2 import visualization as visualize  # tools/visualize.py's code, in this process
-from revcolv2_d2.data.ade20k import make_scene
+from revcolv2_d2.data.synthetic_ade20k import make_scene
 
 pytestmark = pytest.mark.slow  # end to end: training runs in subprocesses
 

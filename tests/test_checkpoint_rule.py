@@ -12,7 +12,7 @@ import torch
 import revcolv2  # noqa: F401
 from revcolv2.checkpoint import load_checkpoint, load_file, save_atomic
 from revcolv2.classification import load_pretrained
-from revcolv2.train_utils import rng_state, set_rng_state
+from revcolv2.rng import rng_state, set_rng_state
 
 TINY = dict(embed_dim=32, num_heads=2, patch_size=8)
 

@@ -11,11 +11,9 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from revcolv2.data import (
-    EpochSampler, RobustImageFolder, SeededSamples, UnreadableImageError, ensure_synthetic_imagenet,
-    generate_synthetic_imagenet, load_rgb, shard_indices,
-)
-from training_helpers import REPO, TINY_MODEL, load_tool, one_thread, tiny_dataset
+from revcolv2.data import EpochSampler, RobustImageFolder, SeededSamples, UnreadableImageError, load_rgb, shard_indices
+from revcolv2.synthetic_imagenet import ensure_synthetic_imagenet, generate_synthetic_imagenet
+from training_helpers import REPO, TINY_MODEL, one_thread, tiny_dataset
 
 TO_TENSOR = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
 
@@ -82,7 +80,8 @@ def pretrain_args(data, out, *extra):
 
 @pytest.mark.slow
 def test_training_on_a_messy_folder_does_not_crash(messy_folder, tmp_path):
-    tool = load_tool("pretrain")
+    from revcolv2.cli import pretrain as tool
+
     with one_thread(), pytest.warns(UserWarning, match="skipped 2 unreadable"):
         out = tool.main(pretrain_args(messy_folder, tmp_path / "run"))
     assert len(out["history"]) == 2  # 10 readable images // batch 4

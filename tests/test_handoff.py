@@ -27,18 +27,18 @@ DROPPED = ("mask_token", "decoder_", "head.", "fc_norm.")
 
 def _mini_synthetic_ade(root: str) -> None:
     """One image per split of the built-in ADE20K-layout dataset (the full one has 460)."""
-    from revcolv2_d2.data import ade20k
+    from revcolv2_d2.data import synthetic_ade20k
 
     rng = np.random.default_rng(0)
-    for split in ade20k.SYNTHETIC_ADE_SPLITS:
-        image_dir, label_dir = ade20k.synthetic_ade_paths(root, split)
+    for split in synthetic_ade20k.SYNTHETIC_ADE_SPLITS:
+        image_dir, label_dir = synthetic_ade20k.synthetic_ade_paths(root, split)
         os.makedirs(image_dir)
         os.makedirs(label_dir)
-        image, label = ade20k.make_scene(rng)
+        image, label = synthetic_ade20k.make_scene(rng)
         Image.fromarray(image).save(os.path.join(image_dir, "000000.jpg"))
         Image.fromarray(label, mode="L").save(os.path.join(label_dir, "000000.png"))
-    with open(ade20k._version_file(root), "w") as f:
-        f.write(ade20k.GENERATOR_VERSION + "\n")
+    with open(synthetic_ade20k._version_file(root), "w") as f:
+        f.write(synthetic_ade20k.GENERATOR_VERSION + "\n")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import re
 
 import pytest
 
-from revcolv2.train_utils import load_config
+from revcolv2.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")

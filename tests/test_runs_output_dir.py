@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from revcolv2.train_utils import RunExistsError, prune_checkpoints, read_best
-from training_helpers import REPO, TINY_MODEL, load_tool, run_tool, tiny_dataset
+from revcolv2.run_dir import prune_checkpoints, read_best, RunExistsError
+from revcolv2_d2.demo import main as demo_main
+from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
 PRETRAIN = REPO / "configs" / "pretrain" / "revcolv2_tiny_demo.yaml"
 FINETUNE = REPO / "configs" / "finetune" / "revcolv2_tiny_demo.yaml"
@@ -133,7 +134,7 @@ def test_demo_refuses_to_delete_an_earlier_run(tmp_path):
     (train / "model_final.pth").write_bytes(b"weights")
     (train / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit) as e:
-        load_tool("demo").main(["--output", str(tmp_path)])
+        demo_main(["--output", str(tmp_path)])
     msg = str(e.value.code)
     assert str(train) in msg and "--resume" in msg and "--output" in msg and "--overwrite" in msg
     assert sorted(os.listdir(train)) == ["last_checkpoint", "model_final.pth", "notes.txt"]

@@ -44,10 +44,9 @@ def test_override_typo_is_an_error_with_the_closest_key(root, tmp_path):
 
 
 def test_plus_prefix_adds_a_new_key(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
     from detectron2.config import LazyConfig
 
-    from lazyconfig_train_net import OverrideKeyError, apply_overrides
+    from revcolv2_d2.train_net import OverrideKeyError, apply_overrides
 
     cfg = LazyConfig.load(DEMO_CONFIG)
     apply_overrides(cfg, [*TINY_OVERRIDES, "+train.note=hello", "train.max_iter=3"])

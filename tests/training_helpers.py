@@ -1,23 +1,16 @@
-"""Shared by the training tests: load the entry points, make tiny data and tiny configs."""
-import importlib.util
+"""Shared by the training tests: run the entry points (revcolv2.cli.*), make tiny data and tiny configs."""
+import importlib
 import warnings
 from pathlib import Path
 
 import torch
 
-from revcolv2.data import generate_synthetic_imagenet
+from revcolv2.synthetic_imagenet import generate_synthetic_imagenet
 
 REPO = Path(__file__).resolve().parents[1]
 
 # a tiny RevColV2 (same 2 BU + 1 TD columns x 4 levels) on 32x32 images with 8x8 patches
 TINY_MODEL = "{embed_dim: 32, num_heads: 2, patch_size: 8}"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_dataset(root: Path, classes: int = 4, train_per_class: int = 8, val_per_class: int = 2) -> Path:
@@ -43,4 +36,4 @@ def run_tool(name: str, *argv: str, quiet: bool = True) -> dict:
     with warnings.catch_warnings(), one_thread():
         if quiet:
             warnings.simplefilter("ignore", UserWarning)
-        return load_tool(name).main([str(a) for a in argv])
+        return importlib.import_module(f"revcolv2.cli.{name}").main([str(a) for a in argv])

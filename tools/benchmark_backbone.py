@@ -26,12 +26,11 @@ Rows (``--rows``; ``--compile`` adds the ``-compiled`` ones):
     python tools/benchmark_backbone.py --device cuda --batch-sizes 128,512 --compile
 """
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
+from revcolv2.amp import autocast
 
 ROWS = {
     "vit": "ViT-B/16 (timm)",
@@ -72,7 +71,7 @@ def build(key: str, variant: str, img_size: int, device: str) -> torch.nn.Module
 
 
 def worker(args) -> dict:
-    from revcolv2.bench import analyze_training_step, step_worker_result
+    from bench_common import analyze_training_step, step_worker_result
 
     device, cuda = args.device, args.device.startswith("cuda")
     torch.manual_seed(0)
@@ -83,14 +82,14 @@ def worker(args) -> dict:
         g = torch.Generator(device="cpu").manual_seed(seed)
         x = torch.randn(batch, 3, args.img_size, args.img_size, generator=g).to(device)
         y = torch.randint(0, 1000, (batch,), generator=g).to(device)
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+        with autocast(device, "bf16", cuda_only=False):
             return torch.nn.functional.cross_entropy(model(x), y)
 
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with autocast(device, "bf16"):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
@@ -107,7 +106,7 @@ def worker(args) -> dict:
 
 
 def main():
-    from revcolv2.bench import resolve_step_args, step_benchmark_parser
+    from bench_common import resolve_step_args, step_benchmark_parser
 
     ap = step_benchmark_parser(__doc__, ROWS, ["vit", "vit-ckpt", "plain", "rev"], "128,512")
     args = ap.parse_args()
@@ -117,7 +116,7 @@ def main():
         print("RESULT " + json.dumps(worker(args)))
         return
 
-    from revcolv2.bench import append_report, markdown_table, run_step_workers
+    from bench_common import append_report, markdown_table, run_step_workers
 
     batches = [int(b) for b in (args.batch_sizes or ("128,512" if cuda else "2")).split(",")]
     # the analysis columns do not depend on the batch: measured in the first batch size's jobs only
@@ -143,7 +142,7 @@ def main():
 
 def summarize(rows, variant: str, cuda: bool) -> str:
     """Markdown table with speed and memory relative to ViT-B (+ checkpointing) at the same batch."""
-    from revcolv2.bench import markdown_table
+    from bench_common import markdown_table
 
     by = {(r["key"], r["batch"]): r for r in rows}
     speed = "img/s" if cuda else "host CPU-s/step"

@@ -19,6 +19,7 @@ pyramid, the part that differs. Each model runs in its own subprocess.
 
     python tools/benchmark_detection.py                      # CUDA: 1024x1024, batch 2, bf16
     python tools/benchmark_detection.py --device cpu         # CPU: 256x256, batch 2, fp32
+    python tools/benchmark_detection.py --device cpu --report  # ... and append the table to docs/BENCHMARKS.md
 
 Targets on a GPU: training step <= 1.2x ViTDet-B's time, reversible peak memory <= ViTDet-B's,
 inference >= 0.8x ViTDet-B's img/s.
@@ -28,6 +29,8 @@ import os
 import sys
 
 import torch
+
+from revcolv2.amp import autocast
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ["RevColV2-B reversible", "RevColV2-B plain", "ViTDet-B"]
@@ -85,7 +88,7 @@ def backbone_gflops(backbone: torch.nn.Module, size: int) -> float:
 def worker(args) -> dict:
     from detectron2.utils.events import EventStorage
 
-    from revcolv2.bench import SavedActivations, cpu_peak_bytes, peak_rss_mb, timed
+    from bench_common import SavedActivations, cpu_peak_bytes, peak_rss_mb, timed
 
     device, cuda = args.device, args.device.startswith("cuda")
     torch.manual_seed(0)
@@ -95,7 +98,7 @@ def worker(args) -> dict:
     test_batch = synthetic_batch(args.batch, args.size, device, with_targets=False)
 
     def losses():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with autocast(device, "bf16"):
             return sum(model(train_batch).values())
 
     def train_step():
@@ -105,7 +108,7 @@ def worker(args) -> dict:
 
     @torch.no_grad()
     def infer():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with autocast(device, "bf16"):
             model(test_batch)
 
     out = {"params (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
@@ -148,7 +151,7 @@ def worker(args) -> dict:
 
 
 def main():
-    from revcolv2.bench import benchmark_parser, fill_device_defaults
+    from bench_common import benchmark_parser, fill_device_defaults
 
     ap = benchmark_parser(__doc__, MODELS)
     ap.add_argument("--size", type=int, default=None, help="square input side; default 1024 on CUDA, 256 on CPU")
@@ -160,7 +163,7 @@ def main():
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
 
-    from revcolv2.bench import append_report, markdown_table, run_workers
+    from bench_common import append_report, markdown_table, run_workers
 
     rows = run_workers(__file__, MODELS, ["--batch", args.batch, "--size", args.size,
                                           "--warmup", args.warmup, "--iters", args.iters,
@@ -209,7 +212,7 @@ def main():
     )
     print(table)
     print(verdict if cuda else "(CPU run: the targets are for a GPU; the same ratios are printed above)")
-    if not args.no_report:
+    if args.report:
         command = ("python tools/benchmark_detection.py " + " ".join(sys.argv[1:])).strip()
         append_report(args.report, "Mask R-CNN: RevColV2-B vs ViTDet-B", command, args.device, body)
         print(f"appended to {args.report}")

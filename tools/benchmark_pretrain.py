@@ -23,14 +23,13 @@ Rows (``--rows``; ``--compile`` adds the ``-compiled`` ones):
     python tools/benchmark_pretrain.py --device cuda --batch-sizes 256 --compile
 """
 import json
-import os
 import sys
 from functools import partial
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from torch import Tensor, nn
 
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+from revcolv2.amp import autocast
 
 ROWS = {
     "mae": "MAE ViT-B/16",
@@ -113,7 +112,7 @@ def build(key: str, variant: str, img_size: int, device: str) -> nn.Module:
 
 
 def worker(args) -> dict:
-    from revcolv2.bench import analyze_training_step, step_worker_result
+    from bench_common import analyze_training_step, step_worker_result
 
     device, cuda = args.device, args.device.startswith("cuda")
     torch.manual_seed(0)
@@ -121,7 +120,7 @@ def worker(args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
 
     def loss_of(x, amp: bool):
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, "bf16" if amp else None, cuda_only=False):
             out = model(x)
         return out["loss"] if isinstance(out, dict) else out
 
@@ -147,7 +146,7 @@ def worker(args) -> dict:
 
 
 def main():
-    from revcolv2.bench import resolve_step_args, step_benchmark_parser
+    from bench_common import resolve_step_args, step_benchmark_parser
 
     ap = step_benchmark_parser(__doc__, ROWS, ["mae", "plain", "rev"], "256")
     args = ap.parse_args()
@@ -157,7 +156,7 @@ def main():
         print("RESULT " + json.dumps(worker(args)))
         return
 
-    from revcolv2.bench import append_report, markdown_table, run_step_workers
+    from bench_common import append_report, markdown_table, run_step_workers
 
     batches = [int(b) for b in (args.batch_sizes or ("256" if cuda else "2")).split(",")]
     jobs = [(k, b, [] if b == batches[0] and not args.no_analysis else ["--no-analysis"])

@@ -23,6 +23,7 @@ runs in its own subprocess.
 
     python tools/benchmark_segmentation.py                      # CUDA: batch 8, bf16
     python tools/benchmark_segmentation.py --device cpu         # CPU: batch 2, fp32 (UperNet's BN needs 2)
+    python tools/benchmark_segmentation.py --device cpu --report  # ... and append the table to docs/BENCHMARKS.md
 
 Target on a GPU: Mask2Former's training step <= 2.0x UperNet's.
 """
@@ -31,12 +32,11 @@ import os
 import sys
 import time
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (_ROOT, os.path.join(_ROOT, "projects", "RevColV2"), os.path.join(_ROOT, "tools")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import torch
 
-import torch  # noqa: E402
+from revcolv2.amp import autocast
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = ["RevColV2-B UperNet", "RevColV2-B Mask2Former"]
 CONFIGS = {
@@ -115,7 +115,7 @@ def msda_seconds(calls, device: str, repeats: int) -> float:
 def worker(args) -> dict:
     from detectron2.utils.events import EventStorage
 
-    from revcolv2.bench import SavedActivations, cpu_peak_bytes, timed
+    from bench_common import SavedActivations, cpu_peak_bytes, timed
 
     device, cuda = args.device, args.device.startswith("cuda")
     torch.manual_seed(0)
@@ -126,7 +126,7 @@ def worker(args) -> dict:
     is_m2f = "Mask2Former" in args.worker
 
     def losses():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with autocast(device, "bf16"):
             return sum(model(train_batch).values())
 
     def train_step():
@@ -136,7 +136,7 @@ def worker(args) -> dict:
 
     @torch.no_grad()
     def infer():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with autocast(device, "bf16"):
             model(test_batch)
 
     out = {"params (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
@@ -166,7 +166,7 @@ def worker(args) -> dict:
         else:
             out["train peak GPU mem (GiB)"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
         if is_m2f:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            with autocast(device, "bf16"):
                 ms = msda_seconds(recorder.calls, device, max(1, args.iters))
             out["MSDA calls/step"] = len(recorder.calls)
             out["MSDA fwd+bwd ms/step"] = round(ms * 1000, 1)
@@ -187,7 +187,7 @@ def worker(args) -> dict:
 
 
 def main():
-    from revcolv2.bench import benchmark_parser, fill_device_defaults
+    from bench_common import benchmark_parser, fill_device_defaults
 
     ap = benchmark_parser(__doc__, MODELS)
     ap.add_argument("--size", type=int, default=512, help="square input side (the ADE20K crop)")
@@ -198,7 +198,7 @@ def main():
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
 
-    from revcolv2.bench import append_report, markdown_table, run_workers
+    from bench_common import append_report, markdown_table, run_workers
 
     rows = run_workers(__file__, MODELS, ["--batch", args.batch, "--size", args.size, "--warmup", args.warmup,
                                           "--iters", args.iters, "--device", args.device], "benchmark_segmentation")
@@ -237,7 +237,7 @@ def main():
     )
     print(table)
     print(verdict if cuda else f"(CPU run: the target is for a GPU; CPU-time ratio {ratio:.2f}x)")
-    if not args.no_report:
+    if args.report:
         command = ("python tools/benchmark_segmentation.py " + " ".join(sys.argv[1:])).strip()
         append_report(args.report, "ADE20K heads: RevColV2-B UperNet vs Mask2Former", command, args.device, body)
         print(f"appended to {args.report}")

@@ -11,16 +11,12 @@ of the last TD column are skipped.
 """
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timm
 
-import timm  # noqa: E402
-
-import revcolv2  # noqa: E402,F401
-from revcolv2.flops import count_flops, count_params  # noqa: E402
-from revcolv2.model import MODEL_CFGS  # noqa: E402
+import revcolv2  # noqa: F401
+from revcolv2.flops import count_flops, count_params
+from revcolv2.model import MODEL_CFGS
 
 # supplementary Table 5 of the paper, where it gives a size
 PAPER = {"revcolv2_base": (88.0, 19.0), "revcolv2_large": (327.0, 67.0)}

@@ -15,7 +15,8 @@ from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
-from revcolv2_d2.data.ade20k import SYNTHETIC_ADE_CLASSES, PhotometricDistortion
+from revcolv2_d2.data.ade20k import PhotometricDistortion
+from revcolv2_d2.data.synthetic_ade20k import SYNTHETIC_ADE_CLASSES
 
 from ..ADE20K.mask2former_revcolv2_b_160k import dataloader, model, optimizer, train
 

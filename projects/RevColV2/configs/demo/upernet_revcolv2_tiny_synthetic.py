@@ -11,7 +11,8 @@ the B layout), 64-channel head, 128x128 crops, batch 8, 200 iterations.
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 
-from revcolv2_d2.data.ade20k import SYNTHETIC_ADE_CLASSES, PhotometricDistortion, ResizeLongShortScale
+from revcolv2_d2.data.ade20k import PhotometricDistortion, ResizeLongShortScale
+from revcolv2_d2.data.synthetic_ade20k import SYNTHETIC_ADE_CLASSES
 
 from ..ADE20K.upernet_revcolv2_b_160k import dataloader, lr_multiplier, model, optimizer, train
 

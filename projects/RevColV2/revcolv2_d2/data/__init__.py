@@ -14,11 +14,11 @@ def datasets_root() -> str:
 def register_all(root: str = None) -> None:
     """Register every built-in dataset of the project, and have every COCO-format dataset
     (detectron2's ``coco_2017_*`` included) checked when it is loaded (idempotent)."""
-    from .ade20k import register_ade20k_builtin
     from .coco_checks import check_registered_coco_datasets
+    from .synthetic_ade20k import register_synthetic_ade
     from .synthetic_shapes import register_synthetic_shapes
 
     root = root or datasets_root()
     register_synthetic_shapes(root)
-    register_ade20k_builtin(root)
+    register_synthetic_ade(root)
     check_registered_coco_datasets()

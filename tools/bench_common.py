@@ -1,4 +1,8 @@
-"""Small shared helpers for the benchmark scripts in tools/ (timing, memory, reporting)."""
+"""Helpers shared by the benchmark scripts in tools/ (command line, timing, memory, reporting).
+
+The scripts import it as a sibling module (a script's folder is on ``sys.path``). Every
+benchmark prints its table; only ``--report [PATH]`` appends it to docs/BENCHMARKS.md.
+"""
 from __future__ import annotations
 
 import argparse
@@ -18,15 +22,22 @@ import torch
 REPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "BENCHMARKS.md")
 
 
-def benchmark_parser(description: str, workers: Sequence[str]) -> argparse.ArgumentParser:
-    """The command line every benchmark shares; a script adds its input-size flag."""
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark has: device, warm-up / timed steps, ``--report``."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: depends on the device)")
+    ap.add_argument("--iters", type=int, default=None, help="timed steps (default: depends on the device)")
+    ap.add_argument("--report", nargs="?", const=REPORT, default=None, metavar="PATH",
+                    help="append the table to docs/BENCHMARKS.md (or PATH); without it the table is only printed")
+    return ap
+
+
+def benchmark_parser(description: str, workers: Sequence[str]) -> argparse.ArgumentParser:
+    """Command line of the model-comparison benchmarks (detection, segmentation); a script
+    adds its input-size flag."""
+    ap = base_parser(description)
     ap.add_argument("--batch", type=int, default=None, help="default: depends on the device (see the script)")
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--iters", type=int, default=None)
-    ap.add_argument("--report", default=REPORT)
-    ap.add_argument("--no-report", action="store_true", help="print only; do not append to the report")
     ap.add_argument("--worker", choices=list(workers), help=argparse.SUPPRESS)
     return ap
 
@@ -174,8 +185,7 @@ def step_benchmark_parser(description: str, rows: Sequence[str], default_rows: S
     batch) pair runs in a fresh process. Nothing is written to docs/BENCHMARKS.md without
     ``--report``.
     """
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = base_parser(description)
     ap.add_argument("--rows", default=",".join(default_rows),
                     help=f"comma-separated rows out of: {', '.join(rows)} (default: %(default)s)")
     ap.add_argument("--compile", action="store_true", help="also run the compiled counterpart of every row")
@@ -183,15 +193,11 @@ def step_benchmark_parser(description: str, rows: Sequence[str], default_rows: S
                     help=f"comma-separated; default 2 on CPU, {default_cuda_batches} on CUDA. Compiled rows and "
                          "rows that do not save memory run at the first batch size only, unless --all-batches")
     ap.add_argument("--all-batches", action="store_true", help="run every row at every batch size")
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 1 on CPU, 5 on CUDA)")
-    ap.add_argument("--iters", type=int, default=None, help="timed steps (default 2 on CPU, 10 on CUDA)")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--variant", default="revcolv2_base", help="RevColV2 preset (revcolv2_tiny for a quick check)")
     ap.add_argument("--no-analysis", action="store_true",
                     help="skip the activation-peak / FLOP / block-evaluation columns")
     ap.add_argument("--worker-timeout", type=int, default=420, help="seconds per (row, batch) process")
-    ap.add_argument("--report", nargs="?", const=REPORT, default=None, metavar="PATH",
-                    help="append the table to docs/BENCHMARKS.md (or PATH)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     return ap

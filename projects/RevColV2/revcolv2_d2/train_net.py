@@ -1,0 +1,329 @@
+"""Train / evaluate a RevColV2 detectron2 LazyConfig, the way detectron2 users know it.
+
+    python tools/lazyconfig_train_net.py --config-file projects/RevColV2/configs/COCO/mask_rcnn_revcolv2_b_50ep.py
+    python tools/lazyconfig_train_net.py --config-file CFG --num-gpus 8 train.amp.precision=bf16
+    python tools/lazyconfig_train_net.py --config-file CFG --resume          # continue from output_dir
+    python tools/lazyconfig_train_net.py --config-file CFG --eval-only train.init_checkpoint=model.pth
+
+Besides detectron2's own tool: RevColV2 checkpoints (MIM or classification) load through
+``train.init_checkpoint`` (their EMA weights where they have them, unless ``--no-ema``);
+no file is loaded in a way that can run code (checkpoints with ``weights_only``, ``.pkl``
+with a restricted unpickler, YAML configs with a safe loader; ``.py`` configs are code);
+checkpoints are written atomically; ``train.amp.precision`` picks bf16 or fp16 (mixed
+precision is switched off on CPU); the project's built-in datasets are registered.
+And, for reliability:
+
+- an override whose key is not in the config is an error naming it (with the closest key);
+  ``+key=value`` adds a new key, as in Hydra;
+- SIGTERM / SIGINT (a scheduler, Ctrl-C) write ``model_<iter>.pth`` at the current
+  iteration and exit with 143 / 130; ``--resume`` continues from it;
+- ``--resume`` drops the ``metrics.json`` records past the iteration it resumes from;
+- ``--num-gpus N`` without CUDA runs N CPU processes (gloo).
+"""
+import difflib
+import gc
+import json
+import logging
+import os
+import signal
+
+import torch
+
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (
+    AMPTrainer,
+    SimpleTrainer,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+    hooks,
+    launch,
+)
+from detectron2.engine.defaults import create_ddp_model
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+import detectron2.data.build as d2_build
+from revcolv2.signals import ignore_stop_signals
+from .checkpoint import RevColV2Checkpointer
+from .safe_config import load_lazy_config
+from .data import register_all
+
+logger = logging.getLogger("detectron2")
+
+PRECISIONS = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------- overrides
+class OverrideKeyError(KeyError):
+    """A command-line override names a key the config does not have."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _config_keys(node, prefix: str = ""):
+    """Every dotted key of a LazyConfig (list items by index), depth first."""
+    items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else \
+        enumerate(node) if isinstance(node, ListConfig) else ()
+    for k, v in items:
+        key = f"{prefix}{k}"
+        yield key
+        if isinstance(v, (DictConfig, ListConfig)):
+            yield from _config_keys(v, key + ".")
+
+
+def _call_accepts(cfg, key: str) -> bool:
+    """Whether ``key`` names an argument of a LazyCall: its parent has a ``_target_`` whose
+    signature has that parameter, or takes ``**kwargs`` (then the call itself rejects an
+    unknown name when the config is instantiated)."""
+    import inspect
+
+    from detectron2.utils.registry import locate
+
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return False
+    target = node._target_
+    try:
+        target = locate(target) if isinstance(target, str) else target
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError, ImportError):
+        return False
+    return any(p.name == leaf or p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def apply_overrides(cfg, overrides, config_file: str = "the config"):
+    """detectron2's ``LazyConfig.apply_overrides``, but a key that the config does not have is
+    an error (a typo such as ``trian.max_iter=5`` would otherwise be ignored) naming the key
+    and the closest existing one. An argument of a LazyCall that the config leaves at its
+    default counts as existing. ``+key=value`` adds a new key on purpose."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    missing = object()
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        key = o.key_or_group
+        if (o.is_add() or OmegaConf.select(cfg, key, default=missing, throw_on_missing=False) is not missing
+                or _call_accepts(cfg, key)):
+            continue
+        close = difflib.get_close_matches(key, list(_config_keys(cfg)), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise OverrideKeyError(f"config override {key}={o.value()!r}: {config_file} has no key {key!r}{hint} "
+                       f"(write +{key}=... to add a new key)")
+    return LazyConfig.apply_overrides(cfg, overrides)
+
+
+# --------------------------------------------------------------------------- signals
+class StopOnSignal(hooks.HookBase):
+    """SIGTERM / SIGINT: finish the current iteration, write ``model_<iter>.pth`` (with the
+    trainer state, so ``--resume`` continues from the next iteration), then exit 128 + signal.
+
+    All processes agree on the stop (a gather of the signal number after every iteration),
+    so they stop at the same iteration and the checkpoint is consistent. A second signal
+    aborts at once.
+    """
+
+    def __init__(self, checkpointer):
+        self.checkpointer = checkpointer
+        self.signum = 0
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = int(signum)
+        logger.warning("signal %d: saving a checkpoint after this iteration, then stopping", signum)
+
+    def before_train(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+
+    def after_step(self):
+        signum = max(comm.all_gather(self.signum)) if comm.get_world_size() > 1 else self.signum
+        if not signum:
+            return
+        iteration = self.trainer.iter
+        if comm.is_main_process():
+            self.checkpointer.save(f"model_{iteration:07d}", iteration=iteration)
+        comm.synchronize()
+        logger.warning("stopped after iteration %d; continue with --resume", iteration)
+        raise SystemExit(128 + signum)
+
+    def after_train(self):
+        for sig, h in self._previous.items():
+            signal.signal(sig, h)
+        self._previous = {}
+        # end the loader workers here, however training ended: they ignore SIGTERM, so the
+        # SIGTERM that multiprocessing sends its daemon children at exit would not end them
+        # and the process would wait for them forever
+        self.trainer._data_loader_iter_obj = None
+        gc.collect()
+
+
+def _worker_init(worker_id: int) -> None:
+    """Training loader workers: detectron2's per-worker seed, and SIGINT / SIGTERM ignored,
+    so a signal to the process group leaves the stop (and its checkpoint) to the trainer."""
+    ignore_stop_signals()
+    _D2_WORKER_INIT(worker_id)
+
+
+# build_detection_train_loader hard-codes its worker_init_fn; wrap the function it names
+_D2_WORKER_INIT = d2_build.worker_init_reset_seed
+d2_build.worker_init_reset_seed = _worker_init
+
+
+# --------------------------------------------------------------------------- logs, processes
+def trim_metrics(output_dir: str, start_iter: int) -> int:
+    """Drop the ``metrics.json`` records of iterations >= ``start_iter`` (a resume repeats
+    them). Rewritten in place: detectron2's writer may already hold the file open for
+    appending. Returns how many records were dropped."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "r+") as f:
+        lines = f.read().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line).get("iteration", -1) < start_iter:
+                    kept.append(line)
+            except (ValueError, AttributeError):  # a line cut by a kill
+                continue
+        f.seek(0)
+        f.write("".join(line + "\n" for line in kept))
+        f.truncate()
+    return len(lines) - len(kept)
+
+
+def ddp_model(model, device, **ddp_kwargs):
+    """detectron2's ``create_ddp_model``, also for CPU processes (gloo): there DDP takes no
+    ``device_ids`` and fp16 gradient compression is off."""
+    if comm.get_world_size() > 1 and not str(device).startswith("cuda"):
+        ddp_kwargs.pop("fp16_compression", None)
+        return DistributedDataParallel(model, **ddp_kwargs)
+    return create_ddp_model(model, **ddp_kwargs)
+
+
+def do_test(cfg, model):
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    ret = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    print_csv_format(ret)
+    if comm.is_main_process() and cfg.train.get("output_dir"):
+        # the latest evaluation, machine-readable (also in metrics.json when training)
+        os.makedirs(cfg.train.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.train.output_dir, "last_eval.json"), "w") as f:
+            json.dump(ret, f, indent=1)
+    return ret
+
+
+def _amp_settings(cfg):
+    """(enabled, dtype): AMP only on CUDA, with the precision the config asks for."""
+    amp = cfg.train.get("amp", {})
+    enabled = bool(amp.get("enabled", False))
+    precision = str(amp.get("precision", "bf16")).lower()
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.amp.precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if enabled and not str(cfg.train.device).startswith("cuda"):
+        logger.info("Mixed precision switched off: train.device=%s is not CUDA", cfg.train.device)
+        enabled = False
+    return enabled, PRECISIONS[precision]
+
+
+def do_train(args, cfg):
+    model = instantiate(cfg.model)
+    logger.info("Model:\n%s", model)
+    model.to(cfg.train.device)
+
+    cfg.optimizer.params.model = model
+    optim = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = ddp_model(model, cfg.train.device, **cfg.train.ddp)
+    amp_enabled, amp_dtype = _amp_settings(cfg)
+    if amp_enabled:
+        # fp16 needs loss scaling; bf16 has fp32's range and needs none
+        grad_scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        trainer = AMPTrainer(model, train_loader, optim, grad_scaler=grad_scaler, precision=amp_dtype)
+    else:
+        trainer = SimpleTrainer(model, train_loader, optim)
+    checkpointer = RevColV2Checkpointer(model, cfg.train.output_dir, ema=not args.no_ema, trainer=trainer)
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+            if comm.is_main_process()
+            else None,
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            # before the writer: its after_train logs the stopped iteration once (writing it in
+            # both after_step and after_train divides by zero in detectron2's ETA estimate)
+            StopOnSignal(checkpointer),
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                period=cfg.train.log_period,
+            )
+            if comm.is_main_process()
+            else None,
+        ]
+    )
+
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    if args.resume and checkpointer.has_checkpoint():
+        start_iter = trainer.iter + 1
+    else:
+        start_iter = 0
+    if comm.is_main_process():
+        dropped = trim_metrics(cfg.train.output_dir, start_iter)
+        if dropped:
+            logger.info("metrics.json: dropped %d record(s) of iterations >= %d, which this run repeats",
+                        dropped, start_iter)
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args):
+    register_all()
+    cfg = load_lazy_config(args.config_file)  # YAML: plain data only (detectron2 would unsafe_load it)
+    cfg = apply_overrides(cfg, args.opts, args.config_file)
+    if str(cfg.train.get("device", "cuda")).startswith("cuda") and not torch.cuda.is_available():
+        cfg.train.device = "cpu"
+    default_setup(cfg, args)
+
+    if args.eval_only:
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        model = ddp_model(model, cfg.train.device)
+        # train.init_checkpoint, or with --resume the last checkpoint in train.output_dir
+        RevColV2Checkpointer(model, cfg.train.output_dir, ema=not args.no_ema).resume_or_load(
+            cfg.train.init_checkpoint, resume=args.resume
+        )
+        return do_test(cfg, model)
+    do_train(args, cfg)
+
+
+def invoke_main() -> None:
+    parser = default_argument_parser()
+    parser.add_argument("--no-ema", action="store_true",
+                        help="from a checkpoint with EMA weights (model_ema), take the raw ones ('model')")
+    args = parser.parse_args()
+    if torch.cuda.is_available() and args.num_gpus > torch.cuda.device_count():
+        raise SystemExit(f"--num-gpus {args.num_gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if not torch.cuda.is_available() and args.num_gpus > 1:
+        print(f"no CUDA: --num-gpus {args.num_gpus} runs {args.num_gpus} CPU processes (gloo)", flush=True)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+

@@ -1,0 +1,77 @@
+"""What the three training entry points share: one argument parser and one
+``build_model(cfg)``."""
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+from torch import nn
+
+from ..config import nonneg_int, positive_int
+
+TASKS = ("pretrain", "finetune", "linear_probe")
+
+
+def training_parser(description: str, task: str) -> argparse.ArgumentParser:
+    """The command line of ``tools/{pretrain,finetune,linear_probe}.py``.
+
+    Every task takes the config, data, output folder, resume / overwrite, batch, loader,
+    device, seed, early stop and override options; fine-tuning and linear probing add
+    ``--finetune`` (the checkpoint to start from), ``--no-ema`` and ``--eval``.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help=f"YAML recipe, e.g. configs/{task}/revcolv2_base.yaml")
+    p.add_argument("--data-path", default=None, help="ImageNet-style folder with train/<class>/* and val/<class>/*; "
+                   "default: the built-in synthetic dataset")
+    p.add_argument("--output-dir", default=None, help=f"default: output/{task}/<config name>")
+    if task != "pretrain":
+        p.add_argument("--finetune", default=None,
+                       help="the pre-trained (MIM) checkpoint to probe" if task == "linear_probe" else
+                       "initialise from this pre-training (MIM) or fine-tuning checkpoint; "
+                       "omit for random init (supervised baseline)")
+        p.add_argument("--no-ema", action="store_true", help="from a checkpoint with EMA weights (model_ema), "
+                       "take the raw ones ('model'); --eval then measures only those")
+        p.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
+    p.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the latest in --output-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from step 0 in an --output-dir that holds a run, deleting its checkpoints")
+    p.add_argument("--batch-per-gpu", type=positive_int, default=None, help="micro-batch per process "
+                   "(default: train.batch_per_gpu of the config); accumulation makes up the rest")
+    p.add_argument("--num-workers", type=nonneg_int, default=None)
+    p.add_argument("--strict-data", action="store_true", help="fail on unreadable images instead of skipping them")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-at-step", type=positive_int, default=None,
+                   help="stop after this many optimizer steps with a resumable checkpoint (as on Ctrl-C)")
+    p.add_argument("--opts", nargs="*", default=[], help="config overrides, e.g. schedule.epochs=10")
+    return p
+
+
+def build_model(cfg: dict, task: str, num_classes: Optional[int] = None) -> nn.Module:
+    """The model a recipe's ``model`` section describes, built through the one factory.
+
+    - ``pretrain``: the MIM model (``create_mim_model``);
+    - ``finetune``: a classifier with ``num_classes`` outputs, drop path, head init scale;
+    - ``linear_probe``: the headless, non-reversible backbone the probe sits on.
+    """
+    import timm
+
+    import revcolv2  # noqa: F401  (registers the models with timm)
+    from ..mim import create_mim_model
+
+    m, size, kwargs = cfg["model"], cfg["data"]["input_size"], cfg["model"].get("kwargs") or {}
+    if task == "pretrain":
+        return create_mim_model(
+            m["name"], img_size=size, reversible=m["reversible"], mask_ratio=m["mask_ratio"],
+            norm_pix_loss=m["norm_pix_loss"], drop_path_rate=m["drop_path_rate"], **kwargs,
+        )
+    if task == "finetune":
+        return timm.create_model(
+            m["name"], num_classes=num_classes, drop_path_rate=m["drop_path_rate"],
+            head_init_scale=m["head_init_scale"], reversible=m["reversible"], img_size=size, **kwargs,
+        )
+    if task == "linear_probe":
+        return timm.create_model(m["name"], num_classes=0, reversible=False, img_size=size, **kwargs)
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")

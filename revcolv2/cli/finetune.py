@@ -1,0 +1,144 @@
+"""Classification fine-tuning of RevColV2 (paper Tables 2-4 and the supervised baseline).
+
+    # IN-1K after MIM (Table 3)
+    torchrun --nproc_per_node 8 tools/finetune.py --config configs/finetune/revcolv2_base_in1k.yaml \\
+        --data-path /data/imagenet --finetune output/pretrain/revcolv2_base/checkpoint-1600.pth
+    # CPU demo on the built-in data, from the tiny MIM demo checkpoint
+    python tools/finetune.py --config configs/finetune/revcolv2_tiny_demo.yaml \\
+        --finetune output/pretrain/revcolv2_tiny_demo/checkpoint-0008.pth
+    # evaluate a checkpoint only
+    python tools/finetune.py --config ... --eval --resume output/finetune/.../checkpoint-best.pth
+
+Top-1/top-5 on ``<data>/val`` after every epoch; ``checkpoint-best.pth`` and
+``checkpoint-last.pth`` in the output folder; ``--resume auto`` continues the last one.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+
+from ..amp import autocast
+from ..classification import (
+    ClassificationTrainer, evaluate_checkpoint, freeze_unused_levels, load_pretrained,
+)
+from ..config import load_config, validate_config
+from ..data import (
+    IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, check_same_classes, num_workers_default, pillow_safe_randaugment,
+)
+from ..distributed import init_distributed, prepare_data_root
+from ..optim import param_groups_layer_decay
+from ..rng import seed_everything
+from ..run_dir import check_output_dir, find_resume_checkpoint, write_config
+from .common import build_model, training_parser
+
+# the numbers of the config, checked before anything runs
+NUMBERS = {
+    "data.input_size": "positive_int", "optim.batch_size": "positive_int", "optim.base_lr": "positive_float",
+    "optim.weight_decay": "nonneg_float", "schedule.epochs": "positive_int",
+    "schedule.warmup_epochs": "nonneg_float", "schedule.min_lr": "nonneg_float",
+    "train.batch_per_gpu": "positive_int", "train.eval_batch": "positive_int", "train.log_every": "positive_int",
+}
+
+
+def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return training_parser(__doc__, "finetune").parse_args(argv)
+
+
+def build_transforms(cfg: dict):
+    d = cfg["data"]
+    common = dict(input_size=d["input_size"], interpolation=d["interpolation"], mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    train = create_transform(is_training=True, scale=tuple(d["crop_scale"]), auto_augment=d["auto_augment"],
+                             re_prob=d["re_prob"], re_mode="pixel", re_count=1, **common)
+    val = create_transform(is_training=False, crop_pct=d["crop_pct"], **common)
+    return pillow_safe_randaugment(train), val
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = get_args(argv)
+    cfg = load_config(args.config, args.opts)
+    validate_config(cfg, NUMBERS)
+    info = init_distributed(args.device)
+    out_dir = args.output_dir or os.path.join("output", "finetune", Path(args.config).stem)
+    m_cfg, o_cfg, s_cfg, t_cfg, mix_cfg = cfg["model"], cfg["optim"], cfg["schedule"], cfg["train"], cfg["mixup"]
+
+    root = prepare_data_root(args.data_path, info)
+    train_tf, val_tf = build_transforms(cfg)
+    val_set = RobustImageFolder(str(root / "val"), transform=val_tf, strict=args.strict_data)
+    num_classes = m_cfg.get("num_classes") or len(val_set.classes)
+
+    seed_everything(args.seed)
+    model = build_model(cfg, "finetune", num_classes)
+    if args.finetune and not args.eval:
+        load_pretrained(model, args.finetune, verbose=info.is_main, ema=not args.no_ema)
+    model.to(info.device)
+    seed_everything(args.seed + info.rank)
+    num_workers = num_workers_default() if args.num_workers is None else args.num_workers
+
+    if args.eval:
+        ckpt = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
+        if ckpt is None:
+            raise SystemExit("--eval needs a checkpoint: --resume PATH (or auto with an existing run)")
+        amp = t_cfg["amp"] if t_cfg["amp"] == "bf16" else None  # evaluation: bf16 or fp32
+        return {"results": evaluate_checkpoint(model, ckpt, val_set, info, t_cfg["eval_batch"], num_workers,
+                                               lambda: autocast(info.device, amp),
+                                               ema=not args.no_ema)}
+
+    train_set = RobustImageFolder(str(root / "train"), transform=train_tf, strict=args.strict_data)
+    check_same_classes(train_set, val_set)
+    if len(train_set.classes) != num_classes:
+        raise ValueError(f"model.num_classes is {num_classes} but {root / 'train'} has "
+                         f"{len(train_set.classes)} class folders")
+    check_output_dir(out_dir, args.resume, args.overwrite, info)
+    write_config(cfg, out_dir, info)
+
+    batch = o_cfg["batch_size"]
+    lr = o_cfg["base_lr"] * batch / 256
+    freeze_unused_levels(model, verbose=info.is_main)  # before the optimizer: no state, no decay for them
+    groups = param_groups_layer_decay(model, o_cfg["weight_decay"], o_cfg["layer_decay"], model.no_weight_decay())
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(o_cfg["betas"]))
+
+    mixup = None
+    if mix_cfg["mixup"] > 0 or mix_cfg["cutmix"] > 0:
+        mixup = Mixup(mixup_alpha=mix_cfg["mixup"], cutmix_alpha=mix_cfg["cutmix"],
+                      label_smoothing=mix_cfg["label_smoothing"], num_classes=num_classes)
+        criterion = SoftTargetCrossEntropy()
+    elif mix_cfg["label_smoothing"] > 0:
+        criterion = LabelSmoothingCrossEntropy(mix_cfg["label_smoothing"])
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+    ema = ModelEmaV3(model, decay=cfg["ema"]["decay"]) if cfg["ema"]["decay"] else None
+    if info.is_main:
+        print(f"model {m_cfg['name']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+              f"{num_classes} classes, reversible={model.reversible}), {len(train_set)} train / "
+              f"{len(val_set)} val images in {root}, lr {lr:.3g} (base {o_cfg['base_lr']} x {batch}/256), "
+              f"layer decay {o_cfg['layer_decay']}, mixup {'on' if mixup else 'off'}, "
+              f"EMA {cfg['ema']['decay'] or 'off'}")
+
+    micro = t_cfg["batch_per_gpu"] if args.batch_per_gpu is None else args.batch_per_gpu
+    if mixup is not None and micro % 2:
+        raise ValueError("Mixup/CutMix needs an even batch per process")
+    trainer = ClassificationTrainer(
+        model=model, optimizer=optimizer, dataset=train_set, info=info, output_dir=out_dir,
+        effective_batch=batch, micro_batch=micro, epochs=s_cfg["epochs"], warmup_epochs=s_cfg["warmup_epochs"],
+        min_lr=s_cfg["min_lr"], amp=t_cfg["amp"], num_workers=num_workers, seed=args.seed,
+        log_every=t_cfg["log_every"], clip_grad=o_cfg.get("clip_grad"), config=cfg, name="finetune",
+        # the levels that do not feed the top-level classifier are frozen above
+        find_unused_parameters=False,
+        val_dataset=val_set, criterion=criterion, mixup=mixup, ema=ema, eval_batch=t_cfg["eval_batch"],
+    )
+    resume = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
+    if resume:
+        trainer.resume(resume)
+    history = trainer.fit(stop_at_step=args.stop_at_step)
+    return {"history": history, "output_dir": out_dir, "trainer": trainer, "best": trainer.best}
+
+
+if __name__ == "__main__":
+    main()

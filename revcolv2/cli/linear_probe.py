@@ -1,0 +1,118 @@
+"""Linear probing of a MIM-pre-trained RevColV2 (paper Table 5, MAE's protocol).
+
+The backbone is frozen; the head (global average pool -> BatchNorm without affine ->
+Linear) sits on the last level of the bottom-up columns and is trained with LARS.
+
+    torchrun --nproc_per_node 8 tools/linear_probe.py --config configs/linear_probe/revcolv2_base.yaml \\
+        --data-path /data/imagenet --finetune output/pretrain/revcolv2_base/checkpoint-1600.pth
+    python tools/linear_probe.py --config configs/linear_probe/revcolv2_tiny_demo.yaml \\
+        --finetune output/pretrain/revcolv2_tiny_demo/checkpoint-0008.pth
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from timm.data import create_transform
+from timm.optim import Lars
+
+from ..amp import autocast
+from ..classification import (
+    ClassificationTrainer, LinearProbe, evaluate_checkpoint, load_pretrained,
+)
+from ..config import load_config, validate_config
+from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, check_same_classes, num_workers_default
+from ..distributed import init_distributed, prepare_data_root
+from ..rng import seed_everything
+from ..run_dir import check_output_dir, find_resume_checkpoint, write_config
+from .common import build_model, training_parser
+
+# the numbers of the config, checked before anything runs
+NUMBERS = {
+    "data.input_size": "positive_int", "optim.batch_size": "positive_int", "optim.base_lr": "positive_float",
+    "optim.weight_decay": "nonneg_float", "schedule.epochs": "positive_int",
+    "schedule.warmup_epochs": "nonneg_float", "schedule.min_lr": "nonneg_float",
+    "train.batch_per_gpu": "positive_int", "train.eval_batch": "positive_int", "train.log_every": "positive_int",
+}
+
+
+def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return training_parser(__doc__, "linear_probe").parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = get_args(argv)
+    cfg = load_config(args.config, args.opts)
+    validate_config(cfg, NUMBERS)
+    info = init_distributed(args.device)
+    out_dir = args.output_dir or os.path.join("output", "linear_probe", Path(args.config).stem)
+    m_cfg, d_cfg, o_cfg, s_cfg, t_cfg = cfg["model"], cfg["data"], cfg["optim"], cfg["schedule"], cfg["train"]
+
+    root = prepare_data_root(args.data_path, info)
+    common = dict(input_size=d_cfg["input_size"], interpolation=d_cfg["interpolation"],
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    # RandomResizedCrop + flip only (MAE linear probing): no colour jitter, no RandAugment
+    train_tf = create_transform(is_training=True, scale=tuple(d_cfg["crop_scale"]), color_jitter=None, **common)
+    val_tf = create_transform(is_training=False, crop_pct=d_cfg["crop_pct"], **common)
+    val_set = RobustImageFolder(str(root / "val"), transform=val_tf, strict=args.strict_data)
+    num_classes = m_cfg.get("num_classes") or len(val_set.classes)
+
+    seed_everything(args.seed)
+    backbone = build_model(cfg, "linear_probe")
+    if args.finetune and not args.eval:
+        load_pretrained(backbone, args.finetune, verbose=info.is_main, ema=not args.no_ema)
+    elif not args.eval and info.is_main:
+        print("warning: no --finetune checkpoint: probing a randomly initialised backbone")
+    model = LinearProbe(backbone, num_classes)
+    if info.enabled and info.device.type == "cuda":  # SyncBatchNorm runs on GPUs only
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(info.device)
+    seed_everything(args.seed + info.rank)
+    num_workers = num_workers_default() if args.num_workers is None else args.num_workers
+    amp = t_cfg["amp"] if t_cfg["amp"] == "bf16" else None  # evaluation: bf16 or fp32
+
+    if args.eval:
+        ckpt = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
+        if ckpt is None:
+            raise SystemExit("--eval needs a checkpoint: --resume PATH (or auto with an existing run)")
+        return {"results": evaluate_checkpoint(model, ckpt, val_set, info, t_cfg["eval_batch"], num_workers,
+                                               lambda: autocast(info.device, amp),
+                                               ema=not args.no_ema)}
+
+    train_set = RobustImageFolder(str(root / "train"), transform=train_tf, strict=args.strict_data)
+    check_same_classes(train_set, val_set)
+    check_output_dir(out_dir, args.resume, args.overwrite, info)
+    write_config(cfg, out_dir, info)
+    batch = o_cfg["batch_size"]
+    lr = o_cfg["base_lr"] * batch / 256
+    linear = model.head[1]
+    # MAE's LARS: weight decay and trust-ratio adaptation for matrices, neither for biases
+    optimizer = Lars(
+        [{"params": [linear.weight], "weight_decay": o_cfg["weight_decay"], "always_adapt": True},
+         {"params": [linear.bias], "weight_decay": 0.0, "always_adapt": False}],
+        lr=lr, momentum=o_cfg["momentum"], trust_coeff=o_cfg["trust_coeff"],
+    )
+    if info.is_main:
+        print(f"linear probe of {m_cfg['name']} ({num_classes} classes), {len(train_set)} train / "
+              f"{len(val_set)} val images, LARS lr {lr:.3g} (base {o_cfg['base_lr']} x {batch}/256)")
+    trainer = ClassificationTrainer(
+        model=model, optimizer=optimizer, dataset=train_set, info=info, output_dir=out_dir,
+        effective_batch=batch,
+        micro_batch=t_cfg["batch_per_gpu"] if args.batch_per_gpu is None else args.batch_per_gpu,
+        epochs=s_cfg["epochs"], warmup_epochs=s_cfg["warmup_epochs"], min_lr=s_cfg["min_lr"],
+        amp=t_cfg["amp"], num_workers=num_workers, seed=args.seed, log_every=t_cfg["log_every"],
+        config=cfg, name="linear_probe",
+        val_dataset=val_set, criterion=torch.nn.CrossEntropyLoss(), eval_batch=t_cfg["eval_batch"],
+    )
+    resume = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
+    if resume:
+        trainer.resume(resume)
+    history = trainer.fit(stop_at_step=args.stop_at_step)
+    return {"history": history, "output_dir": out_dir, "trainer": trainer, "best": trainer.best}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Masked image modeling pre-training of RevColV2 (paper Table 1).
+
+    python tools/pretrain.py --config configs/pretrain/revcolv2_tiny_demo.yaml
+    torchrun --nproc_per_node 8 tools/pretrain.py --config configs/pretrain/revcolv2_base.yaml \\
+        --data-path /data/imagenet --batch-per-gpu 128
+
+Without ``--data-path`` the built-in synthetic dataset is used (generated once). The
+effective batch of the config is reached by gradient accumulation; ``--resume auto``
+continues the latest checkpoint in the output folder exactly where it stopped (Ctrl-C or
+SIGTERM write one before exiting). Every ``train.vis_every`` epochs a PNG grid
+(original | masked | reconstruction | reconstruction with the visible patches pasted)
+is written to ``<output>/reconstructions/``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torchvision import transforms
+from torchvision.utils import make_grid, save_image
+
+from ..config import load_config, validate_config
+from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, num_workers_default
+from ..distributed import init_distributed, prepare_data_root
+from ..rng import seed_everything
+from ..run_dir import check_output_dir, find_resume_checkpoint, write_config
+from ..mim import RevColV2MIM
+from ..trainer import Trainer
+from .common import build_model, training_parser
+
+# the numbers of a pre-training config, checked before anything runs
+NUMBERS = {
+    "data.input_size": "positive_int", "optim.batch_size": "positive_int", "optim.base_lr": "positive_float",
+    "optim.weight_decay": "nonneg_float", "schedule.epochs": "positive_int",
+    "schedule.warmup_epochs": "nonneg_float", "schedule.min_lr": "nonneg_float",
+    "train.batch_per_gpu": "positive_int", "train.save_every": "positive_int", "train.log_every": "positive_int",
+    "train.vis_every": "positive_int", "train.vis_images": "nonneg_int",
+    "train.keep_last": "nonneg_int", "train.keep_every": "nonneg_int",
+}
+
+
+def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return training_parser(__doc__, "pretrain").parse_args(argv)
+
+
+def pretrain_transform(cfg: dict) -> transforms.Compose:
+    d = cfg["data"]
+    return transforms.Compose([
+        transforms.RandomResizedCrop(d["input_size"], scale=tuple(d["crop_scale"]),
+                                     interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(d["hflip"]),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def eval_transform(size: int) -> transforms.Compose:
+    return transforms.Compose([
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def fixed_images(root: Path, size: int, count: int) -> torch.Tensor:
+    """The first image of each of the first ``count`` classes (val if present), (K, 3, H, W)."""
+    folder = root / "val" if (root / "val").is_dir() else root / "train"
+    ds = RobustImageFolder(str(folder), transform=eval_transform(size), verify=False)
+    picks, seen = [], set()
+    for i, (_, target) in enumerate(ds.samples):
+        if target not in seen:
+            seen.add(target)
+            picks.append(i)
+        if len(picks) == count:
+            break
+    while len(picks) < min(count, len(ds)):  # fewer classes than images wanted
+        picks.append(len(picks))
+    return torch.stack([ds[i][0] for i in picks])
+
+
+@torch.no_grad()
+def reconstruction_grid(model: RevColV2MIM, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """One row per image: original | masked | reconstruction | reconstruction + visible.
+
+    The mask comes from its own generator, so drawing it leaves the training RNG alone.
+    Returns a (3, H', W') image in [0, 1].
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x = images.to(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = model(x, generator=g)
+    recon = model.prediction_to_pixels(out["pred"], x)
+    p = model.patch_size
+    mask = out["mask"].reshape(x.shape[0], x.shape[2] // p, x.shape[3] // p)
+    mask = mask.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1)  # (B, 1, H, W), 1 = masked
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    def to_rgb(t: torch.Tensor) -> torch.Tensor:
+        return (t * std + mean).clamp(0, 1)
+
+    original, reconstruction = to_rgb(x), to_rgb(recon)
+    masked = original * (1 - mask) + 0.5 * mask
+    pasted = original * (1 - mask) + reconstruction * mask
+    rows = torch.stack([original, masked, reconstruction, pasted], dim=1).flatten(0, 1)
+    model.train(was_training)
+    return make_grid(rows.cpu(), nrow=4, padding=2, pad_value=1.0)
+
+
+class PretrainTrainer(Trainer):
+    def __init__(self, *, vis_images: Optional[torch.Tensor], vis_every: int, **kwargs):
+        super().__init__(name="pretrain", **kwargs)
+        self.vis_images = vis_images
+        self.vis_every = max(1, int(vis_every))
+
+    def forward_loss(self, batch) -> torch.Tensor:
+        images, _ = batch
+        return self.ddp_model(images.to(self.info.device, non_blocking=True))["loss"]
+
+    def end_of_epoch(self, epoch: int) -> dict:
+        done = epoch + 1
+        if self.info.is_main and self.vis_images is not None and (done % self.vis_every == 0 or done == self.epochs):
+            grid = reconstruction_grid(self.model, self.vis_images)
+            folder = os.path.join(self.output_dir, "reconstructions")
+            os.makedirs(folder, exist_ok=True)
+            save_image(grid, os.path.join(folder, f"epoch_{done:04d}.png"))
+            self.tb.image("pretrain/reconstruction", grid, done)
+        return {}
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = get_args(argv)
+    cfg = load_config(args.config, args.opts)
+    cfg["train"].setdefault("keep_last", 0)
+    cfg["train"].setdefault("keep_every", 0)
+    validate_config(cfg, NUMBERS)
+    info = init_distributed(args.device)
+    out_dir = args.output_dir or os.path.join("output", "pretrain", Path(args.config).stem)
+    check_output_dir(out_dir, args.resume, args.overwrite, info)
+    train_cfg, optim_cfg, sched_cfg = cfg["train"], cfg["optim"], cfg["schedule"]
+
+    seed_everything(args.seed)  # same initial weights on every rank
+    model = build_model(cfg, "pretrain").to(info.device)
+    seed_everything(args.seed + info.rank)  # per-rank masks and drop-path
+
+    root = prepare_data_root(args.data_path, info)
+    dataset = RobustImageFolder(str(root / "train"), transform=pretrain_transform(cfg), strict=args.strict_data)
+    write_config(cfg, out_dir, info)
+
+    batch = optim_cfg["batch_size"]
+    lr = optim_cfg["base_lr"] * batch / 256
+    groups = param_groups_weight_decay(model, optim_cfg["weight_decay"],
+                                       no_weight_decay_list=model.no_weight_decay())
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg["betas"]))
+    if info.is_main:
+        print(f"model {cfg['model']['name']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+              f"reversible={model.reversible}), {len(dataset)} training images in {root / 'train'}, "
+              f"lr {lr:.3g} (base {optim_cfg['base_lr']} x {batch}/256)")
+
+    vis = None
+    if info.is_main and train_cfg.get("vis_images", 0) > 0:
+        vis = fixed_images(root, cfg["data"]["input_size"], train_cfg["vis_images"])
+    trainer = PretrainTrainer(
+        model=model, optimizer=optimizer, dataset=dataset, info=info, output_dir=out_dir,
+        effective_batch=batch,
+        micro_batch=train_cfg["batch_per_gpu"] if args.batch_per_gpu is None else args.batch_per_gpu,
+        epochs=sched_cfg["epochs"], warmup_epochs=sched_cfg["warmup_epochs"], min_lr=sched_cfg["min_lr"],
+        amp=train_cfg["amp"], num_workers=num_workers_default() if args.num_workers is None else args.num_workers,
+        seed=args.seed, save_every=train_cfg["save_every"], log_every=train_cfg["log_every"],
+        config=cfg, vis_images=vis, vis_every=train_cfg["vis_every"],
+        keep_last=train_cfg["keep_last"], keep_every=train_cfg["keep_every"],
+    )
+    resume = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
+    if resume:
+        trainer.resume(resume)
+    history = trainer.fit(stop_at_step=args.stop_at_step)
+    return {"history": history, "output_dir": out_dir, "trainer": trainer}
+
+
+if __name__ == "__main__":
+    main()

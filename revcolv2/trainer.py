@@ -1,0 +1,378 @@
+"""The training loop shared by pre-training, fine-tuning and linear probing.
+
+The three entry points (``revcolv2.cli``) subclass :class:`Trainer`, which owns what they have
+in common: distributed setup, the step loop with gradient accumulation and bf16 autocast,
+the per-step cosine schedule, the progress bar and TensorBoard scalars, and checkpoints
+that resume a run *exactly* (model, optimizer, scaler, schedule position, every rank's RNG
+state, mid-epoch position). Everything else (model, loss, end-of-epoch evaluation) lives in
+the entry points.
+
+Configs, output folders, distributed set-up, RNG states and optimizer groups live in
+``config``, ``run_dir``, ``distributed``, ``rng`` and ``optim``.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .amp import amp_dtype, autocast
+from .checkpoint import CheckpointError, load_file, remove_stale_temporaries, save_atomic, write_last_checkpoint
+from .data import EpochSampler, SeededSamples
+from .distributed import DistInfo, agree_on_signal, all_reduce_sum, barrier
+from .optim import build_scheduler
+from .rng import gather_rng_states, seed_everything, set_rng_state
+from .run_dir import LOG_FILE, prune_checkpoints, trim_log
+from .signals import TrainingInterrupted, ignore_stop_signals
+
+
+class TensorBoard:
+    """SummaryWriter on the main process, a no-op elsewhere (or when TensorBoard is missing)."""
+
+    def __init__(self, folder: Optional[str], enabled: bool):
+        self.writer = None
+        if enabled and folder:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # pragma: no cover
+                return
+            self.writer = SummaryWriter(folder)
+
+    def scalars(self, values: Dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def image(self, tag: str, img: torch.Tensor, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, img, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_seconds(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class Trainer:
+    """Epoch / step loop shared by the entry points.
+
+    Subclasses implement :meth:`forward_loss` (a micro-batch -> scalar loss) and may
+    override :meth:`after_step`, :meth:`end_of_epoch`, :meth:`extra_state` and
+    :meth:`load_extra_state`.
+
+    One *step* is one optimizer update over ``accum`` micro-batches of ``micro_batch``
+    images on each of ``world_size`` processes.
+    """
+
+    def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset,
+                 info: DistInfo, output_dir: str, effective_batch: int, micro_batch: int,
+                 epochs: int, warmup_epochs: float, min_lr: float = 0.0, amp: str = "bf16",
+                 num_workers: int = 4, seed: int = 0, save_every: int = 1, log_every: int = 10,
+                 clip_grad: Optional[float] = None, find_unused_parameters: bool = False,
+                 config: Optional[dict] = None, name: str = "train", keep_last: int = 0, keep_every: int = 0):
+        self.model = model
+        self.optimizer = optimizer
+        self.info = info
+        self.output_dir = output_dir
+        self.epochs = epochs
+        self.seed = seed
+        self.save_every = max(1, int(save_every))
+        self.keep_last, self.keep_every = int(keep_last), int(keep_every)  # checkpoint retention
+        self.log_every = max(1, int(log_every))
+        self.clip_grad = clip_grad
+        self.config = config or {}
+        self.name = name
+
+        micro_batch = min(micro_batch, max(1, effective_batch // info.world_size))
+        per_update = micro_batch * info.world_size
+        if effective_batch % per_update:
+            raise ValueError(
+                f"effective batch {effective_batch} is not a multiple of {info.world_size} process(es) "
+                f"x micro-batch {micro_batch}; pick a micro-batch that divides it"
+            )
+        self.micro_batch = micro_batch
+        self.accum = effective_batch // per_update
+        self.effective_batch = effective_batch
+
+        self.sampler = EpochSampler(len(dataset), micro_batch * self.accum, info.rank, info.world_size,
+                                    shuffle=True, seed=seed)
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        self.total_steps = self.steps_per_epoch * epochs
+        self.loader = DataLoader(
+            SeededSamples(dataset, seed), batch_size=micro_batch, sampler=self.sampler,
+            num_workers=num_workers, pin_memory=info.device.type == "cuda",
+            persistent_workers=num_workers > 0, drop_last=False, worker_init_fn=ignore_stop_signals,
+            # its own generator: creating an iterator must not draw from the global RNG,
+            # or a run resumed mid-epoch would diverge from an uninterrupted one
+            generator=torch.Generator().manual_seed(seed),
+        )
+        self.scheduler = build_scheduler(optimizer, self.total_steps,
+                                         int(round(warmup_epochs * self.steps_per_epoch)), min_lr)
+
+        self.amp = amp
+        self.amp_dtype = amp_dtype(amp)
+        self.use_amp = info.device.type == "cuda" and self.amp_dtype is not None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+
+        self.ddp_model = model
+        if info.enabled and any(p.requires_grad for p in model.parameters()):
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters,
+            )
+
+        self.epoch = 0          # epoch in progress
+        self.step = 0           # optimizer updates done
+        self.step_in_epoch = 0  # updates done in the epoch in progress
+        self.history: Dict[int, float] = {}  # step -> training loss of that update (this rank)
+        self._epoch_losses: List[float] = []
+        self._stop_requested = 0  # the signal number once one arrived
+        if info.is_main:  # temporary files of a killed checkpoint write
+            remove_stale_temporaries(output_dir)
+        self.tb = TensorBoard(os.path.join(output_dir, "tb"), info.is_main)
+
+    # ----------------------------------------------------------------- to override
+    def forward_loss(self, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called after every optimizer update (EMA updates go here)."""
+
+    def end_of_epoch(self, epoch: int) -> Dict[str, float]:
+        """Called after each completed epoch; returns metrics to log."""
+        return {}
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, ckpt: Dict[str, Any]) -> None:
+        pass
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "step_in_epoch": self.step_in_epoch,
+            "epoch_losses": list(self._epoch_losses),  # so a resumed epoch logs its true mean
+            "steps_per_epoch": self.steps_per_epoch,
+            "effective_batch": self.effective_batch,
+            "world_size": self.info.world_size,
+            "rng": gather_rng_states(self.info),
+            "config": self.config,
+        }
+        state.update(self.extra_state())
+        return state
+
+    def save(self, filename: str, resume_point: bool = True) -> Optional[str]:
+        """Write a checkpoint atomically (main process); note it as the latest resume point."""
+        state = self.state_dict()  # every rank takes part in gathering the RNG states
+        path = os.path.join(self.output_dir, filename)
+        if self.info.is_main:
+            save_atomic(state, path)
+            if resume_point:
+                write_last_checkpoint(self.output_dir, filename)
+        barrier(self.info)
+        return path
+
+    def resume(self, path: str) -> None:
+        ckpt = load_file(path)  # weights_only: nothing in the file can run code
+        needed = ("model", "optimizer", "scaler", "scheduler", "epoch", "step", "step_in_epoch", "rng")
+        lacking = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
+        if lacking:
+            raise CheckpointError(
+                f"{path} is not a resumable training checkpoint (it lacks {', '.join(lacking)}); "
+                "to start from its weights, pass it as the initial checkpoint instead (--finetune)"
+            )
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt["steps_per_epoch"] != self.steps_per_epoch or ckpt["effective_batch"] != self.effective_batch:
+            raise ValueError(
+                f"{path} was written with {ckpt['steps_per_epoch']} steps per epoch and batch "
+                f"{ckpt['effective_batch']}; this run has {self.steps_per_epoch} and {self.effective_batch}. "
+                "Resuming needs the same data and effective batch size."
+            )
+        self.epoch, self.step, self.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
+        self._epoch_losses = list(ckpt.get("epoch_losses", []))
+        rngs = ckpt["rng"]
+        if len(rngs) == self.info.world_size:
+            set_rng_state(rngs[self.info.rank])
+        else:
+            seed_everything(self.seed + self.info.rank + 7919 * self.step)
+            if self.info.is_main:
+                print(f"warning: {path} was written by {len(rngs)} process(es), this run has "
+                      f"{self.info.world_size}; RNG streams are reseeded, so the run continues "
+                      "correctly but not bit-identically")
+        self.load_extra_state(ckpt)
+        if self.info.is_main:
+            print(f"resumed from {path}: epoch {self.epoch}, step {self.step} "
+                  f"({self.step_in_epoch}/{self.steps_per_epoch} of the epoch)")
+
+    # ----------------------------------------------------------------- loop
+    def _request_stop(self, signum, frame) -> None:
+        if self._stop_requested:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self._stop_requested = int(signum)
+        if self.info.is_main:
+            print(f"\nsignal {signum}: saving a checkpoint after this step, then stopping "
+                  "(press Ctrl-C again to abort without saving)")
+
+    def _should_stop(self, stop_at_step: Optional[int]) -> bool:
+        """Whether to stop after this step. Every rank must stop at the same step: the ranks
+        agree by an all-reduce (MAX) of the signal number, so a signal seen by one rank
+        stops all of them, and every rank then knows which signal it was."""
+        signum = agree_on_signal(self._stop_requested, self.info)
+        self._stop_signal = signum
+        return bool(signum) or (stop_at_step is not None and self.step >= stop_at_step)
+
+    def _stopped(self, where: str) -> Dict[int, float]:
+        """After the stop checkpoint: raise :class:`TrainingInterrupted` for a signal."""
+        if self.info.is_main:
+            print(f"stopped {where}; resume with --resume auto")
+        if self._stop_signal:
+            raise TrainingInterrupted(self._stop_signal, self.step)
+        return self.history
+
+    def autocast(self):
+        return autocast(self.info.device, self.amp)
+
+    def train_step(self, micro_batches) -> float:
+        self.ddp_model.train()
+        self.scheduler.step_update(self.step)  # lr of this update
+        total = 0.0
+        for a, batch in enumerate(micro_batches):
+            sync = a == self.accum - 1 or not isinstance(self.ddp_model, nn.parallel.DistributedDataParallel)
+            with (nullcontext() if sync else self.ddp_model.no_sync()):
+                with self.autocast():
+                    loss = self.forward_loss(batch)
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; stopping")
+                self.scaler.scale(loss / self.accum).backward()
+            total += loss.item()
+        if self.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.step_in_epoch += 1
+        self.after_step()
+        return total / self.accum
+
+    def current_lr(self) -> float:
+        """lr of the group with the largest scale (the head's under layer decay)."""
+        return max(g["lr"] for g in self.optimizer.param_groups)
+
+    def fit(self, stop_at_step: Optional[int] = None) -> Dict[int, float]:
+        """Train until the last epoch (or ``stop_at_step`` / a SIGINT-SIGTERM, after which a
+        resumable ``checkpoint-last.pth`` is written). Returns {step: loss} of this run."""
+        import threading
+
+        from tqdm import tqdm
+
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._request_stop)
+        if self.info.is_main:
+            print(f"{self.name}: {self.epochs} epochs x {self.steps_per_epoch} steps, effective batch "
+                  f"{self.effective_batch} = {self.info.world_size} process(es) x {self.micro_batch} x "
+                  f"{self.accum} accumulation, device {self.info.device}, "
+                  f"amp {self.amp_dtype if self.use_amp else 'off'}")
+        start_time, start_step = time.time(), self.step
+        self._stop_signal = 0
+        if self.info.is_main:
+            # records past the resume point would be written again: drop them
+            dropped = trim_log(os.path.join(self.output_dir, LOG_FILE), self.step)
+            if dropped:
+                print(f"{LOG_FILE}: dropped {dropped} record(s) past step {self.step}, which this run repeats")
+        try:
+            while self.epoch < self.epochs:
+                epoch = self.epoch
+                self.sampler.set_epoch(epoch, start=self.step_in_epoch * self.micro_batch * self.accum)
+                batches = iter(self.loader)
+                bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
+                           desc=f"{self.name} epoch {epoch + 1}/{self.epochs}", disable=not self.info.is_main,
+                           dynamic_ncols=True, mininterval=1.0, leave=True)
+                while self.step_in_epoch < self.steps_per_epoch:
+                    loss = self.train_step([next(batches) for _ in range(self.accum)])
+                    self.history[self.step] = loss
+                    self._epoch_losses.append(loss)
+                    done = self.step - start_step
+                    eta = (time.time() - start_time) / done * (self.total_steps - self.step)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.current_lr():.2e}", eta=format_seconds(eta),
+                                    refresh=False)
+                    bar.update(1)
+                    if self.step % self.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+                        mean_loss = all_reduce_sum(torch.tensor([loss], device=self.info.device), self.info)
+                        mean_loss = mean_loss.item() / self.info.world_size
+                        self.tb.scalars({f"{self.name}/loss": mean_loss, f"{self.name}/lr": self.current_lr()},
+                                        self.step)
+                    if self.step_in_epoch < self.steps_per_epoch and self._should_stop(stop_at_step):
+                        bar.close()
+                        self.save("checkpoint-last.pth")
+                        return self._stopped(f"at step {self.step}")
+                bar.close()
+                del batches
+                self.epoch, self.step_in_epoch = epoch + 1, 0
+                metrics = self.end_of_epoch(epoch)
+                metrics = dict(metrics, epoch=epoch + 1, step=self.step,
+                               train_loss=float(np.mean(self._epoch_losses)) if self._epoch_losses else float("nan"))
+                self._epoch_losses = []
+                self.tb.scalars({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")},
+                                self.epoch)
+                if self.info.is_main:
+                    with open(os.path.join(self.output_dir, LOG_FILE), "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+                saved = self.save_epoch_checkpoint(epoch + 1)
+                if self.epoch < self.epochs and self._should_stop(stop_at_step):
+                    if not saved:
+                        self.save("checkpoint-last.pth")
+                    return self._stopped(f"after epoch {self.epoch}")
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+            self.tb.close()
+            # end the loader workers however training ended: they ignore SIGTERM, so the
+            # SIGTERM that multiprocessing sends its daemon children at exit would not end
+            # them, and the process would wait for them forever
+            batches = None  # noqa: F841
+            self.loader._iterator = None
+            gc.collect()
+        if self.info.is_main:
+            print(f"{self.name} finished: {self.step - start_step} steps in {format_seconds(time.time() - start_time)}")
+        return self.history
+
+    def save_epoch_checkpoint(self, epochs_done: int) -> bool:
+        """Default: ``checkpoint-XXXX.pth`` every ``save_every`` epochs and at the end.
+        Returns whether a resumable checkpoint was written."""
+        if epochs_done % self.save_every == 0 or epochs_done == self.epochs:
+            self.save(f"checkpoint-{epochs_done:04d}.pth")
+            if self.info.is_main:
+                deleted = prune_checkpoints(self.output_dir, self.keep_last, self.keep_every)
+                if deleted:
+                    print(f"retention (keep last {self.keep_last}, every {self.keep_every}-th epoch): "
+                          f"deleted {', '.join(deleted)}")
+            return True
+        return False
