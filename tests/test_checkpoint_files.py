@@ -169,3 +169,18 @@ def test_killed_synthetic_generation_is_removed(tmp_path):
     ensure_synthetic_imagenet(root, num_classes=2, train_per_class=1, val_per_class=1, size=16)
     assert (root / "train").is_dir()
     assert not stale.exists() and not legacy.exists() and other.exists()
+
+
+def test_killed_detectron2_dataset_generation_is_removed(tmp_path):
+    """The built-in detectron2 datasets are generated in ``.synthetic_shapes_<pid>_*``; what a
+    killed generation left is removed at the next one, a live writer's folder is kept."""
+    from revcolv2_d2.data.synthetic_shapes import ensure_synthetic_shapes
+
+    stale = tmp_path / f".synthetic_shapes_{_dead_pid()}_abcd"
+    (stale / "train").mkdir(parents=True)
+    live = tmp_path / f".synthetic_shapes_{os.getpid()}_efgh"
+    live.mkdir()
+    base = ensure_synthetic_shapes(str(tmp_path), splits={"train": (2, 0), "val": (1, 1)})
+    assert os.path.isdir(base)
+    assert not stale.exists() and live.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".synthetic_shapes_")] == [live.name]

@@ -33,6 +33,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_sem_seg
 from PIL import Image
 
+from revcolv2.checkpoint import remove_stale_temporaries
+
 from .ade20k import IGNORE_LABEL
 
 __all__ = ["SYNTHETIC_ADE_CLASSES", "ensure_synthetic_ade", "make_scene", "register_synthetic_ade"]
@@ -154,7 +156,8 @@ def ensure_synthetic_ade(root: str) -> str:
     if _is_current(root):
         return base
     os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".synthetic_ade_", dir=root)
+    remove_stale_temporaries(root, prefix=".synthetic_ade_")  # what killed generations left behind
+    tmp = tempfile.mkdtemp(prefix=f".synthetic_ade_{os.getpid()}_", dir=root)
     try:
         for split, (_, num, seed) in SYNTHETIC_ADE_SPLITS.items():
             image_dir, label_dir = synthetic_ade_paths(tmp, split)

@@ -31,6 +31,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 
+from revcolv2.checkpoint import remove_stale_temporaries
+
 from .coco_checks import CocoInputError, register_checked_coco_instances
 
 __all__ = [
@@ -249,7 +251,8 @@ def ensure_synthetic_shapes(root: str, splits: Dict[str, Tuple[int, int]] = SPLI
         return base
     _refuse_foreign(base, [synthetic_shapes_paths(root, s)[1] for s in splits])
     os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".synthetic_shapes_", dir=root)
+    remove_stale_temporaries(root, prefix=".synthetic_shapes_")  # what killed generations left behind
+    tmp = tempfile.mkdtemp(prefix=f".synthetic_shapes_{os.getpid()}_", dir=root)
     try:
         for split, (n, seed) in splits.items():
             image_dir, json_file = synthetic_shapes_paths(tmp, split)
