@@ -21,7 +21,7 @@ from typing import List, Optional
 import torch
 from timm.optim import param_groups_weight_decay
 from torchvision import transforms
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
 from ..config import load_config, validate_config
 from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, num_workers_default
@@ -30,6 +30,7 @@ from ..rng import seed_everything
 from ..run_dir import check_output_dir, find_resume_checkpoint, write_config
 from ..mim import RevColV2MIM
 from ..trainer import Trainer
+from ..visualization import reconstruction_grid
 from .common import build_model, training_parser
 
 # the numbers of a pre-training config, checked before anything runs
@@ -81,37 +82,6 @@ def fixed_images(root: Path, size: int, count: int) -> torch.Tensor:
     while len(picks) < min(count, len(ds)):  # fewer classes than images wanted
         picks.append(len(picks))
     return torch.stack([ds[i][0] for i in picks])
-
-
-@torch.no_grad()
-def reconstruction_grid(model: RevColV2MIM, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """One row per image: original | masked | reconstruction | reconstruction + visible.
-
-    The mask comes from its own generator, so drawing it leaves the training RNG alone.
-    Returns a (3, H', W') image in [0, 1].
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    x = images.to(device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    out = model(x, generator=g)
-    recon = model.prediction_to_pixels(out["pred"], x)
-    p = model.patch_size
-    mask = out["mask"].reshape(x.shape[0], x.shape[2] // p, x.shape[3] // p)
-    mask = mask.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1)  # (B, 1, H, W), 1 = masked
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-
-    def to_rgb(t: torch.Tensor) -> torch.Tensor:
-        return (t * std + mean).clamp(0, 1)
-
-    original, reconstruction = to_rgb(x), to_rgb(recon)
-    masked = original * (1 - mask) + 0.5 * mask
-    pasted = original * (1 - mask) + reconstruction * mask
-    rows = torch.stack([original, masked, reconstruction, pasted], dim=1).flatten(0, 1)
-    model.train(was_training)
-    return make_grid(rows.cpu(), nrow=4, padding=2, pad_value=1.0)
 
 
 class PretrainTrainer(Trainer):
