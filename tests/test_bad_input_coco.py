@@ -75,6 +75,7 @@ def _load_coco_2017_val(datasets):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow  # a subprocess / second process: end to end
 @pytest.mark.parametrize("content, message", [
     ("{not json", "is not valid JSON"),
     (json.dumps(dict(coco([ann(1)]), annotations=[ann(4, category_id=99)])), "annotation id 4 has category_id 99"),

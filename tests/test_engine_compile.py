@@ -29,6 +29,7 @@ def _grads(model, x, reversible):
     return {n: p.grad for n, p in model.named_parameters()}
 
 
+@pytest.mark.slow  # compiles every level variant (about 5 s)
 def test_compiled_levels_give_eager_gradients_without_graph_breaks():
     from torch._dynamo.utils import counters
 

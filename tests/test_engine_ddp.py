@@ -70,6 +70,7 @@ def ddp_grads(tmp_path_factory):
     return torch.load(out)
 
 
+@pytest.mark.slow  # two processes (gloo)
 @pytest.mark.parametrize("reversible", [True, False])
 def test_ddp_gradients_equal_single_process_mean(reversible, ddp_grads):
     ddp_grads = ddp_grads[reversible]

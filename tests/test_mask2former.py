@@ -278,6 +278,7 @@ def test_full_model_clipping_bounds_the_global_gradient_norm():
     assert ratio == pytest.approx(3.0 / 4.0)  # one scale for the whole model
 
 
+@pytest.mark.slow  # a subprocess / second process: end to end
 def test_importing_the_project_does_not_need_transformers():
     code = ("import sys; import revcolv2_d2, revcolv2_d2.backbone, revcolv2_d2.upernet, revcolv2_d2.checkpoint, "
             "revcolv2_d2.data; assert 'transformers' not in sys.modules, 'transformers was imported'")

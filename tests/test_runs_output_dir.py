@@ -87,6 +87,7 @@ def test_log_jsonl_drops_the_records_a_resume_repeats(data, tmp_path):
     assert [r["epoch"] for r in records] == [1, 2]
 
 
+@pytest.mark.slow  # a 7-epoch pre-training run
 def test_retention_keeps_the_last_k_and_every_m_th(data, tmp_path):
     pretrain(data, tmp_path, "schedule.epochs=7", "train.keep_last=2", "train.keep_every=3")
     kept = sorted(n for n in os.listdir(tmp_path) if n.startswith("checkpoint-"))

@@ -32,6 +32,7 @@ def iterations(out):
         return [json.loads(line)["iteration"] for line in f if "total_loss" in line]
 
 
+@pytest.mark.slow  # a subprocess / second process: end to end
 def test_override_typo_is_an_error_with_the_closest_key(root, tmp_path):
     typo, hint = "trian.max_iter=1", "train.max_iter"
     env = dict(os.environ, DETECTRON2_DATASETS=root)

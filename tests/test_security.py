@@ -188,6 +188,7 @@ def test_visualize_refuses_the_payload(evil, tmp_path):
         _refused(e, evil[kind])
 
 
+@pytest.mark.slow  # a subprocess / second process: end to end
 def test_lazyconfig_train_net_refuses_pkl_and_yaml(tmp_path):
     """Two subprocesses, started together: init_checkpoint=*.pkl, and --config-file evil.yaml."""
     marker = tmp_path / "MARKER"
