@@ -11,6 +11,14 @@ from ..config import nonneg_int, positive_int
 
 TASKS = ("pretrain", "finetune", "linear_probe")
 
+# the numbers of a fine-tuning or linear-probing config, checked before anything runs
+CLASSIFICATION_NUMBERS = {
+    "data.input_size": "positive_int", "optim.batch_size": "positive_int", "optim.base_lr": "positive_float",
+    "optim.weight_decay": "nonneg_float", "schedule.epochs": "positive_int",
+    "schedule.warmup_epochs": "nonneg_float", "schedule.min_lr": "nonneg_float",
+    "train.batch_per_gpu": "positive_int", "train.eval_batch": "positive_int", "train.log_every": "positive_int",
+}
+
 
 def training_parser(description: str, task: str) -> argparse.ArgumentParser:
     """The command line of ``tools/{pretrain,finetune,linear_probe}.py``.

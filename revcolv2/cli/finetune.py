@@ -36,16 +36,7 @@ from ..distributed import init_distributed, prepare_data_root
 from ..optim import param_groups_layer_decay
 from ..rng import seed_everything
 from ..run_dir import check_output_dir, find_resume_checkpoint, write_config
-from .common import build_model, training_parser
-
-# the numbers of the config, checked before anything runs
-NUMBERS = {
-    "data.input_size": "positive_int", "optim.batch_size": "positive_int", "optim.base_lr": "positive_float",
-    "optim.weight_decay": "nonneg_float", "schedule.epochs": "positive_int",
-    "schedule.warmup_epochs": "nonneg_float", "schedule.min_lr": "nonneg_float",
-    "train.batch_per_gpu": "positive_int", "train.eval_batch": "positive_int", "train.log_every": "positive_int",
-}
-
+from .common import CLASSIFICATION_NUMBERS, build_model, training_parser
 
 def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return training_parser(__doc__, "finetune").parse_args(argv)
@@ -63,7 +54,7 @@ def build_transforms(cfg: dict):
 def main(argv: Optional[List[str]] = None) -> dict:
     args = get_args(argv)
     cfg = load_config(args.config, args.opts)
-    validate_config(cfg, NUMBERS)
+    validate_config(cfg, CLASSIFICATION_NUMBERS)
     info = init_distributed(args.device)
     out_dir = args.output_dir or os.path.join("output", "finetune", Path(args.config).stem)
     m_cfg, o_cfg, s_cfg, t_cfg, mix_cfg = cfg["model"], cfg["optim"], cfg["schedule"], cfg["train"], cfg["mixup"]

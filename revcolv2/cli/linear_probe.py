@@ -28,16 +28,7 @@ from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, check_same_cl
 from ..distributed import init_distributed, prepare_data_root
 from ..rng import seed_everything
 from ..run_dir import check_output_dir, find_resume_checkpoint, write_config
-from .common import build_model, training_parser
-
-# the numbers of the config, checked before anything runs
-NUMBERS = {
-    "data.input_size": "positive_int", "optim.batch_size": "positive_int", "optim.base_lr": "positive_float",
-    "optim.weight_decay": "nonneg_float", "schedule.epochs": "positive_int",
-    "schedule.warmup_epochs": "nonneg_float", "schedule.min_lr": "nonneg_float",
-    "train.batch_per_gpu": "positive_int", "train.eval_batch": "positive_int", "train.log_every": "positive_int",
-}
-
+from .common import CLASSIFICATION_NUMBERS, build_model, training_parser
 
 def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return training_parser(__doc__, "linear_probe").parse_args(argv)
@@ -46,7 +37,7 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> dict:
     args = get_args(argv)
     cfg = load_config(args.config, args.opts)
-    validate_config(cfg, NUMBERS)
+    validate_config(cfg, CLASSIFICATION_NUMBERS)
     info = init_distributed(args.device)
     out_dir = args.output_dir or os.path.join("output", "linear_probe", Path(args.config).stem)
     m_cfg, d_cfg, o_cfg, s_cfg, t_cfg = cfg["model"], cfg["data"], cfg["optim"], cfg["schedule"], cfg["train"]
