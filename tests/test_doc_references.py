@@ -2,7 +2,7 @@
 
 A reference is a path-like token ending in a source or document extension
 (``docs/TRAINING.md``, ``tools/export.py``, ``configs/pretrain/_table1.yaml``), a bare
-document name (``DESIGN.md``, also as "DESIGN section 2" or "ENVIRONMENT notes") or a
+document name (``NOTES.md``, also as "NOTES section 2" or "PLANNING notes") or a
 ``docs/NAME`` without extension. It resolves if it
 exists relative to the repository root, to the citing file's folder, or to the
 detectron2 project folder (whose configs are cited as ``configs/COCO/...``); a bare name
@@ -32,7 +32,7 @@ _EXT = r"(?:py|md|txt|yaml|yml|sh|ini|cfg|toml)"
 _PATH = re.compile(r"(?<![\w/.$<>{}*\]:-])((?:[\w.-]+/)*[\w.-]+\." + _EXT + r")(?![\w/{}*])")
 _DOCS_DIR = re.compile(r"(?<![\w/.])(docs/[A-Za-z_]+)(?![\w./])")
 _GENERATED = ("output/", "datasets/", "vis/", "export/")
-# a document cited by name and part, without extension: "DESIGN section 2", "ENVIRONMENT notes"
+# a document cited by name and part, without extension: "NOTES section 2", "PLANNING notes"
 _NAMED_DOC = re.compile(r"\b([A-Z][A-Z_]{3,})(?:\.md)?\s+(?:section|notes)\b")
 
 
@@ -96,8 +96,8 @@ def test_every_cited_repository_file_exists():
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("see DESIGN.md section 2", ["DESIGN.md"]),
-    ("recipe of DESIGN section 2 (see ENVIRONMENT notes)", ["DESIGN.md", "ENVIRONMENT.md"]),
+    ("see NO_SUCH_DOC.md section 2", ["NO_SUCH_DOC.md"]),
+    ("recipe of NO_SUCH_DOC section 2 (see NO_SUCH_PLAN notes)", ["NO_SUCH_DOC.md", "NO_SUCH_PLAN.md"]),
     ("notes in docs/NO_SUCH_NOTES", ["docs/NO_SUCH_NOTES"]),
     ("notes in docs/INSTALL", []),
     ("run tools/no_such_tool.py", ["tools/no_such_tool.py"]),
