@@ -79,3 +79,65 @@ def activation_peak_per_image(step: Callable[[int], None], small: int = 2, large
     step(small)  # warm-up: lazily created buffers, gradient tensors, kernels
     peaks = {b: peak_live_bytes(lambda: step(b)) for b in (small, large)}
     return (peaks[large] - peaks[small]) / (large - small)
+
+
+# matrix products and attention: compute-bound kernels, counted apart from the rest
+_GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_scaled_dot_product",
+             "scaled_dot_product", "_efficient_attention", "_flash_attention", "_cudnn_attention")
+_NO_TRAFFIC = ("empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_local_scalar_dense")
+
+
+class OpTraffic(TorchDispatchMode):
+    """Kernels and memory traffic of everything dispatched inside ``with``.
+
+    Each op that is not a view counts once (one kernel launch in eager mode) and moves
+    the bytes of its tensor inputs (read) plus its tensor outputs (written). Matrix
+    products and attention (:data:`_GEMM_OPS`) are counted apart: they are bound by
+    compute, the rest (element-wise updates, norms, casts, reductions, copies) by memory
+    bandwidth. On a GPU the second group's bytes are what eager element-wise work costs.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops = {"gemm": 0, "other": 0}
+        self.bytes = {"gemm": 0, "other": 0}
+
+    @staticmethod
+    def _kind(func) -> str:
+        name = func.overloadpacket.__name__
+        return "gemm" if name.startswith(_GEMM_OPS) else "other"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if func.is_view or name in _NO_TRAFFIC:
+            return out
+        moved = sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
+                    if isinstance(t, torch.Tensor))
+        kind = self._kind(func)
+        self.ops[kind] += 1
+        self.bytes[kind] += moved
+        return out
+
+
+def traffic_per_image(step: Callable[[int], None], small: int = 2, large: int = 6) -> Dict[str, float]:
+    """Per-image memory traffic and per-step kernel count of ``step(batch)`` (forward + backward).
+
+    Bytes are (traffic at batch ``large`` - traffic at batch ``small``) / (large - small),
+    which cancels the work that does not grow with the batch (weight casts, weight
+    gradients). Returns ``non_gemm_bytes`` and ``gemm_bytes`` per image and ``ops`` (kernels
+    launched, views excluded) at batch ``small``.
+    """
+    step(small)  # warm-up: lazily created buffers
+    runs = {}
+    for b in (small, large):
+        with OpTraffic() as t:
+            step(b)
+        runs[b] = t
+    per = large - small
+    return {
+        "non_gemm_bytes": (runs[large].bytes["other"] - runs[small].bytes["other"]) / per,
+        "gemm_bytes": (runs[large].bytes["gemm"] - runs[small].bytes["gemm"]) / per,
+        "ops": runs[small].ops["other"] + runs[small].ops["gemm"],
+    }

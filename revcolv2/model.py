@@ -288,8 +288,12 @@ class Column(nn.Module):
 
     @staticmethod
     def step_from(l: int, f: Tensor, prev_l: Optional[Tensor], alpha: Optional[Tensor]) -> Tensor:
-        """The update given F: ``alpha * prev + f`` (``f`` in the first column)."""
-        return f if prev_l is None else alpha * prev_l + f
+        """The update given F: ``alpha * prev + f`` (``f`` in the first column).
+
+        One ``addcmul`` kernel instead of a multiply and an add: it reads ``f`` and ``prev``
+        once and writes the new state once (the dtype follows the same promotion).
+        """
+        return f if prev_l is None else torch.addcmul(f, alpha, prev_l)
 
     def step(self, l: int, inp: Tensor, cross: Optional[Tensor], prev_l: Optional[Tensor],
              keep: Optional[Tensor], hw) -> Tensor:

@@ -14,7 +14,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -177,6 +177,11 @@ def append_report(path: str, title: str, command: str, device: str, body: str) -
 
 
 # --------------------------------------------------------------------------- training-step benchmarks
+# the device-independent columns of analyze_training_step, and those of profile_breakdown
+ANALYSIS_COLUMNS = ["act peak (MB/img)", "GFLOPs/img (fwd+bwd)", "block evals/step", "non-GEMM MB/img", "ops/step"]
+PROFILE_COLUMNS = ["GEMM ms/step", "attention ms/step", "other ms/step", "kernels/step (profiled)"]
+
+
 def step_benchmark_parser(description: str, rows: Sequence[str], default_rows: Sequence[str],
                           default_cuda_batches: str) -> argparse.ArgumentParser:
     """Command line of the training-step benchmarks (backbone, pre-training).
@@ -198,9 +203,19 @@ def step_benchmark_parser(description: str, rows: Sequence[str], default_rows: S
     ap.add_argument("--no-analysis", action="store_true",
                     help="skip the activation-peak / FLOP / block-evaluation columns")
     ap.add_argument("--worker-timeout", type=int, default=420, help="seconds per (row, batch) process")
+    ap.add_argument("--profile-dir", default=None, metavar="DIR",
+                    help="profile two more steps per row with torch.profiler: a Chrome trace per row in DIR and "
+                         "the kernel time per step by kind (GEMM, attention, other) in the table")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     return ap
+
+
+def worker_args(args: argparse.Namespace) -> List:
+    """The options every (row, batch) worker process gets from the parent's command line."""
+    out = ["--device", args.device, "--img-size", args.img_size, "--warmup", args.warmup, "--iters", args.iters,
+           "--variant", args.variant]
+    return out + (["--profile-dir", args.profile_dir] if args.profile_dir else [])
 
 
 def resolve_step_args(args: argparse.Namespace, rows: Sequence[str]) -> List[str]:
@@ -219,8 +234,13 @@ def resolve_step_args(args: argparse.Namespace, rows: Sequence[str]) -> List[str
 
 
 def step_worker_result(step: Callable[[], None], analysis: Callable[[], Dict], device: str, batch: int,
-                       warmup: int, iters: int) -> Dict:
-    """Time ``step`` (after ``warmup`` steps) and measure memory; ``analysis()`` adds its columns."""
+                       warmup: int, iters: int, profile_path: Optional[str] = None) -> Dict:
+    """Time ``step`` (after ``warmup`` steps) and measure memory; ``analysis()`` adds its columns.
+
+    With ``profile_path``, two more steps run under ``torch.profiler`` after the timed ones:
+    their trace is written there (Chrome trace format) and :func:`profile_breakdown` adds
+    the kernel time per step by kind.
+    """
     cuda = device.startswith("cuda")
     out: Dict = {}
     out.update(analysis())
@@ -236,6 +256,110 @@ def step_worker_result(step: Callable[[], None], analysis: Callable[[], Dict], d
         out["peak GiB"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
     else:
         out["peak RSS (MB)"] = round(peak_rss_mb(), 0)
+    if profile_path:
+        out.update(profile_breakdown(step, device, profile_path))
+    return out
+
+
+_ATTENTION_NAMES = ("flash", "fmha", "attention", "_scaled_dot_product")
+_GEMM_NAMES = ("gemm", "cutlass", "xmma", "nvjet", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+               "aten::convolution", "aten::_convolution", "aten::mkldnn_convolution", "conv")
+
+
+def kernel_kind(name: str) -> str:
+    """'attention', 'GEMM' or 'other' for a kernel (CUDA) or aten op (CPU) name."""
+    low = name.lower()
+    if any(k in low for k in _ATTENTION_NAMES):
+        return "attention"
+    if any(k in low for k in _GEMM_NAMES):
+        return "GEMM"
+    return "other"
+
+
+def profile_breakdown(step: Callable[[], None], device: str, path: str, steps: int = 2) -> Dict:
+    """Kernel time per training step by kind (GEMM, attention, other) from ``torch.profiler``.
+
+    CUDA: the device time of every kernel, by kernel name. CPU: the self time of every aten
+    op (the CPU's "kernels"). The trace of the ``steps`` profiled steps goes to ``path``
+    (open it in Perfetto or chrome://tracing). "other" is the element-wise, norm, copy,
+    reduction and optimizer work that separates models with the same FLOPs. The step
+    includes the optimizer step.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    prof.export_chrome_trace(path)
+    totals = {"GEMM": 0.0, "attention": 0.0, "other": 0.0}
+    launches = 0
+    for evt in prof.key_averages():
+        if cuda:
+            if evt.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = getattr(evt, "self_device_time_total", None)
+            if us is None:
+                us = evt.self_cuda_time_total
+        else:
+            if not evt.key.startswith("aten::"):
+                continue
+            us = evt.self_cpu_time_total
+        if us <= 0:
+            continue
+        totals[kernel_kind(evt.key)] += us
+        launches += evt.count
+    out = {f"{kind} ms/step": round(us / steps / 1000, 2) for kind, us in totals.items()}
+    if cuda:  # on the CPU, nested aten ops would count twice
+        out["kernels/step (profiled)"] = launches // steps
+    return out
+
+
+def step_worker(args: argparse.Namespace, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                make_batch: Callable[[int, torch.Generator], Sequence[torch.Tensor]],
+                loss_fn: Callable[..., torch.Tensor]) -> Dict:
+    """One (row, batch) worker of a training-step benchmark.
+
+    ``make_batch(batch, generator)`` makes the inputs (on the CPU), ``loss_fn(model, *inputs)``
+    runs the forward and returns the loss. The timed step is forward + loss + backward +
+    optimizer step in bf16 autocast on CUDA and fp32 on CPU; the analysis columns
+    (:func:`analyze_training_step`, eager rows only) use bf16 autocast on every device.
+    """
+    from revcolv2.amp import autocast
+
+    device = args.device
+
+    def on_device(batch: int, seed: int):
+        return [t.to(device) for t in make_batch(batch, torch.Generator().manual_seed(seed))]
+
+    def loss_at(batch: int) -> torch.Tensor:
+        inputs = on_device(batch, 0)
+        with autocast(device, "bf16", cuda_only=False):
+            return loss_fn(model, *inputs)
+
+    fixed = on_device(args.batch, 1)
+
+    def step() -> None:
+        with autocast(device, "bf16"):
+            loss = loss_fn(model, *fixed)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def analysis() -> Dict:
+        if args.no_analysis or args.worker.endswith("-compiled"):
+            return {}
+        return analyze_training_step(model, loss_at)
+
+    profile_path = None
+    if getattr(args, "profile_dir", None):
+        profile_path = os.path.join(args.profile_dir, f"{args.worker}-b{args.batch}.json")
+    out = step_worker_result(step, analysis, device, args.batch, args.warmup, args.iters, profile_path)
+    out["params (M)"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
     return out
 
 
@@ -246,12 +370,16 @@ def analyze_training_step(model: torch.nn.Module, loss_at: Callable[[int], torch
     - GFLOPs per image: ``torch.utils.flop_counter.FlopCounterMode`` over forward + backward
       at batch 2 (one multiply-add = 2 FLOPs, its convention);
     - block forward evaluations per step: calls of every module whose class is ``Block``
-      (ours and timm's), recomputations in backward included.
+      (ours and timm's), recomputations in backward included;
+    - non-GEMM MB per image and kernels per step: :func:`revcolv2.memory.traffic_per_image`,
+      the bytes read and written by every op that is not a matrix product or attention
+      (element-wise updates, norms, casts, reductions), and the ops launched, views excluded.
+      On a GPU those bytes, not FLOPs, set the time of that part of an eager step.
 
     ``loss_at(batch)`` runs the forward (under the caller's autocast) and returns the loss.
     """
-    from .flops import training_step_gflops
-    from .memory import activation_peak_per_image
+    from revcolv2.flops import training_step_gflops
+    from revcolv2.memory import activation_peak_per_image, traffic_per_image
 
     def fwd_bwd(batch: int) -> None:
         loss_at(batch).backward()
@@ -269,8 +397,11 @@ def analyze_training_step(model: torch.nn.Module, loss_at: Callable[[int], torch
     for h in hooks:
         h.remove()
     model.zero_grad(set_to_none=True)
+    traffic = traffic_per_image(fwd_bwd)
+    model.zero_grad(set_to_none=True)
     return {"act peak (MB/img)": round(peak / 2 ** 20, 3), "GFLOPs/img (fwd+bwd)": round(gflops, 1),
-            "block evals/step": len(calls)}
+            "block evals/step": len(calls), "non-GEMM MB/img": round(traffic["non_gemm_bytes"] / 2 ** 20, 1),
+            "ops/step": traffic["ops"]}
 
 
 def run_step_workers(script: str, jobs: Sequence[Tuple[str, int, Sequence[str]]], args: Sequence[str],

@@ -11,10 +11,14 @@ peak.
 Columns: img/s and ms/step (wall), host CPU-s/step (a row whose host time is close to its
 wall time is launch-bound: the GPU waits for Python, and img/s then measures overhead, not
 the GPU), peak memory (CUDA: ``torch.cuda.max_memory_allocated`` over the timed steps,
-weights + grads + AdamW state included), and three device-independent columns measured in
+weights + grads + AdamW state included), and five device-independent columns measured in
 bf16 autocast: activation peak per image (live-bytes tracker, (peak at batch 6 - peak at
 batch 2) / 4), GFLOPs per image of forward + backward (``FlopCounterMode``: 2 FLOPs per
-multiply-add) and block forward evaluations per step.
+multiply-add), block forward evaluations per step, and the non-GEMM MB per image and ops
+per step (bytes read + written by every op that is not a matrix product or attention, per
+image by the same batch difference; ops launched, views excluded). ``--profile-dir DIR``
+adds the profiled kernel time per step by kind (GEMM, attention, other) and writes a
+Chrome trace per row to DIR.
 
 Rows (``--rows``; ``--compile`` adds the ``-compiled`` ones):
   vit, vit-ckpt, plain, rev                       eager
@@ -24,13 +28,12 @@ Rows (``--rows``; ``--compile`` adds the ``-compiled`` ones):
     python tools/benchmark_backbone.py --variant revcolv2_tiny --batch-sizes 2    # quick CPU check
     python tools/benchmark_backbone.py --device cpu --report                       # CPU, appends the table
     python tools/benchmark_backbone.py --device cuda --batch-sizes 128,512 --compile
+    python tools/benchmark_backbone.py --device cuda --batch-sizes 128 --profile-dir runs/profile  # where time goes
 """
 import json
 import sys
 
 import torch
-
-from revcolv2.amp import autocast
 
 ROWS = {
     "vit": "ViT-B/16 (timm)",
@@ -71,38 +74,20 @@ def build(key: str, variant: str, img_size: int, device: str) -> torch.nn.Module
 
 
 def worker(args) -> dict:
-    from bench_common import analyze_training_step, step_worker_result
+    from bench_common import step_worker
 
-    device, cuda = args.device, args.device.startswith("cuda")
     torch.manual_seed(0)
-    model = build(args.worker, args.variant, args.img_size, device)
+    model = build(args.worker, args.variant, args.img_size, args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
 
-    def loss_at(batch: int, seed: int = 0) -> torch.Tensor:
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        x = torch.randn(batch, 3, args.img_size, args.img_size, generator=g).to(device)
-        y = torch.randint(0, 1000, (batch,), generator=g).to(device)
-        with autocast(device, "bf16", cuda_only=False):
-            return torch.nn.functional.cross_entropy(model(x), y)
+    def make_batch(batch: int, g: torch.Generator):
+        return (torch.randn(batch, 3, args.img_size, args.img_size, generator=g),
+                torch.randint(0, 1000, (batch,), generator=g))
 
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
-    y = torch.randint(0, 1000, (args.batch,), device=device)
+    def loss_fn(model, x, y):
+        return torch.nn.functional.cross_entropy(model(x), y)
 
-    def step():
-        with autocast(device, "bf16"):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def analysis():
-        if args.no_analysis or args.worker.endswith("-compiled"):
-            return {}
-        return analyze_training_step(model, loss_at)
-
-    out = step_worker_result(step, analysis, device, args.batch, args.warmup, args.iters)
-    out["params (M)"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
-    return out
+    return step_worker(args, model, opt, make_batch, loss_fn)
 
 
 def main():
@@ -116,7 +101,7 @@ def main():
         print("RESULT " + json.dumps(worker(args)))
         return
 
-    from bench_common import append_report, markdown_table, run_step_workers
+    from bench_common import append_report, run_step_workers, worker_args
 
     batches = [int(b) for b in (args.batch_sizes or ("128,512" if cuda else "2")).split(",")]
     # the analysis columns do not depend on the batch: measured in the first batch size's jobs only
@@ -124,9 +109,7 @@ def main():
     jobs = [(k, b, [] if b == batches[0] and not args.no_analysis else ["--no-analysis"])
             for b in batches for k in keys
             if b == batches[0] or args.all_batches or (k in MEMORY_SAVING and not k.endswith("-compiled"))]
-    common = ["--device", args.device, "--img-size", args.img_size, "--warmup", args.warmup, "--iters", args.iters,
-              "--variant", args.variant]
-    rows = run_step_workers(__file__, jobs, common, args.worker_timeout, "benchmark_backbone")
+    rows = run_step_workers(__file__, jobs, worker_args(args), args.worker_timeout, "benchmark_backbone")
     table = summarize(rows, args.variant, cuda)
     precision = "bf16 autocast" if cuda else "fp32 timing, bf16-autocast analysis columns"
     body = (f"Classification training step (forward + CE + backward + AdamW), {args.img_size}x{args.img_size}, "
@@ -142,7 +125,7 @@ def main():
 
 def summarize(rows, variant: str, cuda: bool) -> str:
     """Markdown table with speed and memory relative to ViT-B (+ checkpointing) at the same batch."""
-    from bench_common import markdown_table
+    from bench_common import ANALYSIS_COLUMNS, PROFILE_COLUMNS, markdown_table
 
     by = {(r["key"], r["batch"]): r for r in rows}
     speed = "img/s" if cuda else "host CPU-s/step"
@@ -163,7 +146,7 @@ def summarize(rows, variant: str, cuda: bool) -> str:
             r["memory vs ViT-B+ckpt"] = f"{r[mem] / ref[mem]:.2f}x"
     cols = ["model", "batch", "img/s", "ms/step", "host CPU-s/step", "speed vs ViT-B", "speed vs ViT-B+ckpt"]
     cols += ["peak GiB", "memory vs ViT-B+ckpt"] if cuda else ["peak RSS (MB)"]
-    cols += ["act peak (MB/img)", "GFLOPs/img (fwd+bwd)", "block evals/step", "params (M)", "error"]
+    cols += ANALYSIS_COLUMNS + PROFILE_COLUMNS + ["params (M)", "error"]
     cols = [c for c in cols if any(c in r for r in rows) or c == "model"]
     return markdown_table(rows, cols)
 

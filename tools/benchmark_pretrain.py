@@ -11,7 +11,8 @@ MAE's ``mae_vit_base_patch16_dec512d8b``. Every (row, batch) pair runs in a fres
 Columns as in ``tools/benchmark_backbone.py``: img/s, ms/step, host CPU-s/step, peak memory
 (CUDA: ``torch.cuda.max_memory_allocated``, weights + grads + AdamW state included), and the
 device-independent activation peak per image, GFLOPs per image (forward + backward,
-FlopCounterMode) and block forward evaluations per step.
+FlopCounterMode), block forward evaluations per step, non-GEMM MB per image and ops per
+step; ``--profile-dir DIR`` adds the profiled kernel time per step by kind.
 
 Rows (``--rows``; ``--compile`` adds the ``-compiled`` ones):
   mae, plain, rev                                  eager
@@ -28,8 +29,6 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
-
-from revcolv2.amp import autocast
 
 ROWS = {
     "mae": "MAE ViT-B/16",
@@ -112,37 +111,20 @@ def build(key: str, variant: str, img_size: int, device: str) -> nn.Module:
 
 
 def worker(args) -> dict:
-    from bench_common import analyze_training_step, step_worker_result
+    from bench_common import step_worker
 
-    device, cuda = args.device, args.device.startswith("cuda")
     torch.manual_seed(0)
-    model = build(args.worker, args.variant, args.img_size, device)
+    model = build(args.worker, args.variant, args.img_size, args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
 
-    def loss_of(x, amp: bool):
-        with autocast(device, "bf16" if amp else None, cuda_only=False):
-            out = model(x)
+    def make_batch(batch: int, g: torch.Generator):
+        return (torch.randn(batch, 3, args.img_size, args.img_size, generator=g),)
+
+    def loss_fn(model, x):
+        out = model(x)
         return out["loss"] if isinstance(out, dict) else out
 
-    def loss_at(batch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(0)
-        return loss_of(torch.randn(batch, 3, args.img_size, args.img_size, generator=g).to(device), True)
-
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
-
-    def step():
-        loss_of(x, cuda).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def analysis():
-        if args.no_analysis or args.worker.endswith("-compiled"):
-            return {}
-        return analyze_training_step(model, loss_at)
-
-    out = step_worker_result(step, analysis, device, args.batch, args.warmup, args.iters)
-    out["params (M)"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
-    return out
+    return step_worker(args, model, opt, make_batch, loss_fn)
 
 
 def main():
@@ -156,14 +138,12 @@ def main():
         print("RESULT " + json.dumps(worker(args)))
         return
 
-    from bench_common import append_report, markdown_table, run_step_workers
+    from bench_common import ANALYSIS_COLUMNS, PROFILE_COLUMNS, append_report, markdown_table, run_step_workers, worker_args
 
     batches = [int(b) for b in (args.batch_sizes or ("256" if cuda else "2")).split(",")]
     jobs = [(k, b, [] if b == batches[0] and not args.no_analysis else ["--no-analysis"])
             for b in batches for k in keys if b == batches[0] or args.all_batches or k == "rev"]
-    common = ["--device", args.device, "--img-size", args.img_size, "--warmup", args.warmup, "--iters", args.iters,
-              "--variant", args.variant]
-    rows = run_step_workers(__file__, jobs, common, args.worker_timeout, "benchmark_pretrain")
+    rows = run_step_workers(__file__, jobs, worker_args(args), args.worker_timeout, "benchmark_pretrain")
     by = {(r["key"], r["batch"]): r for r in rows}
     for r in rows:
         r["model"] = ROWS[r["key"]].replace("RevColV2", args.variant)
@@ -178,7 +158,7 @@ def main():
             r["memory vs MAE"] = f"{r['peak GiB'] / mae['peak GiB']:.2f}x"
     cols = ["model", "batch", "img/s", "ms/step", "host CPU-s/step", "speed vs MAE"]
     cols += ["peak GiB", "memory vs MAE"] if cuda else ["peak RSS (MB)"]
-    cols += ["act peak (MB/img)", "GFLOPs/img (fwd+bwd)", "block evals/step", "params (M)", "error"]
+    cols += ANALYSIS_COLUMNS + PROFILE_COLUMNS + ["params (M)", "error"]
     cols = [c for c in cols if c == "model" or any(c in r for r in rows)]
     table = markdown_table(rows, cols)
     precision = "bf16 autocast" if cuda else "fp32 timing, bf16-autocast analysis columns"
