@@ -397,7 +397,11 @@ def analyze_training_step(model: torch.nn.Module, loss_at: Callable[[int], torch
     for h in hooks:
         h.remove()
     model.zero_grad(set_to_none=True)
-    traffic = traffic_per_image(fwd_bwd)
+    def fresh(batch: int) -> None:  # as a training step after zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        fwd_bwd(batch)
+
+    traffic = traffic_per_image(fresh)
     model.zero_grad(set_to_none=True)
     return {"act peak (MB/img)": round(peak / 2 ** 20, 3), "GFLOPs/img (fwd+bwd)": round(gflops, 1),
             "block evals/step": len(calls), "non-GEMM MB/img": round(traffic["non_gemm_bytes"] / 2 ** 20, 1),
