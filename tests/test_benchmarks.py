@@ -32,6 +32,9 @@ def test_backbone_benchmark_fills_the_analysis_and_profile_columns(tmp_path):
     for col in ("act peak (MB/img)", "GFLOPs/img (fwd+bwd)", "block evals/step", "non-GEMM MB/img", "ops/step",
                 "GEMM ms/step", "attention ms/step", "other ms/step"):
         assert all(float(r[col]) > 0 for r in rows), (col, rows)
+    for r in rows:  # each step timed on its own: "min-max" around the mean
+        low, high = (float(v) for v in r["ms/step range"].split("-"))
+        assert low <= float(r["ms/step"]) <= high
     by = {r["model"]: r for r in rows}
     rev = by["revcolv2_tiny reversible"]
     ckpt = by["vit_tiny_patch16_224 (timm) + set_grad_checkpointing()"]

@@ -233,6 +233,35 @@ def resolve_step_args(args: argparse.Namespace, rows: Sequence[str]) -> List[str
     return keys
 
 
+def timed_steps(step: Callable[[], None], device: str, iters: int) -> Tuple[float, float, List[float]]:
+    """(wall seconds per step, process CPU seconds per step, each step's seconds).
+
+    Each step's own time shows how much the mean can be trusted: a ratio between two rows
+    smaller than their steps' spread is noise. On CUDA it comes from events recorded on the
+    stream around every step, so the GPU is never drained between steps; on the CPU from
+    ``time.perf_counter``.
+    """
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+    wall, cpu = time.perf_counter(), time.process_time()
+    each: List[float] = []
+    if cuda:
+        marks[0].record()
+    for i in range(iters):
+        t = time.perf_counter()
+        step()
+        if cuda:
+            marks[i + 1].record()
+        else:
+            each.append(time.perf_counter() - t)
+    if cuda:
+        torch.cuda.synchronize()
+        each = [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+    return (time.perf_counter() - wall) / iters, (time.process_time() - cpu) / iters, each
+
+
 def step_worker_result(step: Callable[[], None], analysis: Callable[[], Dict], device: str, batch: int,
                        warmup: int, iters: int, profile_path: Optional[str] = None) -> Dict:
     """Time ``step`` (after ``warmup`` steps) and measure memory; ``analysis()`` adds its columns.
@@ -249,8 +278,9 @@ def step_worker_result(step: Callable[[], None], analysis: Callable[[], Dict], d
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    sec, cpu_sec = timed(step, device, 0, iters)
+    sec, cpu_sec, each = timed_steps(step, device, iters)
     out.update({"img/s": round(batch / sec, 1), "ms/step": round(sec * 1000, 1),
+                "ms/step range": f"{min(each) * 1000:.1f}-{max(each) * 1000:.1f}",
                 "host CPU-s/step": round(cpu_sec, 3)})
     if cuda:
         out["peak GiB"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)

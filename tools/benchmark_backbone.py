@@ -144,7 +144,7 @@ def summarize(rows, variant: str, cuda: bool) -> str:
         mem = "peak GiB" if cuda else None
         if mem and ref and "error" not in ref:
             r["memory vs ViT-B+ckpt"] = f"{r[mem] / ref[mem]:.2f}x"
-    cols = ["model", "batch", "img/s", "ms/step", "host CPU-s/step", "speed vs ViT-B", "speed vs ViT-B+ckpt"]
+    cols = ["model", "batch", "img/s", "ms/step", "ms/step range", "host CPU-s/step", "speed vs ViT-B", "speed vs ViT-B+ckpt"]
     cols += ["peak GiB", "memory vs ViT-B+ckpt"] if cuda else ["peak RSS (MB)"]
     cols += ANALYSIS_COLUMNS + PROFILE_COLUMNS + ["params (M)", "error"]
     cols = [c for c in cols if any(c in r for r in rows) or c == "model"]

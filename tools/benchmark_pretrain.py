@@ -156,7 +156,7 @@ def main():
                              else f"{mae['host CPU-s/step'] / r['host CPU-s/step']:.2f}x")
         if cuda:
             r["memory vs MAE"] = f"{r['peak GiB'] / mae['peak GiB']:.2f}x"
-    cols = ["model", "batch", "img/s", "ms/step", "host CPU-s/step", "speed vs MAE"]
+    cols = ["model", "batch", "img/s", "ms/step", "ms/step range", "host CPU-s/step", "speed vs MAE"]
     cols += ["peak GiB", "memory vs MAE"] if cuda else ["peak RSS (MB)"]
     cols += ANALYSIS_COLUMNS + PROFILE_COLUMNS + ["params (M)", "error"]
     cols = [c for c in cols if c == "model" or any(c in r for r in rows)]
