@@ -45,7 +45,7 @@ def run_tool(args, datasets_root: str, timeout: int = 300, env: Optional[Dict[st
              ) -> subprocess.CompletedProcess:
     """Run a tool in a subprocess with the built-in datasets under ``datasets_root`` (and
     ``env`` added to the environment)."""
-    env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, OMP_WAIT_POLICY="PASSIVE", **(env or {}))
+    env = {**os.environ, "DETECTRON2_DATASETS": datasets_root, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
