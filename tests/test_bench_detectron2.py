@@ -1,17 +1,24 @@
 """tools/bench_common's measurement of detectron2 models (what benchmark_detection.py and
 benchmark_segmentation.py report), on the tiny demo Mask R-CNN on the CPU."""
+import importlib.util
 import os
-import sys
 
 import pytest
 import torch
 
 from d2_helpers import DEMO_CONFIG, ROOT, TINY_OVERRIDES
 
-sys.path.insert(0, os.path.join(ROOT, "tools"))  # the benchmarks import bench_common as a sibling
-import bench_common  # noqa: E402
-from benchmark_detection import synthetic_batch  # noqa: E402
 
+def _tool(name):
+    """A module of tools/ (scripts, not a package), loaded from its file."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_common = _tool("bench_common")
+synthetic_batch = _tool("benchmark_detection").synthetic_batch
 SIZE = 64
 
 
