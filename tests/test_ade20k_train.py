@@ -1,7 +1,6 @@
 """Training and evaluation through tools/lazyconfig_train_net.py: the demo config on the
 built-in synthetic data, and the unchanged ADE20K B config on a small fake ADE20K release
 converted by tools/prepare_ade20k_sem_seg.py (only sizes and iteration counts overridden)."""
-import json
 import os
 import subprocess
 import sys
@@ -11,46 +10,30 @@ import pytest
 import torch
 from PIL import Image
 
+from d2_helpers import ROOT, assert_overlays_drawn, copy_val_images, train_demo, train_metrics, train_net
 from revcolv2_d2 import visualization as visualize  # tools/visualize.py's code, in this process
 from revcolv2_d2.data.synthetic_ade20k import make_scene
 
-pytestmark = pytest.mark.slow  # end to end: training runs in subprocesses
+pytestmark = pytest.mark.slow  # end to end: the training tool in subprocesses
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_NET = os.path.join(ROOT, "tools", "lazyconfig_train_net.py")
 DEMO = os.path.join(ROOT, "projects", "RevColV2", "configs", "demo", "upernet_revcolv2_tiny_synthetic.py")
 ADE_B = os.path.join(ROOT, "projects", "RevColV2", "configs", "ADE20K", "upernet_revcolv2_b_160k.py")
-pytestmark = pytest.mark.slow  # the training tool in subprocesses
 
 TINY = ["model.backbone.embed_dim=32", "model.backbone.num_heads=2", "model.sem_seg_head.channels=16",
         "model.sem_seg_head.aux_channels=8"]
 
 
-def run(args, datasets, timeout=300):
-    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets), OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, "-W", "ignore", TRAIN_NET] + args, env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout + proc.stderr
-
-
-def metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.json")) as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    datasets, out = tmp_path_factory.mktemp("datasets"), tmp_path_factory.mktemp("demo_out")
-    log = run(["--config-file", DEMO, "train.max_iter=3", "train.eval_period=3", "train.checkpointer.period=3",
-               "train.log_period=1", f"train.output_dir={out}", "dataloader.train.total_batch_size=2",
-               "dataloader.train.num_workers=0", "dataloader.test.num_workers=0"], datasets)
-    return datasets, out, log
+    return train_demo(tmp_path_factory, DEMO, ["train.max_iter=3", "train.eval_period=3",
+                                               "train.checkpointer.period=3", "train.log_period=1",
+                                               "dataloader.train.total_batch_size=2",
+                                               "dataloader.train.num_workers=0", "dataloader.test.num_workers=0"])
 
 
 def test_demo_config_trains_and_evaluates(demo_run):
     datasets, out, log = demo_run
-    records = metrics(out)
+    records = train_metrics(out)
     losses = [r["loss_sem_seg"] for r in records if "loss_sem_seg" in r]
     assert losses and all(np.isfinite(losses)) and any("loss_sem_seg_aux" in r for r in records)
     final = [r for r in records if "sem_seg/mIoU" in r]
@@ -69,9 +52,9 @@ def test_demo_config_trains_and_evaluates(demo_run):
 
 def test_eval_only_from_the_checkpoint_with_whole_image_inference(demo_run):
     datasets, out, _ = demo_run
-    log = run(["--config-file", DEMO, "--eval-only", f"train.init_checkpoint={out / 'model_final.pth'}",
-               f"train.output_dir={out / 'eval'}", "model.test_mode=whole", "dataloader.test.num_workers=0"],
-              datasets)
+    log = train_net(["--config-file", DEMO, "--eval-only", f"train.init_checkpoint={out / 'model_final.pth'}",
+                     f"train.output_dir={out / 'eval'}", "model.test_mode=whole", "dataloader.test.num_workers=0"],
+                    datasets)
     assert "copypaste: mIoU,fwIoU,mACC,pACC" in log
 
 
@@ -97,11 +80,12 @@ def test_ade20k_config_unchanged_on_a_converted_release(tmp_path):
                    env=dict(os.environ, DETECTRON2_DATASETS=str(datasets)), capture_output=True)
     assert len(os.listdir(release / "annotations_detectron2" / "validation")) == 1
     out = tmp_path / "out"
-    log = run(["--config-file", ADE_B, *TINY, "train.max_iter=1", "train.eval_period=1", "train.log_period=1",
-               "train.checkpointer.period=100", f"train.output_dir={out}", "dataloader.train.total_batch_size=2",
-               "dataloader.train.num_workers=0", "dataloader.test.num_workers=0"], datasets)
+    log = train_net(["--config-file", ADE_B, *TINY, "train.max_iter=1", "train.eval_period=1", "train.log_period=1",
+                     "train.checkpointer.period=100", f"train.output_dir={out}",
+                     "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
+                     "dataloader.test.num_workers=0"], datasets)
     assert "ade20k_sem_seg_val" in log or "validation" in log
-    final = [r for r in metrics(out) if "sem_seg/mIoU" in r]
+    final = [r for r in train_metrics(out) if "sem_seg/mIoU" in r]
     assert final, log[-3000:]
 
 
@@ -109,19 +93,10 @@ def test_visualize_draws_semantic_predictions_and_ground_truth(demo_run, tmp_pat
     """tools/visualize.py: class-coloured overlays for a folder of images with the demo
     checkpoint, and the built-in dataset's ground truth."""
     datasets, out, _ = demo_run
-    images = tmp_path / "images"
-    images.mkdir()
-    val = datasets / "synthetic_ade" / "images" / "validation"
-    for name in sorted(os.listdir(val))[:2]:
-        (images / name).write_bytes((val / name).read_bytes())
+    images = copy_val_images(datasets, tmp_path / "images")
     monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets))
     visualize.main(["--config-file", DEMO, "--checkpoint", str(out / "model_final.pth"), "--input", str(images),
                     "--output", str(tmp_path / "pred"), "--device", "cpu"])
     visualize.main(["--dataset", "synthetic_ade_val", "--num-images", "2", "--output", str(tmp_path / "gt")])
     for folder in ("pred", "gt"):
-        drawn = sorted(os.listdir(tmp_path / folder))
-        assert len(drawn) == 2, (folder, drawn)
-        original = np.asarray(Image.open(images / sorted(os.listdir(images))[0]).convert("RGB"))
-        picture = np.asarray(Image.open(tmp_path / folder / drawn[0]).convert("RGB"))
-        assert picture.shape == original.shape  # drawn at the image's own size
-        assert np.abs(picture.astype(int) - original.astype(int)).mean() > 5  # an overlay was drawn
+        assert_overlays_drawn(images, tmp_path / folder)

@@ -461,3 +461,125 @@ def run_step_workers(script: str, jobs: Sequence[Tuple[str, int, Sequence[str]]]
         rows.append({"key": key, "batch": batch, **row})
         print("   ", rows[-1], flush=True)
     return rows
+
+
+# --------------------------------------------------------------------------- detectron2 model benchmarks
+from contextlib import AbstractContextManager, nullcontext  # noqa: E402  (this section's own)
+
+
+def detectron2_train_infer(model: torch.nn.Module, opt: torch.optim.Optimizer, train_batch: List[Dict],
+                           test_batch: List[Dict], device: str, warmup: int, iters: int,
+                           record_forward: AbstractContextManager | None = None,
+                           after_training: Callable[[float], Dict] | None = None,
+                           infer_cpu_digits: int = 2) -> Dict:
+    """Training-step and inference figures of a detectron2 model (detection, segmentation).
+
+    A training step is forward (the sum of the model's losses on ``train_batch``) + backward +
+    ``opt`` step; inference is a no-grad forward with post-processing of ``test_batch``; both
+    under bf16 autocast on CUDA, fp32 elsewhere, inside detectron2's event storage (its losses
+    log there). One untimed step first allocates the optimizer state. Columns, in order:
+
+    - ``train s/step``, ``saved activations (MB)`` (:class:`SavedActivations` over one training
+      forward, which runs inside ``record_forward`` when given), and on CPU ``train CPU-s/step``;
+    - ``train peak GPU mem (GiB)`` on CUDA, ``fwd+bwd adds (MB)`` (:func:`cpu_peak_bytes` of one
+      forward + backward, gradient buffers already there) on CPU;
+    - whatever ``after_training(wall seconds per step)`` returns (the model is still training);
+    - ``infer img/s``, and ``infer peak GPU mem (GiB)`` on CUDA or ``infer img/CPU-s`` (rounded
+      to ``infer_cpu_digits``) on CPU.
+    """
+    from detectron2.utils.events import EventStorage
+
+    from revcolv2.amp import autocast
+
+    cuda = device.startswith("cuda")
+    images = len(test_batch)
+
+    def losses() -> torch.Tensor:
+        with autocast(device, "bf16"):
+            return sum(model(train_batch).values())
+
+    def train_step() -> None:
+        losses().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def infer() -> None:
+        with autocast(device, "bf16"):
+            model(test_batch)
+
+    def timed_with_peak(fn: Callable[[], None]) -> Tuple[float, float, float | None]:
+        """:func:`timed`, plus on CUDA the peak GiB allocated while it ran (None elsewhere)."""
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        sec, cpu_sec = timed(fn, device, warmup, iters)
+        return sec, cpu_sec, round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None
+
+    out: Dict = {}
+    with EventStorage(0):
+        model.train()
+        train_step()  # allocate the optimizer state before measuring
+        with record_forward or nullcontext(), SavedActivations(model) as saved:
+            loss = losses()
+        loss.backward()
+        opt.zero_grad(set_to_none=True)
+        sec, cpu_sec, peak_gib = timed_with_peak(train_step)
+        out.update({"train s/step": round(sec, 3), "saved activations (MB)": round(saved.total / 2 ** 20, 1)})
+        if cuda:
+            out["train peak GPU mem (GiB)"] = peak_gib
+        else:
+            out["train CPU-s/step"] = round(cpu_sec, 2)
+            losses().backward()  # gradient buffers exist (and stay) from here on
+            opt.zero_grad(set_to_none=False)
+            out["fwd+bwd adds (MB)"] = round(cpu_peak_bytes(lambda: losses().backward()) / 2 ** 20, 1)
+        if after_training is not None:
+            out.update(after_training(sec))
+
+        model.eval()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.empty_cache()
+        sec, cpu_sec, peak_gib = timed_with_peak(infer)
+        out["infer img/s"] = round(images / sec, 2)
+        if cuda:
+            out["infer peak GPU mem (GiB)"] = peak_gib
+        else:
+            out["infer img/CPU-s"] = round(images / cpu_sec, infer_cpu_digits)
+    return out
+
+
+def add_ratio_columns(rows: List[Dict], reference: Dict, name: str, cuda: bool) -> Tuple[str, str, str]:
+    """Add ``train time vs NAME``, ``train memory vs NAME`` and ``infer vs NAME`` (``1.23x``)
+    to every row of :func:`detectron2_train_infer` figures, relative to ``reference``.
+
+    Returns the (training step, inference speed, training memory) columns the ratios use: on
+    a CPU they are process CPU time, which other load on the machine does not inflate, and the
+    memory forward + backward adds.
+    """
+    step = "train s/step" if cuda else "train CPU-s/step"
+    speed = "infer img/s" if cuda else "infer img/CPU-s"
+    mem = "train peak GPU mem (GiB)" if cuda else "fwd+bwd adds (MB)"
+    for r in rows:
+        r[f"train time vs {name}"] = f"{r[step] / reference[step]:.2f}x"
+        r[f"train memory vs {name}"] = f"{r[mem] / reference[mem]:.2f}x"
+        r[f"infer vs {name}"] = f"{r[speed] / reference[speed]:.2f}x"
+    return step, speed, mem
+
+
+# the CPU caveat of the detectron2 model benchmarks' reports; each script adds its GPU targets
+CPU_RATIO_NOTE = ("CPU run: the ratios use process CPU time (all threads), which other load does not inflate; "
+                  "2-core ratios are not GPU ratios, and the memory columns count activations (saved for backward, "
+                  "or added by forward + backward), not the allocator's peak with weights and optimizer state. ")
+
+
+def print_and_report(script: str, table: str, summary: str, report: str | None, title: str, device: str,
+                     body: str) -> None:
+    """Print the table and a one-line summary; with ``--report PATH``, append ``body`` to PATH
+    as a section ``title`` that names the command line (``python tools/SCRIPT ...``)."""
+    print(table)
+    print(summary)
+    if report:
+        command = (f"python tools/{os.path.basename(script)} " + " ".join(sys.argv[1:])).strip()
+        append_report(report, title, command, device, body)
+        print(f"appended to {report}")

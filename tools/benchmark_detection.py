@@ -26,11 +26,8 @@ inference >= 0.8x ViTDet-B's img/s.
 """
 import json
 import os
-import sys
 
 import torch
-
-from revcolv2.amp import autocast
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ["RevColV2-B reversible", "RevColV2-B plain", "ViTDet-B"]
@@ -86,67 +83,18 @@ def backbone_gflops(backbone: torch.nn.Module, size: int) -> float:
 
 
 def worker(args) -> dict:
-    from detectron2.utils.events import EventStorage
+    from bench_common import detectron2_train_infer, peak_rss_mb
 
-    from bench_common import SavedActivations, cpu_peak_bytes, peak_rss_mb, timed
-
-    device, cuda = args.device, args.device.startswith("cuda")
     torch.manual_seed(0)
-    model = build(args.worker, args.size).to(device)
+    model = build(args.worker, args.size).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    train_batch = synthetic_batch(args.batch, args.size, device, with_targets=True)
-    test_batch = synthetic_batch(args.batch, args.size, device, with_targets=False)
-
-    def losses():
-        with autocast(device, "bf16"):
-            return sum(model(train_batch).values())
-
-    def train_step():
-        losses().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def infer():
-        with autocast(device, "bf16"):
-            model(test_batch)
-
+    train_batch = synthetic_batch(args.batch, args.size, args.device, with_targets=True)
+    test_batch = synthetic_batch(args.batch, args.size, args.device, with_targets=False)
     out = {"params (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
            "backbone GFLOPs": round(backbone_gflops(model.backbone, args.size), 1)}
-    with EventStorage(0):  # detectron2's losses log into an event storage
-        model.train()
-        train_step()  # allocate the optimizer state before measuring
-        with SavedActivations(model) as saved:
-            loss = losses()
-        loss.backward()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        sec, cpu_sec = timed(train_step, device, args.warmup, args.iters)
-        out.update({"train s/step": round(sec, 3), "saved activations (MB)": round(saved.total / 2 ** 20, 1)})
-        if not cuda:
-            out["train CPU-s/step"] = round(cpu_sec, 2)
-        if cuda:
-            out["train peak GPU mem (GiB)"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-        else:
-            losses().backward()  # gradient buffers exist (and stay) from here on
-            opt.zero_grad(set_to_none=False)
-            out["fwd+bwd adds (MB)"] = round(cpu_peak_bytes(lambda: losses().backward()) / 2 ** 20, 1)
-
-        model.eval()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        sec, cpu_sec = timed(infer, device, args.warmup, args.iters)
-        out["infer img/s"] = round(args.batch / sec, 2)
-        if not cuda:
-            out["infer img/CPU-s"] = round(args.batch / cpu_sec, 2)
-        if cuda:
-            out["infer peak GPU mem (GiB)"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-        else:
-            out["peak RSS (MB)"] = round(peak_rss_mb(), 0)
+    out.update(detectron2_train_infer(model, opt, train_batch, test_batch, args.device, args.warmup, args.iters))
+    if not args.device.startswith("cuda"):
+        out["peak RSS (MB)"] = round(peak_rss_mb(), 0)
     return out
 
 
@@ -163,21 +111,14 @@ def main():
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
 
-    from bench_common import append_report, markdown_table, run_workers
+    from bench_common import CPU_RATIO_NOTE, add_ratio_columns, markdown_table, print_and_report, run_workers
 
     rows = run_workers(__file__, MODELS, ["--batch", args.batch, "--size", args.size,
                                           "--warmup", args.warmup, "--iters", args.iters,
                                           "--device", args.device], "benchmark_detection")
 
     vitdet = rows[-1]
-    # on a CPU the ratios use process CPU time, which other load on the machine does not inflate
-    step = "train s/step" if cuda else "train CPU-s/step"
-    speed = "infer img/s" if cuda else "infer img/CPU-s"
-    mem = "train peak GPU mem (GiB)" if cuda else "fwd+bwd adds (MB)"
-    for r in rows:
-        r["train time vs ViTDet"] = f"{r[step] / vitdet[step]:.2f}x"
-        r["train memory vs ViTDet"] = f"{r[mem] / vitdet[mem]:.2f}x"
-        r["infer vs ViTDet"] = f"{r[speed] / vitdet[speed]:.2f}x"
+    step, speed, mem = add_ratio_columns(rows, vitdet, "ViTDet", cuda)
     cols = ["model", "params (M)", "backbone GFLOPs", "train s/step"] + ([] if cuda else ["train CPU-s/step"])
     cols += ["train time vs ViTDet", "saved activations (MB)"]
     cols += ["train peak GPU mem (GiB)"] if cuda else ["fwd+bwd adds (MB)"]
@@ -203,19 +144,13 @@ def main():
         f"drop path {DROP_PATH} for both, {args.warmup} warm-up + {args.iters} timed steps / inference batches. "
         f"\"train memory vs ViTDet\" compares {mem}.\n\n{table}\n\n"
         + (verdict if cuda else
-           "CPU run: the ratios use process CPU time (all threads), which other load does not inflate; "
-           "2-core ratios are not GPU ratios, and the memory columns count activations (saved for "
-           "backward, or added by forward + backward), not the allocator's peak with weights and optimizer "
-           "state. The GPU targets (training step <= 1.2x ViTDet-B, reversible peak memory <= ViTDet-B, "
-           "inference >= 0.8x ViTDet-B) need this script on CUDA (1024x1024, batch 2, bf16).")
+           CPU_RATIO_NOTE + "The GPU targets (training step <= 1.2x ViTDet-B, reversible peak memory <= "
+           "ViTDet-B, inference >= 0.8x ViTDet-B) need this script on CUDA (1024x1024, batch 2, bf16).")
         + "\n"
     )
-    print(table)
-    print(verdict if cuda else "(CPU run: the targets are for a GPU; the same ratios are printed above)")
-    if args.report:
-        command = ("python tools/benchmark_detection.py " + " ".join(sys.argv[1:])).strip()
-        append_report(args.report, "Mask R-CNN: RevColV2-B vs ViTDet-B", command, args.device, body)
-        print(f"appended to {args.report}")
+    print_and_report(__file__, table,
+                     verdict if cuda else "(CPU run: the targets are for a GPU; the same ratios are printed above)",
+                     args.report, "Mask R-CNN: RevColV2-B vs ViTDet-B", args.device, body)
 
 
 if __name__ == "__main__":

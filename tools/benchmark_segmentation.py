@@ -29,7 +29,6 @@ Target on a GPU: Mask2Former's training step <= 2.0x UperNet's.
 """
 import json
 import os
-import sys
 import time
 
 import torch
@@ -113,76 +112,28 @@ def msda_seconds(calls, device: str, repeats: int) -> float:
 
 
 def worker(args) -> dict:
-    from detectron2.utils.events import EventStorage
+    from bench_common import detectron2_train_infer
 
-    from bench_common import SavedActivations, cpu_peak_bytes, timed
-
-    device, cuda = args.device, args.device.startswith("cuda")
     torch.manual_seed(0)
-    model = build(args.worker).to(device)
+    model = build(args.worker).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    train_batch = synthetic_batch(args.batch, args.size, device, with_targets=True)
-    test_batch = synthetic_batch(args.batch, args.size, device, with_targets=False)
-    is_m2f = "Mask2Former" in args.worker
+    train_batch = synthetic_batch(args.batch, args.size, args.device, with_targets=True)
+    test_batch = synthetic_batch(args.batch, args.size, args.device, with_targets=False)
+    recorder = _MSDACalls() if "Mask2Former" in args.worker else None
 
-    def losses():
-        with autocast(device, "bf16"):
-            return sum(model(train_batch).values())
-
-    def train_step():
-        losses().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def infer():
-        with autocast(device, "bf16"):
-            model(test_batch)
+    def msda_columns(step_seconds: float) -> dict:
+        """Deformable attention's share of a training step, on the tensors of one forward."""
+        if recorder is None:
+            return {}
+        with autocast(args.device, "bf16"):
+            ms = msda_seconds(recorder.calls, args.device, max(1, args.iters))
+        return {"MSDA calls/step": len(recorder.calls), "MSDA fwd+bwd ms/step": round(ms * 1000, 1),
+                "MSDA share of step": f"{100 * ms / step_seconds:.1f}%"}
 
     out = {"params (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
            "head params (M)": round(sum(p.numel() for p in model.sem_seg_head.parameters()) / 1e6, 1)}
-    with EventStorage(0):
-        model.train()
-        train_step()  # allocate the optimizer state before measuring
-        if is_m2f:
-            with _MSDACalls() as recorder:
-                with SavedActivations(model) as saved:
-                    loss = losses()
-        else:
-            with SavedActivations(model) as saved:
-                loss = losses()
-        loss.backward()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        sec, cpu_sec = timed(train_step, device, args.warmup, args.iters)
-        out.update({"train s/step": round(sec, 3), "saved activations (MB)": round(saved.total / 2 ** 20, 1)})
-        if not cuda:
-            out["train CPU-s/step"] = round(cpu_sec, 2)
-            losses().backward()  # gradient buffers exist (and stay) from here on
-            opt.zero_grad(set_to_none=False)
-            out["fwd+bwd adds (MB)"] = round(cpu_peak_bytes(lambda: losses().backward()) / 2 ** 20, 1)
-        else:
-            out["train peak GPU mem (GiB)"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-        if is_m2f:
-            with autocast(device, "bf16"):
-                ms = msda_seconds(recorder.calls, device, max(1, args.iters))
-            out["MSDA calls/step"] = len(recorder.calls)
-            out["MSDA fwd+bwd ms/step"] = round(ms * 1000, 1)
-            out["MSDA share of step"] = f"{100 * ms / sec:.1f}%"
-
-        model.eval()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        sec, cpu_sec = timed(infer, device, args.warmup, args.iters)
-        out["infer img/s"] = round(args.batch / sec, 2)
-        if not cuda:
-            out["infer img/CPU-s"] = round(args.batch / cpu_sec, 3)
-        else:
-            out["infer peak GPU mem (GiB)"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+    out.update(detectron2_train_infer(model, opt, train_batch, test_batch, args.device, args.warmup, args.iters,
+                                      record_forward=recorder, after_training=msda_columns, infer_cpu_digits=3))
     return out
 
 
@@ -198,19 +149,12 @@ def main():
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
 
-    from bench_common import append_report, markdown_table, run_workers
+    from bench_common import CPU_RATIO_NOTE, add_ratio_columns, markdown_table, print_and_report, run_workers
 
     rows = run_workers(__file__, MODELS, ["--batch", args.batch, "--size", args.size, "--warmup", args.warmup,
                                           "--iters", args.iters, "--device", args.device], "benchmark_segmentation")
     upernet, m2f = rows
-    # on a CPU the ratios use process CPU time, which other load on the machine does not inflate
-    step = "train s/step" if cuda else "train CPU-s/step"
-    speed = "infer img/s" if cuda else "infer img/CPU-s"
-    mem = "train peak GPU mem (GiB)" if cuda else "fwd+bwd adds (MB)"
-    for r in rows:
-        r["train time vs UperNet"] = f"{r[step] / upernet[step]:.2f}x"
-        r["train memory vs UperNet"] = f"{r[mem] / upernet[mem]:.2f}x"
-        r["infer vs UperNet"] = f"{r[speed] / upernet[speed]:.2f}x"
+    step, _, mem = add_ratio_columns(rows, upernet, "UperNet", cuda)
     cols = ["model", "params (M)", "head params (M)", "train s/step"] + ([] if cuda else ["train CPU-s/step"])
     cols += ["train time vs UperNet", "saved activations (MB)", mem, "train memory vs UperNet"]
     cols += ["MSDA calls/step", "MSDA fwd+bwd ms/step", "MSDA share of step"]
@@ -229,18 +173,13 @@ def main():
         "backward on the tensors of one training forward; its share is of the wall-clock step.\n\n"
         f"{table}\n\n"
         + (verdict if cuda else
-           "CPU run: the ratios use process CPU time (all threads), which other load does not inflate; "
-           "2-core ratios are not GPU ratios, and the memory columns count activations (saved for backward, "
-           "or added by forward + backward), not the allocator's peak with weights and optimizer state. "
-           "The GPU target (Mask2Former's training step <= 2.0x UperNet's) needs this script on CUDA.")
+           CPU_RATIO_NOTE + "The GPU target (Mask2Former's training step <= 2.0x UperNet's) needs this script "
+           "on CUDA.")
         + "\n"
     )
-    print(table)
-    print(verdict if cuda else f"(CPU run: the target is for a GPU; CPU-time ratio {ratio:.2f}x)")
-    if args.report:
-        command = ("python tools/benchmark_segmentation.py " + " ".join(sys.argv[1:])).strip()
-        append_report(args.report, "ADE20K heads: RevColV2-B UperNet vs Mask2Former", command, args.device, body)
-        print(f"appended to {args.report}")
+    print_and_report(__file__, table,
+                     verdict if cuda else f"(CPU run: the target is for a GPU; CPU-time ratio {ratio:.2f}x)",
+                     args.report, "ADE20K heads: RevColV2-B UperNet vs Mask2Former", args.device, body)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,20 @@
 """What the three training entry points share: one argument parser and one
-``build_model(cfg)``."""
+``build_model(cfg)``; fine-tuning and linear probing also share their start, ``--eval`` and
+the resume-then-train end."""
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 from torch import nn
+from torchvision.datasets import ImageFolder
 
-from ..config import nonneg_int, positive_int
+from ..config import load_config, nonneg_int, positive_int, validate_config
+from ..data import RobustImageFolder, check_same_classes, num_workers_default
+from ..distributed import DistInfo, init_distributed
+from ..run_dir import find_resume_checkpoint
 
 TASKS = ("pretrain", "finetune", "linear_probe")
 
@@ -83,3 +90,55 @@ def build_model(cfg: dict, task: str, num_classes: Optional[int] = None) -> nn.M
     if task == "linear_probe":
         return timm.create_model(m["name"], num_classes=0, reversible=False, img_size=size, **kwargs)
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def start_classification(argv: Optional[List[str]], description: str, task: str
+                         ) -> Tuple[argparse.Namespace, dict, DistInfo, str]:
+    """The start of fine-tuning or linear probing: the parsed command line (``--num-workers``
+    filled with the machine's default), the recipe (its numbers checked before anything runs),
+    the process group, and the output folder (``--output-dir``, default
+    ``output/<task>/<config name>``)."""
+    args = training_parser(description, task).parse_args(argv)
+    if args.num_workers is None:
+        args.num_workers = num_workers_default()
+    cfg = load_config(args.config, args.opts)
+    validate_config(cfg, CLASSIFICATION_NUMBERS)
+    info = init_distributed(args.device)
+    out_dir = args.output_dir or os.path.join("output", task, Path(args.config).stem)
+    return args, cfg, info, out_dir
+
+
+def evaluate_only(model: nn.Module, args: argparse.Namespace, cfg: dict, out_dir: str, val_set: ImageFolder,
+                  info: DistInfo) -> Dict[str, Any]:
+    """``--eval``: top-1/top-5 of the ``--resume`` checkpoint (a path, or ``auto`` for the latest
+    in ``out_dir``) on ``val_set``, with its EMA weights unless ``--no-ema``; in bf16 when the
+    recipe trains in bf16, else fp32."""
+    from ..amp import autocast
+    from ..classification import evaluate_checkpoint
+
+    ckpt = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
+    if ckpt is None:
+        raise SystemExit("--eval needs a checkpoint: --resume PATH (or auto with an existing run)")
+    t_cfg = cfg["train"]
+    amp = t_cfg["amp"] if t_cfg["amp"] == "bf16" else None  # evaluation: bf16 or fp32
+    return {"results": evaluate_checkpoint(model, ckpt, val_set, info, t_cfg["eval_batch"], args.num_workers,
+                                           lambda: autocast(info.device, amp), ema=not args.no_ema)}
+
+
+def checked_train_split(root: Path, transform, val_set: ImageFolder, strict: bool) -> RobustImageFolder:
+    """``root/train``, whose class folders must be the validation split's (scores are by
+    class index); ``strict`` fails on unreadable images instead of skipping them."""
+    train_set = RobustImageFolder(str(root / "train"), transform=transform, strict=strict)
+    check_same_classes(train_set, val_set)
+    return train_set
+
+
+def resume_and_fit(trainer, args: argparse.Namespace, out_dir: str, info: DistInfo) -> Dict[str, Any]:
+    """Continue ``trainer`` from ``--resume`` when given, train to the end of the schedule (or
+    ``--stop-at-step``); returns the history, the output folder, the trainer and its best
+    evaluation."""
+    resume = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
+    if resume:
+        trainer.resume(resume)
+    history = trainer.fit(stop_at_step=args.stop_at_step)
+    return {"history": history, "output_dir": out_dir, "trainer": trainer, "best": trainer.best}

@@ -14,9 +14,6 @@ Top-1/top-5 on ``<data>/val`` after every epoch; ``checkpoint-best.pth`` and
 """
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -24,22 +21,13 @@ from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
-from ..amp import autocast
-from ..classification import (
-    ClassificationTrainer, evaluate_checkpoint, freeze_unused_levels, load_pretrained,
-)
-from ..config import load_config, validate_config
-from ..data import (
-    IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, check_same_classes, num_workers_default, pillow_safe_randaugment,
-)
-from ..distributed import init_distributed, prepare_data_root
+from ..classification import ClassificationTrainer, freeze_unused_levels, load_pretrained
+from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, pillow_safe_randaugment
+from ..distributed import prepare_data_root
 from ..optim import param_groups_layer_decay
 from ..rng import seed_everything
-from ..run_dir import check_output_dir, find_resume_checkpoint, write_config
-from .common import CLASSIFICATION_NUMBERS, build_model, training_parser
-
-def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    return training_parser(__doc__, "finetune").parse_args(argv)
+from ..run_dir import check_output_dir, write_config
+from .common import build_model, checked_train_split, evaluate_only, resume_and_fit, start_classification
 
 
 def build_transforms(cfg: dict):
@@ -52,11 +40,7 @@ def build_transforms(cfg: dict):
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
-    args = get_args(argv)
-    cfg = load_config(args.config, args.opts)
-    validate_config(cfg, CLASSIFICATION_NUMBERS)
-    info = init_distributed(args.device)
-    out_dir = args.output_dir or os.path.join("output", "finetune", Path(args.config).stem)
+    args, cfg, info, out_dir = start_classification(argv, __doc__, "finetune")
     m_cfg, o_cfg, s_cfg, t_cfg, mix_cfg = cfg["model"], cfg["optim"], cfg["schedule"], cfg["train"], cfg["mixup"]
 
     root = prepare_data_root(args.data_path, info)
@@ -70,19 +54,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         load_pretrained(model, args.finetune, verbose=info.is_main, ema=not args.no_ema)
     model.to(info.device)
     seed_everything(args.seed + info.rank)
-    num_workers = num_workers_default() if args.num_workers is None else args.num_workers
 
     if args.eval:
-        ckpt = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
-        if ckpt is None:
-            raise SystemExit("--eval needs a checkpoint: --resume PATH (or auto with an existing run)")
-        amp = t_cfg["amp"] if t_cfg["amp"] == "bf16" else None  # evaluation: bf16 or fp32
-        return {"results": evaluate_checkpoint(model, ckpt, val_set, info, t_cfg["eval_batch"], num_workers,
-                                               lambda: autocast(info.device, amp),
-                                               ema=not args.no_ema)}
+        return evaluate_only(model, args, cfg, out_dir, val_set, info)
 
-    train_set = RobustImageFolder(str(root / "train"), transform=train_tf, strict=args.strict_data)
-    check_same_classes(train_set, val_set)
+    train_set = checked_train_split(root, train_tf, val_set, args.strict_data)
     if len(train_set.classes) != num_classes:
         raise ValueError(f"model.num_classes is {num_classes} but {root / 'train'} has "
                          f"{len(train_set.classes)} class folders")
@@ -118,17 +94,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     trainer = ClassificationTrainer(
         model=model, optimizer=optimizer, dataset=train_set, info=info, output_dir=out_dir,
         effective_batch=batch, micro_batch=micro, epochs=s_cfg["epochs"], warmup_epochs=s_cfg["warmup_epochs"],
-        min_lr=s_cfg["min_lr"], amp=t_cfg["amp"], num_workers=num_workers, seed=args.seed,
+        min_lr=s_cfg["min_lr"], amp=t_cfg["amp"], num_workers=args.num_workers, seed=args.seed,
         log_every=t_cfg["log_every"], clip_grad=o_cfg.get("clip_grad"), config=cfg, name="finetune",
         # the levels that do not feed the top-level classifier are frozen above
         find_unused_parameters=False,
         val_dataset=val_set, criterion=criterion, mixup=mixup, ema=ema, eval_batch=t_cfg["eval_batch"],
     )
-    resume = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
-    if resume:
-        trainer.resume(resume)
-    history = trainer.fit(stop_at_step=args.stop_at_step)
-    return {"history": history, "output_dir": out_dir, "trainer": trainer, "best": trainer.best}
+    return resume_and_fit(trainer, args, out_dir, info)
 
 
 if __name__ == "__main__":

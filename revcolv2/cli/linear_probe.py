@@ -10,36 +10,22 @@ Linear) sits on the last level of the bottom-up columns and is trained with LARS
 """
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
 from typing import List, Optional
 
 import torch
 from timm.data import create_transform
 from timm.optim import Lars
 
-from ..amp import autocast
-from ..classification import (
-    ClassificationTrainer, LinearProbe, evaluate_checkpoint, load_pretrained,
-)
-from ..config import load_config, validate_config
-from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, check_same_classes, num_workers_default
-from ..distributed import init_distributed, prepare_data_root
+from ..classification import ClassificationTrainer, LinearProbe, load_pretrained
+from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder
+from ..distributed import prepare_data_root
 from ..rng import seed_everything
-from ..run_dir import check_output_dir, find_resume_checkpoint, write_config
-from .common import CLASSIFICATION_NUMBERS, build_model, training_parser
-
-def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    return training_parser(__doc__, "linear_probe").parse_args(argv)
+from ..run_dir import check_output_dir, write_config
+from .common import build_model, checked_train_split, evaluate_only, resume_and_fit, start_classification
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
-    args = get_args(argv)
-    cfg = load_config(args.config, args.opts)
-    validate_config(cfg, CLASSIFICATION_NUMBERS)
-    info = init_distributed(args.device)
-    out_dir = args.output_dir or os.path.join("output", "linear_probe", Path(args.config).stem)
+    args, cfg, info, out_dir = start_classification(argv, __doc__, "linear_probe")
     m_cfg, d_cfg, o_cfg, s_cfg, t_cfg = cfg["model"], cfg["data"], cfg["optim"], cfg["schedule"], cfg["train"]
 
     root = prepare_data_root(args.data_path, info)
@@ -62,19 +48,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(info.device)
     seed_everything(args.seed + info.rank)
-    num_workers = num_workers_default() if args.num_workers is None else args.num_workers
-    amp = t_cfg["amp"] if t_cfg["amp"] == "bf16" else None  # evaluation: bf16 or fp32
 
     if args.eval:
-        ckpt = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
-        if ckpt is None:
-            raise SystemExit("--eval needs a checkpoint: --resume PATH (or auto with an existing run)")
-        return {"results": evaluate_checkpoint(model, ckpt, val_set, info, t_cfg["eval_batch"], num_workers,
-                                               lambda: autocast(info.device, amp),
-                                               ema=not args.no_ema)}
+        return evaluate_only(model, args, cfg, out_dir, val_set, info)
 
-    train_set = RobustImageFolder(str(root / "train"), transform=train_tf, strict=args.strict_data)
-    check_same_classes(train_set, val_set)
+    train_set = checked_train_split(root, train_tf, val_set, args.strict_data)
     check_output_dir(out_dir, args.resume, args.overwrite, info)
     write_config(cfg, out_dir, info)
     batch = o_cfg["batch_size"]
@@ -94,15 +72,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         effective_batch=batch,
         micro_batch=t_cfg["batch_per_gpu"] if args.batch_per_gpu is None else args.batch_per_gpu,
         epochs=s_cfg["epochs"], warmup_epochs=s_cfg["warmup_epochs"], min_lr=s_cfg["min_lr"],
-        amp=t_cfg["amp"], num_workers=num_workers, seed=args.seed, log_every=t_cfg["log_every"],
+        amp=t_cfg["amp"], num_workers=args.num_workers, seed=args.seed, log_every=t_cfg["log_every"],
         config=cfg, name="linear_probe",
         val_dataset=val_set, criterion=torch.nn.CrossEntropyLoss(), eval_batch=t_cfg["eval_batch"],
     )
-    resume = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
-    if resume:
-        trainer.resume(resume)
-    history = trainer.fit(stop_at_step=args.stop_at_step)
-    return {"history": history, "output_dir": out_dir, "trainer": trainer, "best": trainer.best}
+    return resume_and_fit(trainer, args, out_dir, info)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,89 @@
+"""tools/bench_common's measurement of detectron2 models (what benchmark_detection.py and
+benchmark_segmentation.py report), on the tiny demo Mask R-CNN on the CPU."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from d2_helpers import DEMO_CONFIG, ROOT, TINY_OVERRIDES
+
+
+def _tool(name):
+    """A module of tools/ (scripts, not a package), loaded from its file."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_common = _tool("bench_common")
+synthetic_batch = _tool("benchmark_detection").synthetic_batch
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def tiny_mask_rcnn():
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load(DEMO_CONFIG)
+    # synthetic_batch draws COCO's 80 classes
+    model_overrides = [o for o in TINY_OVERRIDES if o.startswith("model.") and "square_pad" not in o]
+    cfg = LazyConfig.apply_overrides(cfg, model_overrides + ["model.roi_heads.num_classes=80",
+                                                             f"model.backbone.square_pad={SIZE}",
+                                                             f"model.backbone.bottom_up.square_pad={SIZE}"])
+    torch.manual_seed(0)
+    return instantiate(cfg.model)
+
+
+class _Entered:
+    def __init__(self):
+        self.enters, self.inside = 0, False
+
+    def __enter__(self):
+        self.enters += 1
+        self.inside = True
+        return self
+
+    def __exit__(self, *exc):
+        self.inside = False
+
+
+def test_train_and_infer_figures_on_cpu(tiny_mask_rcnn):
+    model = tiny_mask_rcnn
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recorder, seen = _Entered(), []
+
+    def after_training(step_seconds):
+        assert model.training and not recorder.inside  # between training and inference
+        seen.append(step_seconds)
+        return {"extra": 1}
+
+    out = bench_common.detectron2_train_infer(
+        model, opt, synthetic_batch(1, SIZE, "cpu", with_targets=True), synthetic_batch(1, SIZE, "cpu", False),
+        "cpu", warmup=0, iters=1, record_forward=recorder, after_training=after_training, infer_cpu_digits=3)
+
+    # the CPU columns, in the order the tables and the progress lines show them
+    assert list(out) == ["train s/step", "saved activations (MB)", "train CPU-s/step", "fwd+bwd adds (MB)",
+                         "extra", "infer img/s", "infer img/CPU-s"]
+    assert all(out[k] > 0 for k in out), out
+    assert recorder.enters == 1 and seen == [pytest.approx(out["train s/step"], abs=1e-3)]
+    # training steps ran (the optimizer moved the weights); the model is left evaluating with no gradients
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_ratio_columns_use_cpu_time_on_cpu_and_wall_time_on_cuda():
+    rows = [{"train s/step": 1.0, "train CPU-s/step": 4.0, "infer img/s": 2.0, "infer img/CPU-s": 1.0,
+             "train peak GPU mem (GiB)": 3.0, "fwd+bwd adds (MB)": 30.0},
+            {"train s/step": 2.0, "train CPU-s/step": 2.0, "infer img/s": 1.0, "infer img/CPU-s": 4.0,
+             "train peak GPU mem (GiB)": 1.5, "fwd+bwd adds (MB)": 10.0}]
+    cols = bench_common.add_ratio_columns(rows, rows[1], "Ref", cuda=False)
+    assert cols == ("train CPU-s/step", "infer img/CPU-s", "fwd+bwd adds (MB)")
+    assert (rows[0]["train time vs Ref"], rows[0]["train memory vs Ref"], rows[0]["infer vs Ref"]) == \
+        ("2.00x", "3.00x", "0.25x")
+    assert rows[1]["train time vs Ref"] == rows[1]["infer vs Ref"] == "1.00x"
+    bench_common.add_ratio_columns(rows, rows[1], "Ref", cuda=True)
+    assert (rows[0]["train time vs Ref"], rows[0]["train memory vs Ref"], rows[0]["infer vs Ref"]) == \
+        ("0.50x", "2.00x", "2.00x")
