@@ -14,6 +14,7 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -464,7 +465,6 @@ def run_step_workers(script: str, jobs: Sequence[Tuple[str, int, Sequence[str]]]
 
 
 # --------------------------------------------------------------------------- detectron2 model benchmarks
-from contextlib import AbstractContextManager, nullcontext  # noqa: E402  (this section's own)
 
 
 def detectron2_train_infer(model: torch.nn.Module, opt: torch.optim.Optimizer, train_batch: List[Dict],
