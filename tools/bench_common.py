@@ -219,6 +219,21 @@ def worker_args(args: argparse.Namespace) -> List:
     return out + (["--profile-dir", args.profile_dir] if args.profile_dir else [])
 
 
+def step_benchmark_start(description: str, rows: Sequence[str], default_rows: Sequence[str],
+                         default_cuda_batches: str, worker: Callable[[argparse.Namespace], Dict]):
+    """Parse a training-step benchmark's command line. In a worker process, run ``worker``,
+    print its ``RESULT`` line and return None; in the parent, return (args, row keys,
+    batch sizes)."""
+    args = step_benchmark_parser(description, rows, default_rows, default_cuda_batches).parse_args()
+    keys = resolve_step_args(args, rows)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)))
+        return None
+    cuda = args.device.startswith("cuda")
+    batches = [int(b) for b in (args.batch_sizes or (default_cuda_batches if cuda else "2")).split(",")]
+    return args, keys, batches
+
+
 def resolve_step_args(args: argparse.Namespace, rows: Sequence[str]) -> List[str]:
     """Fill the device defaults; returns the row keys to run (compiled ones added with --compile)."""
     cuda = args.device.startswith("cuda")
@@ -348,6 +363,18 @@ def profile_breakdown(step: Callable[[], None], device: str, path: str, steps: i
     if cuda:  # on the CPU, nested aten ops would count twice
         out["kernels/step (profiled)"] = launches // steps
     return out
+
+
+def prepare_row(model: torch.nn.Module, key: str, device: str) -> torch.nn.Module:
+    """Move a row's model to ``device`` in training mode and compile it as its key says:
+    ``rev-compiled`` compiles the levels (``model.compile_levels()``), any other
+    ``-compiled`` key the whole model (``torch.compile``)."""
+    model = model.to(device).train()
+    if key == "rev-compiled":
+        model.compile_levels()
+    elif key.endswith("-compiled"):
+        model = torch.compile(model)
+    return model
 
 
 def step_worker(args: argparse.Namespace, model: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -578,7 +605,8 @@ def print_and_report(script: str, table: str, summary: str, report: str | None, 
     """Print the table and a one-line summary; with ``--report PATH``, append ``body`` to PATH
     as a section ``title`` that names the command line (``python tools/SCRIPT ...``)."""
     print(table)
-    print(summary)
+    if summary:
+        print(summary)
     if report:
         command = (f"python tools/{os.path.basename(script)} " + " ".join(sys.argv[1:])).strip()
         append_report(report, title, command, device, body)

@@ -30,8 +30,6 @@ Rows (``--rows``; ``--compile`` adds the ``-compiled`` ones):
     python tools/benchmark_backbone.py --device cuda --batch-sizes 128,512 --compile
     python tools/benchmark_backbone.py --device cuda --batch-sizes 128 --profile-dir runs/profile  # where time goes
 """
-import json
-import sys
 
 import torch
 
@@ -65,12 +63,9 @@ def build(key: str, variant: str, img_size: int, device: str) -> torch.nn.Module
     else:
         model = timm.create_model(variant, num_classes=1000, img_size=img_size, drop_path_rate=DROP_PATH,
                                   reversible=base == "rev")
-    model = model.to(device).train()
-    if key == "rev-compiled":
-        model.compile_levels()
-    elif key.endswith("-compiled"):
-        model = torch.compile(model)
-    return model
+    from bench_common import prepare_row
+
+    return prepare_row(model, key, device)
 
 
 def worker(args) -> dict:
@@ -91,19 +86,13 @@ def worker(args) -> dict:
 
 
 def main():
-    from bench_common import resolve_step_args, step_benchmark_parser
+    from bench_common import print_and_report, run_step_workers, step_benchmark_start, worker_args
 
-    ap = step_benchmark_parser(__doc__, ROWS, ["vit", "vit-ckpt", "plain", "rev"], "128,512")
-    args = ap.parse_args()
-    keys = resolve_step_args(args, ROWS)
-    cuda = args.device.startswith("cuda")
-    if args.worker:
-        print("RESULT " + json.dumps(worker(args)))
+    start = step_benchmark_start(__doc__, ROWS, ["vit", "vit-ckpt", "plain", "rev"], "128,512", worker)
+    if start is None:
         return
-
-    from bench_common import append_report, run_step_workers, worker_args
-
-    batches = [int(b) for b in (args.batch_sizes or ("128,512" if cuda else "2")).split(",")]
+    args, keys, batches = start
+    cuda = args.device.startswith("cuda")
     # the analysis columns do not depend on the batch: measured in the first batch size's jobs only
     # larger batches: only the memory-saving eager rows (compiling costs ~1 min a row), unless --all-batches
     jobs = [(k, b, [] if b == batches[0] and not args.no_analysis else ["--no-analysis"])
@@ -115,12 +104,8 @@ def main():
     body = (f"Classification training step (forward + CE + backward + AdamW), {args.img_size}x{args.img_size}, "
             f"{precision}, drop path {DROP_PATH}, {args.warmup} warm-up + {args.iters} timed steps, one process per "
             f"row and batch.\n\n{table}\n")
-    print(table)
-    if args.report:
-        command = "python tools/benchmark_backbone.py " + " ".join(sys.argv[1:])
-        append_report(args.report, f"Backbone training step: {args.variant} vs ViT-B/16", command.strip(),
-                      args.device, body)
-        print(f"appended to {args.report}")
+    print_and_report(__file__, table, "", args.report, f"Backbone training step: {args.variant} vs ViT-B/16",
+                     args.device, body)
 
 
 def summarize(rows, variant: str, cuda: bool) -> str:

@@ -23,8 +23,6 @@ Rows (``--rows``; ``--compile`` adds the ``-compiled`` ones):
     python tools/benchmark_pretrain.py --device cpu --report                        # CPU, appends the table
     python tools/benchmark_pretrain.py --device cuda --batch-sizes 256 --compile
 """
-import json
-import sys
 from functools import partial
 
 import torch
@@ -102,12 +100,9 @@ def build(key: str, variant: str, img_size: int, device: str) -> nn.Module:
         model = MAEViT(img_size, **MAE_OF.get(variant, {}))
     else:
         model = create_mim_model(variant, img_size=img_size, reversible=base == "rev")
-    model = model.to(device).train()
-    if key == "rev-compiled":
-        model.compile_levels()
-    elif key.endswith("-compiled"):
-        model = torch.compile(model)
-    return model
+    from bench_common import prepare_row
+
+    return prepare_row(model, key, device)
 
 
 def worker(args) -> dict:
@@ -128,19 +123,14 @@ def worker(args) -> dict:
 
 
 def main():
-    from bench_common import resolve_step_args, step_benchmark_parser
+    from bench_common import (ANALYSIS_COLUMNS, PROFILE_COLUMNS, markdown_table, print_and_report, run_step_workers,
+                              step_benchmark_start, worker_args)
 
-    ap = step_benchmark_parser(__doc__, ROWS, ["mae", "plain", "rev"], "256")
-    args = ap.parse_args()
-    keys = resolve_step_args(args, ROWS)
-    cuda = args.device.startswith("cuda")
-    if args.worker:
-        print("RESULT " + json.dumps(worker(args)))
+    start = step_benchmark_start(__doc__, ROWS, ["mae", "plain", "rev"], "256", worker)
+    if start is None:
         return
-
-    from bench_common import ANALYSIS_COLUMNS, PROFILE_COLUMNS, append_report, markdown_table, run_step_workers, worker_args
-
-    batches = [int(b) for b in (args.batch_sizes or ("256" if cuda else "2")).split(",")]
+    args, keys, batches = start
+    cuda = args.device.startswith("cuda")
     jobs = [(k, b, [] if b == batches[0] and not args.no_analysis else ["--no-analysis"])
             for b in batches for k in keys if b == batches[0] or args.all_batches or k == "rev"]
     rows = run_step_workers(__file__, jobs, worker_args(args), args.worker_timeout, "benchmark_pretrain")
@@ -166,12 +156,8 @@ def main():
             f"{args.img_size}x{args.img_size}, {precision}, no drop path, {args.warmup} warm-up + {args.iters} "
             f"timed steps, one process per row and batch. On CPU \"speed vs MAE\" compares host CPU seconds per "
             f"step.\n\n{table}\n")
-    print(table)
-    if args.report:
-        command = "python tools/benchmark_pretrain.py " + " ".join(sys.argv[1:])
-        append_report(args.report, f"MIM pre-training step: {args.variant} vs MAE ViT-B/16", command.strip(),
-                      args.device, body)
-        print(f"appended to {args.report}")
+    print_and_report(__file__, table, "", args.report, f"MIM pre-training step: {args.variant} vs MAE ViT-B/16",
+                     args.device, body)
 
 
 if __name__ == "__main__":
