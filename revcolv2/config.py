@@ -102,27 +102,23 @@ def validate_config(cfg: dict, spec: Dict[str, str]) -> dict:
     return cfg
 
 
-def positive_int(text: str) -> int:
-    """argparse ``type`` for an integer >= 1 (``--batch-per-gpu 0`` is an error, not 'default')."""
+def _whole_number_at_least(text: str, minimum: int) -> int:
     import argparse
 
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+        value = None
+    if value is None or value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` for an integer >= 1 (``--batch-per-gpu 0`` is an error, not 'default')."""
+    return _whole_number_at_least(text, 1)
 
 
 def nonneg_int(text: str) -> int:
     """argparse ``type`` for an integer >= 0."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
+    return _whole_number_at_least(text, 0)
