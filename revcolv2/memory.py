@@ -12,6 +12,11 @@ the peak of live bytes during one forward + backward at batch 6 minus that at ba
 divided by 4. The difference cancels everything that does not scale with the batch
 (weight gradients, optimizer state, the head's constants), leaving activations, the
 gradients flowing between layers and the temporaries alive at the peak.
+
+:class:`OpTraffic` counts, in the same way, the ops launched and the bytes they read and
+write, matrix products and attention apart from the rest; :func:`traffic_per_image` gives
+the per-image bytes by the same batch difference. They are the benchmarks' device-free
+measure of the element-wise work that sets an eager GPU step's time besides its FLOPs.
 """
 from __future__ import annotations
 
@@ -82,8 +87,9 @@ def activation_peak_per_image(step: Callable[[int], None], small: int = 2, large
 
 
 # matrix products and attention: compute-bound kernels, counted apart from the rest
-_GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_scaled_dot_product",
-             "scaled_dot_product", "_efficient_attention", "_flash_attention", "_cudnn_attention")
+_GEMM_OPS = ("mm", "addmm", "_addmm_activation", "bmm", "baddbmm", "convolution", "convolution_backward",
+             "_scaled_dot_product", "scaled_dot_product", "_efficient_attention", "_flash_attention",
+             "_cudnn_attention")
 _NO_TRAFFIC = ("empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_local_scalar_dense")
 
 
