@@ -237,8 +237,11 @@ def step_benchmark_start(description: str, rows: Sequence[str], default_rows: Se
 def resolve_step_args(args: argparse.Namespace, rows: Sequence[str]) -> List[str]:
     """Fill the device defaults; returns the row keys to run (compiled ones added with --compile)."""
     cuda = args.device.startswith("cuda")
-    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    args.iters = args.iters or (10 if cuda else 2)
+    # CUDA: enough warm-up for the caching allocator and the GEMM heuristics to settle
+    # (a step that still grows the allocator's pool calls cudaMalloc and stalls), and enough
+    # timed steps that "ms/step range" says how far a ratio between rows can be trusted
+    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    args.iters = args.iters or (20 if cuda else 2)
     keys = [k.strip() for k in args.rows.split(",") if k.strip()]
     unknown = [k for k in keys if k not in rows]
     if unknown:
