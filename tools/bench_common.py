@@ -310,9 +310,11 @@ def step_worker_result(step: Callable[[], None], analysis: Callable[[], Dict], d
     return out
 
 
+# substrings of CUDA kernel names (cuBLAS / cuBLASLt / CUTLASS / cuDNN, flash and memory-
+# efficient attention) and of the aten ops that are the CPU's kernels
 _ATTENTION_NAMES = ("flash", "fmha", "attention", "_scaled_dot_product")
-_GEMM_NAMES = ("gemm", "cutlass", "xmma", "nvjet", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
-               "aten::convolution", "aten::_convolution", "aten::mkldnn_convolution", "conv")
+_GEMM_NAMES = ("gemm", "cutlass", "xmma", "nvjet", "cublas", "cudnn", "convolution", "aten::mm", "aten::addmm",
+               "aten::_addmm_activation", "aten::bmm", "aten::baddbmm")
 
 
 def kernel_kind(name: str) -> str:

@@ -1,5 +1,6 @@
-"""tools/bench_common's measurement of detectron2 models (what benchmark_detection.py and
-benchmark_segmentation.py report), on the tiny demo Mask R-CNN on the CPU."""
+"""tools/bench_common: its measurement of detectron2 models (what benchmark_detection.py and
+benchmark_segmentation.py report), on the tiny demo Mask R-CNN on the CPU, and how the
+step benchmarks' ``--profile-dir`` sorts kernels by kind."""
 import importlib.util
 import os
 
@@ -87,3 +88,23 @@ def test_ratio_columns_use_cpu_time_on_cpu_and_wall_time_on_cuda():
     bench_common.add_ratio_columns(rows, rows[1], "Ref", cuda=True)
     assert (rows[0]["train time vs Ref"], rows[0]["train memory vs Ref"], rows[0]["infer vs Ref"]) == \
         ("0.50x", "2.00x", "2.00x")
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas", "GEMM"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "GEMM"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>(Params)", "GEMM"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64, 128>>(Params)",
+     "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)", "attention"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::bfloat16_copy_kernel_cuda(at::TensorIteratorBase&)"
+     "::{lambda()#3}::operator()() const::{lambda(float)#1}, std::array<char*, 2ul> >(int, ...)", "other"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float, false>(...)", "other"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t<float, ...>>>",
+     "other"),
+    ("aten::addmm", "GEMM"), ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("aten::add_", "other"), ("aten::native_layer_norm", "other"),
+])
+def test_profiled_kernels_are_sorted_by_kind(name, kind):
+    """``--profile-dir`` splits a step's kernel time into GEMM / attention / other by name."""
+    assert bench_common.kernel_kind(name) == kind
