@@ -7,13 +7,7 @@ from revcolv2.model import Block, RevColV2
 from revcolv2.reversible import run_buffer_of
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: one thread avoids OpenMP contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 CFG = dict(embed_dim=32, num_heads=2, num_classes=7, num_bu_columns=2, blocks_per_level=2, drop_path_rate=0.3)

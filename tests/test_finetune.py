@@ -11,15 +11,12 @@ from revcolv2.checkpoint import PRETRAIN_ONLY_PREFIXES
 from revcolv2.classification import LinearProbe, load_pretrained
 from revcolv2.mim import create_mim_model
 from revcolv2.optim import param_groups_layer_decay
-from training_helpers import REPO, TINY_MODEL, one_thread, run_tool, tiny_dataset
+from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
 TINY = dict(embed_dim=32, num_heads=2, patch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

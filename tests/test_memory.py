@@ -8,12 +8,7 @@ from revcolv2.memory import LiveBytes, activation_peak_per_image
 from revcolv2.model import RevColV2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def saved_bytes(model, x):

@@ -5,15 +5,11 @@ import torch
 from revcolv2.mim import RevColV2MIM, create_mim_model, patchify, random_masking, unpatchify
 from revcolv2.model import RevColV2
 
-from training_helpers import one_thread
 
 TINY = dict(embed_dim=32, num_heads=2, patch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_mim(**kwargs) -> RevColV2MIM:
