@@ -119,22 +119,16 @@ def peak_rss_mb() -> float:
 
 
 def timed(step: Callable[[], None], device: str, warmup: int, iters: int) -> Tuple[float, float]:
-    """(wall seconds, process CPU seconds) per call of ``step`` after ``warmup`` calls.
+    """(wall seconds, process CPU seconds) per call of ``step`` after ``warmup`` calls
+    (:func:`timed_steps` without the per-step times).
 
     CPU seconds (all threads of this process) do not grow when other processes share the
     cores, so they compare models fairly on a busy machine; wall time is what a user sees.
     """
-    cuda = device.startswith("cuda")
     for _ in range(warmup):
         step()
-    if cuda:
-        torch.cuda.synchronize()
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(iters):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - wall) / iters, (time.process_time() - cpu) / iters
+    sec, cpu_sec, _ = timed_steps(step, device, iters)
+    return sec, cpu_sec
 
 
 def run_workers(script: str, labels: Sequence[str], args: Sequence[str], tag: str) -> List[Dict]:
@@ -353,9 +347,7 @@ def profile_breakdown(step: Callable[[], None], device: str, path: str, steps: i
         if cuda:
             if evt.device_type != torch.autograd.DeviceType.CUDA:
                 continue
-            us = getattr(evt, "self_device_time_total", None)
-            if us is None:
-                us = evt.self_cuda_time_total
+            us = evt.self_device_time_total
         else:
             if not evt.key.startswith("aten::"):
                 continue
@@ -418,9 +410,7 @@ def step_worker(args: argparse.Namespace, model: torch.nn.Module, opt: torch.opt
             return {}
         return analyze_training_step(model, loss_at)
 
-    profile_path = None
-    if getattr(args, "profile_dir", None):
-        profile_path = os.path.join(args.profile_dir, f"{args.worker}-b{args.batch}.json")
+    profile_path = os.path.join(args.profile_dir, f"{args.worker}-b{args.batch}.json") if args.profile_dir else None
     out = step_worker_result(step, analysis, device, args.batch, args.warmup, args.iters, profile_path)
     out["params (M)"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
     return out
@@ -434,7 +424,7 @@ def analyze_training_step(model: torch.nn.Module, loss_at: Callable[[int], torch
       at batch 2 (one multiply-add = 2 FLOPs, its convention);
     - block forward evaluations per step: calls of every module whose class is ``Block``
       (ours and timm's), recomputations in backward included;
-    - non-GEMM MB per image and kernels per step: :func:`revcolv2.memory.traffic_per_image`,
+    - non-GEMM MB per image and ops per step: :func:`revcolv2.memory.traffic_per_image`,
       the bytes read and written by every op that is not a matrix product or attention
       (element-wise updates, norms, casts, reductions), and the ops launched, views excluded.
       On a GPU those bytes, not FLOPs, set the time of that part of an eager step.
@@ -459,7 +449,7 @@ def analyze_training_step(model: torch.nn.Module, loss_at: Callable[[int], torch
     fwd_bwd(1)
     for h in hooks:
         h.remove()
-    model.zero_grad(set_to_none=True)
+
     def fresh(batch: int) -> None:  # as a training step after zero_grad(set_to_none=True)
         model.zero_grad(set_to_none=True)
         fwd_bwd(batch)
