@@ -68,11 +68,17 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def peak_live_bytes(fn: Callable[[], None]) -> int:
-    """Peak of live tensor bytes created during ``fn()`` (those created before do not count)."""
-    with LiveBytes() as m:
-        fn()
-    return m.peak
+def _at_two_batches(mode: Callable[[], TorchDispatchMode], step: Callable[[int], None], small: int,
+                    large: int) -> Dict[int, TorchDispatchMode]:
+    """Warm up with ``step(small)`` (lazily created buffers, gradient tensors, kernels), then
+    run ``step(small)`` and ``step(large)`` each under a fresh ``mode()``; {batch: mode}."""
+    step(small)
+    runs = {}
+    for b in (small, large):
+        with mode() as m:
+            step(b)
+        runs[b] = m
+    return runs
 
 
 def activation_peak_per_image(step: Callable[[int], None], small: int = 2, large: int = 6) -> float:
@@ -81,9 +87,8 @@ def activation_peak_per_image(step: Callable[[int], None], small: int = 2, large
     ``step(batch)`` runs one forward + backward at that batch size; the caller builds its
     inputs outside the timed part or inside, as it likes (inputs are a few KB per image).
     """
-    step(small)  # warm-up: lazily created buffers, gradient tensors, kernels
-    peaks = {b: peak_live_bytes(lambda: step(b)) for b in (small, large)}
-    return (peaks[large] - peaks[small]) / (large - small)
+    runs = _at_two_batches(LiveBytes, step, small, large)
+    return (runs[large].peak - runs[small].peak) / (large - small)
 
 
 # matrix products and attention: compute-bound kernels, counted apart from the rest
@@ -135,12 +140,7 @@ def traffic_per_image(step: Callable[[int], None], small: int = 2, large: int = 
     gradients). Returns ``non_gemm_bytes`` and ``gemm_bytes`` per image and ``ops`` (kernels
     launched, views excluded) at batch ``small``.
     """
-    step(small)  # warm-up: lazily created buffers
-    runs = {}
-    for b in (small, large):
-        with OpTraffic() as t:
-            step(b)
-        runs[b] = t
+    runs = _at_two_batches(OpTraffic, step, small, large)
     per = large - small
     return {
         "non_gemm_bytes": (runs[large].bytes["other"] - runs[small].bytes["other"]) / per,
