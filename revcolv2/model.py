@@ -253,10 +253,22 @@ class Column(nn.Module):
         self.has_prev = has_prev
         n = len(levels)
         self.alphas = nn.Parameter(torch.full((n, dim), alpha_init)) if has_prev else None
-        self.order = list(range(n)) if direction == "up" else list(range(n - 1, -1, -1))
+        self.order = self.update_order(direction, n)
         self.blocks_per_level = len(levels[0].blocks)
 
     # ----------------------------------------------------------------- wiring
+    @staticmethod
+    def update_order(direction: str, num_levels: int) -> List[int]:
+        """Levels in update order: 0 -> L-1 for 'up' (BU), L-1 -> 0 for 'down' (TD)."""
+        return list(range(num_levels)) if direction == "up" else list(range(num_levels - 1, -1, -1))
+
+    @staticmethod
+    def cross_of(direction: str, l: int, num_levels: int, has_prev: bool) -> Optional[int]:
+        """Level of the previous column fused into level ``l`` (above for BU, below for TD);
+        None in a column without a previous one, or past the top / bottom level."""
+        c = l + 1 if direction == "up" else l - 1
+        return c if has_prev and 0 <= c < num_levels else None
+
     def in_level(self, l: int) -> Optional[int]:
         """Level of this column that feeds level ``l`` (None: the source tokens)."""
         i = self.order.index(l)
@@ -264,8 +276,7 @@ class Column(nn.Module):
 
     def cross_level(self, l: int) -> Optional[int]:
         """Level of the previous column fused into level ``l`` (above for BU, below for TD)."""
-        c = l + 1 if self.direction == "up" else l - 1
-        return c if self.has_prev and 0 <= c < len(self.levels) else None
+        return self.cross_of(self.direction, l, len(self.levels), self.has_prev)
 
     # ----------------------------------------------------------------- one level
     def alpha(self, l: int) -> Tensor:
@@ -273,8 +284,6 @@ class Column(nn.Module):
         a = self.alphas[l]
         sign = torch.where(a >= 0, torch.ones_like(a), -torch.ones_like(a))
         return sign * a.abs().clamp(min=ALPHA_MIN)
-
-    _alpha = alpha  # older name
 
     def _level_keep(self, keep: Optional[Tensor], l: int) -> Optional[Tensor]:
         if keep is None:
@@ -408,16 +417,14 @@ class RevColV2(nn.Module):
         columns = []
         for j in range(num_columns):
             direction = "up" if j < num_bu_columns else "down"
-            order = list(range(num_levels)) if direction == "up" else list(range(num_levels - 1, -1, -1))
             levels: List[Optional[Level]] = [None] * num_levels
-            for pos, l in enumerate(order):
+            for pos, l in enumerate(Column.update_order(direction, num_levels)):
                 blocks = []
                 for b in range(blocks_per_level):
                     g = j * self.blocks_per_column + pos * blocks_per_level + b
                     ws = 0 if g in global_set else window_size
                     blocks.append(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, layer_scale_init, ws))
-                cross = l + 1 if direction == "up" else l - 1
-                has_cross = j > 0 and 0 <= cross < num_levels
+                has_cross = Column.cross_of(direction, l, num_levels, has_prev=j > 0) is not None
                 levels[l] = Level(blocks, embed_dim, has_cross, fusion)
             columns.append(Column(levels, direction, j > 0, embed_dim, alpha_init))
         self.columns = nn.ModuleList(columns)
