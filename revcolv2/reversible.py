@@ -157,8 +157,7 @@ class RunBuffer:
         cross = self.get((j - 1, c)) if c is not None else None
         with torch.no_grad(), self.autocast_ctx():
             f = col.level_f(l, inp, cross, self.keep(j), self.hw)
-        out = self.get((j, l))
-        self.values[key] = ((out - f) / self.alphas[(j, l)]).to(self.dtypes[key])
+        self.values[key] = self._unstep(j, l, self.get((j, l)), f)
 
     # ----------------------------------------------------------------- backward of one node
     def backward_node(self, j: int, l: int, g: Optional[Tensor], needs: Sequence[bool], params):
