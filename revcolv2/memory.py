@@ -124,7 +124,9 @@ class OpTraffic(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if func.is_view or name in _NO_TRAFFIC:
             return out
-        moved = sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
+        # an ``out=`` tensor is written, not read: it is counted once, as the op's output
+        read = (args, {k: v for k, v in kwargs.items() if k != "out"})
+        moved = sum(t.numel() * t.element_size() for t in tree_leaves((read, out))
                     if isinstance(t, torch.Tensor))
         kind = self._kind(func)
         self.ops[kind] += 1

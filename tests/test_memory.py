@@ -105,6 +105,19 @@ def test_traffic_counts_bytes_read_and_written_per_image_and_skips_views():
     assert t["ops"] == 4  # randn, mul, mm, sum: no views
 
 
+def test_traffic_counts_an_out_tensor_once_as_written():
+    from revcolv2.memory import traffic_per_image
+
+    def step(batch):
+        x = torch.randn(batch, 100)  # writes 400 bytes per image
+        y = torch.empty(batch, 100, dtype=torch.bfloat16)  # no traffic
+        torch.mul(x, 2.0, out=y)  # reads 400, writes 200 per image
+
+    t = traffic_per_image(step)
+    assert t["non_gemm_bytes"] == 400 + 400 + 200
+    assert t["ops"] == 2
+
+
 def test_reversible_moves_less_non_gemm_traffic_than_checkpointed_timm_vit():
     """The engine's element-wise work per image (rebuilds, alpha updates and their gradients)
     stays below what timm's per-block checkpointing adds to a ViT of the same width."""
