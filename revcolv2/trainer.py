@@ -27,12 +27,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .amp import amp_dtype, autocast
-from .checkpoint import CheckpointError, load_file, remove_stale_temporaries, save_atomic, write_last_checkpoint
+from .checkpoint import CheckpointError, load_file
 from .data import EpochSampler, SeededSamples
 from .distributed import DistInfo, agree_on_signal, all_reduce_sum, barrier
 from .optim import build_scheduler
 from .rng import gather_rng_states, seed_everything, set_rng_state
-from .run_dir import LOG_FILE, prune_checkpoints, trim_log
+from .run_dir import LOG_FILE, prune_checkpoints, remove_stale_temporaries, save_atomic, trim_log, write_last_checkpoint
 from .signals import TrainingInterrupted, ignore_stop_signals
 
 

@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 
 import revcolv2  # noqa: F401
-from revcolv2.checkpoint import CheckpointError, load_checkpoint, load_file, read_last_checkpoint
+from revcolv2.checkpoint import CheckpointError, load_checkpoint, load_file
 from revcolv2.classification import evaluate_checkpoint, load_pretrained
 from revcolv2.distributed import DistInfo
-from revcolv2.run_dir import find_resume_checkpoint
+from revcolv2.run_dir import find_resume_checkpoint, read_last_checkpoint
 from d2_helpers import DEMO_CONFIG
 from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
