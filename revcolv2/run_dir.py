@@ -7,11 +7,12 @@ Reading a checkpoint file safely is :mod:`revcolv2.checkpoint`'s job."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 import yaml
@@ -95,27 +96,77 @@ def prune_checkpoints(output_dir: str, keep_last: int, keep_every: int) -> List[
     return deleted
 
 
-def trim_log(path: str, step: int) -> int:
-    """Drop the records of a JSON-lines log whose ``step`` is past ``step`` (they belong to
-    training that a resume repeats). Returns how many were dropped."""
-    if not os.path.isfile(path):
-        return 0
+def json_line(record: Dict[str, Any]) -> str:
+    """``record`` as one line of strict JSON: NaN and infinities, which JSON has no
+    spelling for (Python would write the invalid tokens ``NaN`` / ``Infinity``), become
+    ``null``."""
+    return json.dumps(json_compatible(record), allow_nan=False)
+
+
+def json_compatible(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, in nested dicts,
+    lists and tuples too."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_compatible(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_compatible(v) for v in obj]
+    return obj
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class JsonLines(NamedTuple):
+    kept: List[str]       # the lines to keep, as they were
+    past: int             # records dropped by ``keep``
+    malformed: List[int]  # line numbers (1-based) of the malformed records, dropped too
+
+
+def split_json_lines(path: str, key: str, keep: Callable[[float], bool], log=print) -> JsonLines:
+    """Sort the lines of the JSON-lines log ``path`` into kept and dropped.
+
+    A record keeps its line when it has no ``key`` or when ``keep(record[key])`` is true. A
+    line that is not a JSON object (cut short by a kill, edited by hand) or whose ``key`` is
+    not a number is malformed: it is dropped, and one warning through ``log`` counts such
+    lines and names the file and their line numbers.
+    """
     with open(path) as f:
         lines = f.read().splitlines()
-    kept = []
-    for line in lines:
+    kept, past, malformed = [], 0, []
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except ValueError:  # a line cut by a kill: drop it
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or (key in record and not _is_number(record[key])):
+            malformed.append(number)
+        elif key in record and not keep(record[key]):
+            past += 1
+        else:
             kept.append(line)
-    if len(kept) != len(lines):
+    if malformed and log is not None:
+        shown = ", ".join(map(str, malformed[:10])) + (" ..." if len(malformed) > 10 else "")
+        log(f"warning: {path}: skipped {len(malformed)} malformed record(s) (not a JSON object, or "
+            f"'{key}' not a number) at line(s) {shown}")
+    return JsonLines(kept, past, malformed)
+
+
+def trim_log(path: str, step: int, log=print) -> int:
+    """Drop the records of a JSON-lines log whose ``step`` is past ``step`` (they belong to
+    training that a resume repeats), and its malformed records (with a warning naming
+    them, see :func:`split_json_lines`). Returns how many records past ``step`` were dropped."""
+    if not os.path.isfile(path):
+        return 0
+    lines = split_json_lines(path, "step", lambda s: s <= step, log)
+    if lines.past or lines.malformed:
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            f.write("".join(line + "\n" for line in kept))
+            f.write("".join(line + "\n" for line in lines.kept))
         os.replace(tmp, path)
-    return len(lines) - len(kept)
+    return lines.past
 
 
 def read_best(output_dir: str, key: str = "top1") -> Optional[Dict[str, Any]]:
