@@ -105,7 +105,6 @@ class ClassificationTrainer(Trainer):
         self.mixup = mixup
         self.ema = ema
         self.eval_batch = eval_batch
-        self.num_workers = self.loader.num_workers
         # a checkpoint-best.pth already in the folder (an earlier run) is replaced only by a better model
         self.best: Dict[str, Any] = read_best(self.output_dir) or {"top1": -1.0}
 
