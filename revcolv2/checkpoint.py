@@ -200,13 +200,22 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     return {k: v for k, v in sd.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
 
 
+class ShapeMismatchError(ValueError):
+    """A checkpoint tensor whose shape differs from the model's; ``source`` is the file."""
+
+    def __init__(self, message: str, source: str):
+        super().__init__(message)
+        self.source = source
+
+
 def check_shapes(sd: Mapping[str, Any], own: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Raise ``ValueError`` naming the first tensor whose shape differs from the model's."""
+    """Raise :class:`ShapeMismatchError` (a ``ValueError``) naming the first tensor whose
+    shape differs from the model's."""
     for k, v in sd.items():
         if k in own and hasattr(v, "shape") and tuple(own[k].shape) != tuple(v.shape):
-            raise ValueError(
+            raise ShapeMismatchError(
                 f"{source}: checkpoint tensor {k!r} has shape {tuple(v.shape)} but the model expects "
-                f"{tuple(own[k].shape)}: the checkpoint is for a different model size"
+                f"{tuple(own[k].shape)}: the checkpoint is for a different model size", source
             )
 
 
