@@ -243,7 +243,7 @@ SAFE_LOADER = "revcolv2/checkpoint.py"  # the one place that calls torch.load (w
 def unsafe_loads(path: Path, rel: str) -> list:
     """(line, what) for each call in ``path`` that could build arbitrary objects from a file:
     ``weights_only=False``, ``torch.load`` outside the safe loader, ``pickle.load(s)`` /
-    ``pickle.Unpickler``, a YAML loader other than ``safe_load``, numpy's ``allow_pickle=True``."""
+    ``pickle.Unpickler``, a YAML loader that is not a ``SafeLoader``, numpy's ``allow_pickle=True``."""
     import ast
 
     found = []
@@ -261,8 +261,12 @@ def unsafe_loads(path: Path, rel: str) -> list:
         if name.split(".")[0] in ("pickle", "cloudpickle", "dill", "marshal") and name.endswith(
                 ("load", "loads", "Unpickler")):
             found.append((node.lineno, name))
-        if name.startswith("yaml.") and name.endswith(("load", "load_all", "Loader")) and name not in (
-                "yaml.safe_load", "yaml.safe_load_all"):
+        if name in ("yaml.load", "yaml.load_all"):  # safe only with a SafeLoader (or a subclass of it)
+            loader = next((ast.unparse(kw.value) for kw in node.keywords if kw.arg == "Loader"), None)
+            if loader is None or loader.split(".")[-1] in ("Loader", "UnsafeLoader", "FullLoader", "CLoader",
+                                                           "CUnsafeLoader", "CFullLoader"):
+                found.append((node.lineno, f"{name}(Loader={loader})"))
+        elif name in ("yaml.unsafe_load", "yaml.unsafe_load_all", "yaml.full_load", "yaml.full_load_all"):
             found.append((node.lineno, name))
     return found
 
@@ -282,5 +286,7 @@ def test_the_scan_finds_what_it_looks_for(tmp_path):
                     "b = pickle.load(f)\n"
                     "c = yaml.load(s, Loader=yaml.Loader)\n"
                     "d = yaml.safe_load(s)  # fine\n"
+                    "f = yaml.load(s, Loader=ConfigSafeLoader)  # a SafeLoader subclass: fine\n"
+                    "g = yaml.unsafe_load(s)\n"
                     "e = 'torch.load(x, weights_only=False)'  # a string: fine\n")
-    assert [line for line, _ in unsafe_loads(code, "x.py")] == [2, 2, 3, 4]
+    assert [line for line, _ in unsafe_loads(code, "x.py")] == [2, 2, 3, 4, 7]
