@@ -66,8 +66,8 @@ logger = logging.getLogger("detectron2")
 
 PRECISIONS = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
-# what a training run leaves in train.output_dir (config.yaml and log.txt are rewritten /
-# appended by every run and do not count)
+# what a training run leaves in train.output_dir (config.yaml and detectron2's text log are
+# rewritten / appended by every run and do not count)
 DETECTRON2_RUN = RunLayout(
     is_run_file=lambda n: (n in ("last_checkpoint", "metrics.json", "last_eval.json")
                            or bool(re.match(r"^model_(\d+|final)\.pth$", n)) or n.startswith("events.out.tfevents.")),
