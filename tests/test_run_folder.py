@@ -157,6 +157,13 @@ def test_a_full_disk_is_one_line_naming_enospc_and_the_file(data, tmp_path, monk
     assert not (tmp_path / "checkpoint-0002.pth").exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp_")]
 
+    from revcolv2_d2.checkpoint import RevColV2Checkpointer  # lazyconfig_train_net.py's writes
+
+    with pytest.raises(DiskFullError, match=f"ENOSPC.*{tmp_path / 'model_0000001.pth'}"):
+        RevColV2Checkpointer(torch.nn.Linear(2, 2), str(tmp_path)).save("model_0000001")
+    assert not (tmp_path / "model_0000001.pth").exists()
+    assert (tmp_path / "last_checkpoint").read_text() == "checkpoint-0001.pth"  # still the last good one
+
 
 def test_a_dangling_symlink_as_output_dir_is_one_line(data, tmp_path):
     link = tmp_path / "out"
