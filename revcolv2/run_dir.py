@@ -1,7 +1,7 @@
-"""A run's output folder: refusing to overwrite a run, atomic checkpoint writes and the
-``last_checkpoint`` pointer, finding the checkpoint to resume, removing what killed writes
-left behind, trimming the metrics log to a resumed step, checkpoint retention, the best
-score, the written config.
+"""A run's output folder: holding it for one run (a lock) and refusing to overwrite a run,
+atomic checkpoint writes and the ``last_checkpoint`` pointer, finding the checkpoint to
+resume, removing what killed writes left behind, trimming the metrics log to a resumed
+step (strict JSON lines), checkpoint retention, the best score, the written config.
 
 Reading a checkpoint file safely is :mod:`revcolv2.checkpoint`'s job."""
 from __future__ import annotations
