@@ -1,4 +1,4 @@
-"""Checkpoint I/O: safe loads, atomic saves, and loads that report every key they could not use.
+"""Checkpoint loading: safe loads, and loads that report every key they could not use.
 
 Every file is read without running code from it:
 
@@ -14,12 +14,14 @@ file that is empty, truncated or not a checkpoint at all.
 One rule for which weights a checkpoint provides (:func:`select_weights`): the EMA weights
 (``model_ema``) where the checkpoint has them, unless the caller asks for the raw ones
 (``ema=False``, ``--no-ema`` on the command line); the choice is printed.
+
+Writing checkpoints and finding the one to resume (atomic saves, the ``last_checkpoint``
+pointer, leftovers of killed writes) belong to the run folder: :mod:`revcolv2.run_dir`.
 """
 from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -29,8 +31,6 @@ from torch import nn
 
 # Tensors that exist only in MIM pre-training; fine-tuning may leave them unused.
 PRETRAIN_ONLY_PREFIXES = ("mask_token", "decoder_pred", "decoder_norm")
-LAST_CHECKPOINT_FILE = "last_checkpoint"
-TMP_PREFIX = ".tmp_"
 
 
 class CheckpointError(ValueError):
@@ -200,13 +200,22 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     return {k: v for k, v in sd.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
 
 
+class ShapeMismatchError(ValueError):
+    """A checkpoint tensor whose shape differs from the model's; ``source`` is the file."""
+
+    def __init__(self, message: str, source: str):
+        super().__init__(message)
+        self.source = source
+
+
 def check_shapes(sd: Mapping[str, Any], own: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Raise ``ValueError`` naming the first tensor whose shape differs from the model's."""
+    """Raise :class:`ShapeMismatchError` (a ``ValueError``) naming the first tensor whose
+    shape differs from the model's."""
     for k, v in sd.items():
         if k in own and hasattr(v, "shape") and tuple(own[k].shape) != tuple(v.shape):
-            raise ValueError(
+            raise ShapeMismatchError(
                 f"{source}: checkpoint tensor {k!r} has shape {tuple(v.shape)} but the model expects "
-                f"{tuple(own[k].shape)}: the checkpoint is for a different model size"
+                f"{tuple(own[k].shape)}: the checkpoint is for a different model size", source
             )
 
 
@@ -265,141 +274,3 @@ def load_checkpoint(
     if verbose:
         print(report)
     return report
-
-
-# --------------------------------------------------------------------------- saving
-def save_atomic(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename over ``path``.
-
-    A crash mid-write leaves the previous checkpoint intact; the temporary file
-    (``.tmp_<pid>_*.pth``) is removed by :func:`remove_stale_temporaries` at the next start.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}{os.getpid()}_", suffix=".pth")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder: "os.PathLike | str", prefix: str = TMP_PREFIX) -> List[str]:
-    """Delete what killed writers left in ``folder``: entries named ``<prefix>[_]<pid>_*``
-    whose process no longer runs on this machine, and ``<prefix>*`` entries without a pid
-    (written by older versions). Returns the removed paths (each is also printed)."""
-    import re
-    import shutil
-
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        return []
-    removed = []
-    for name in sorted(os.listdir(folder)):
-        if not name.startswith(prefix):
-            continue
-        m = re.match(r"_?(\d+)_", name[len(prefix):])
-        if m and _pid_alive(int(m.group(1))):
-            continue
-        path = os.path.join(folder, name)
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-        except FileNotFoundError:
-            continue
-        removed.append(path)
-        print(f"removed {path}: left behind by an interrupted write")
-    return removed
-
-
-# --------------------------------------------------------------------------- resume pointer
-def write_last_checkpoint(folder: str, filename: str) -> None:
-    """Record ``filename`` (a file in ``folder``) as the run's resume point, atomically."""
-    name = os.path.basename(filename)
-    pointer = os.path.join(folder, LAST_CHECKPOINT_FILE)
-    tmp = os.path.join(folder, f".{LAST_CHECKPOINT_FILE}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(name)
-    os.replace(tmp, pointer)
-
-
-def read_last_checkpoint(folder: str) -> Optional[str]:
-    """The file the ``last_checkpoint`` pointer of ``folder`` names (None without a pointer).
-
-    The pointer may only name a file inside ``folder``: an absolute path, a path with a
-    folder part or ``..`` raises :class:`CheckpointError` naming the pointer. The file
-    itself may be missing (the caller decides).
-    """
-    pointer = os.path.join(folder, LAST_CHECKPOINT_FILE)
-    try:
-        with open(pointer) as f:
-            name = f.read().strip()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{pointer} is unreadable: {e}") from None
-    if not name:
-        return None
-    seps = [os.sep] + ([os.altsep] if os.altsep else [])
-    if os.path.isabs(name) or any(s in name for s in seps) or name in (".", ".."):
-        raise CheckpointError(
-            f"{pointer} names {name!r}, which is not a file inside {folder}: refusing to load it. "
-            "The pointer may only name a checkpoint in its own folder; delete or correct it"
-        )
-    return os.path.join(folder, name)
-
-
-def newest_readable_checkpoint(candidates: Iterable[str], step_key: str, pointed: Optional[str] = None,
-                               required: Iterable[str] = (), log=print) -> Optional[Tuple[str, int]]:
-    """(path, step) of the candidate with the highest ``ckpt[step_key]``, the ``pointed``
-    one on a tie (then the newest file); None when no candidate is a readable checkpoint
-    holding ``step_key`` and the ``required`` keys.
-
-    Each candidate is memory-mapped, not read, so this costs little even for large files;
-    an unreadable one (truncated, corrupt, not a checkpoint) is skipped with a warning
-    naming it, which is how a resume falls back past a write that was cut short.
-    """
-    say = log or (lambda *a, **k: None)
-    best: Optional[Tuple[tuple, str]] = None
-    for path in candidates:
-        if not os.path.isfile(path):
-            if path == pointed:
-                say(f"warning: {LAST_CHECKPOINT_FILE} names {path}, which does not exist")
-            continue
-        try:
-            ckpt = load_file(path, mmap=True)
-        except (CheckpointError, OSError) as e:
-            say(f"warning: skipping an unreadable checkpoint: {e}")
-            continue
-        if not (isinstance(ckpt, dict) and isinstance(ckpt.get(step_key), int)
-                and all(k in ckpt for k in required)):
-            continue  # e.g. checkpoint-best.pth: weights only, not a resume point
-        key = (ckpt[step_key], path == pointed, os.path.getmtime(path))
-        if best is None or key > best[0]:
-            best = (key, path)
-        del ckpt
-    if best is None:
-        return None
-    if pointed and best[1] != pointed:
-        say(f"resuming from {best[1]} ({step_key} {best[0][0]}), the newest readable checkpoint, "
-            f"not from {pointed}, which {LAST_CHECKPOINT_FILE} names")
-    return best[1], best[0][0]

@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import (
-    PRETRAIN_ONLY_PREFIXES, CheckpointError, LoadReport, check_shapes, load_checkpoint, load_file, save_atomic,
-    select_weights, strip_ddp_prefix,
+    PRETRAIN_ONLY_PREFIXES, CheckpointError, LoadReport, check_shapes, load_checkpoint, load_file, select_weights,
+    strip_ddp_prefix,
 )
 from .evaluation import evaluate
-from .run_dir import read_best
+from .run_dir import read_best, save_atomic
 from .trainer import Trainer
 
 # Present in a classifier, absent from a MIM checkpoint (the MIM model has no classifier).
@@ -105,7 +105,6 @@ class ClassificationTrainer(Trainer):
         self.mixup = mixup
         self.ema = ema
         self.eval_batch = eval_batch
-        self.num_workers = self.loader.num_workers
         # a checkpoint-best.pth already in the folder (an earlier run) is replaced only by a better model
         self.best: Dict[str, Any] = read_best(self.output_dir) or {"top1": -1.0}
 

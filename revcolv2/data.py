@@ -22,7 +22,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
@@ -46,13 +46,16 @@ def load_rgb(path: str) -> Image.Image:
     RGBA / LA / palette-with-transparency images are composited over white rather than
     having their alpha dropped (dropping it turns transparent areas into arbitrary colours).
     16-bit grayscale (Pillow's ``I;16*`` / ``I`` modes) is scaled to 8 bits (value / 257)
-    rather than clipped, which would turn nearly every pixel white.
+    rather than clipped, which would turn nearly every pixel white. An EXIF orientation tag
+    (a rotated phone photo) is applied, as detectron2's ``read_image`` (and so
+    ``tools/visualize.py`` and the detection and segmentation loaders) applies it.
     Raises :class:`UnreadableImageError` for empty, truncated or non-image files.
     """
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
             img.load()  # full decode: a truncated JPEG fails here, not later in a worker
+            img = ImageOps.exif_transpose(img)  # a camera's rotation tag, as detectron2's read_image
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
         raise UnreadableImageError(f"{path}: {type(e).__name__}: {e}") from e
     if img.mode.startswith("I;16") or img.mode == "I":

@@ -10,7 +10,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .data import resolve_data_path
 
 
 @dataclass
@@ -53,6 +52,8 @@ def barrier(info: DistInfo) -> None:
 def prepare_data_root(data_path: Optional[str], info: DistInfo) -> Path:
     """``--data-path``, or the built-in dataset: the main process generates it once while
     the others wait, then every process resolves the same folder."""
+    from .data import resolve_data_path  # here: the run folder's helpers import this module, and data's generator those
+
     if info.is_main:
         resolve_data_path(data_path)
     barrier(info)

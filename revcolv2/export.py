@@ -23,8 +23,9 @@ import timm
 import torch
 from timm.models._hub import save_for_hf
 
-from .checkpoint import PRETRAIN_ONLY_PREFIXES, load_checkpoint, unwrap_state_dict
+from .checkpoint import PRETRAIN_ONLY_PREFIXES, load_checkpoint, load_file, unwrap_state_dict
 from .model import RevColV2
+from .run_dir import follow_umask
 
 __all__ = ["backbone_state_dict", "export_to_folder"]
 
@@ -69,7 +70,7 @@ def export_to_folder(
     shape than the model's is an error naming it.
     """
     if isinstance(checkpoint, (str, os.PathLike)):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = load_file(checkpoint)  # nothing in the file can run code
     recorded_name, recorded_kwargs = _model_from_checkpoint(checkpoint)
     model_name = model_name or recorded_name
     if not model_name:
@@ -84,6 +85,7 @@ def export_to_folder(
     # MIM and detectron2 backbones have no classifier norm: it keeps its initial identity
     load_checkpoint(model, sd, allow_missing=("fc_norm.",), verbose=verbose)
     save_for_hf(model, output, safe_serialization=True)
+    follow_umask(os.path.join(output, "model.safetensors"))  # safetensors writes it 0600
     if verbose:
         print(f"wrote {os.path.join(output, 'config.json')} and model.safetensors ({model_name}, {kwargs})")
     return model

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .checkpoint import remove_stale_temporaries
+from .run_dir import remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 

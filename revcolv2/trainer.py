@@ -13,12 +13,11 @@ Configs, output folders, distributed set-up, RNG states and optimizer groups liv
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -27,12 +26,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .amp import amp_dtype, autocast
-from .checkpoint import CheckpointError, load_file, remove_stale_temporaries, save_atomic, write_last_checkpoint
+from .checkpoint import CheckpointError, load_file
 from .data import EpochSampler, SeededSamples
 from .distributed import DistInfo, agree_on_signal, all_reduce_sum, barrier
 from .optim import build_scheduler
 from .rng import gather_rng_states, seed_everything, set_rng_state
-from .run_dir import LOG_FILE, prune_checkpoints, trim_log
+from .run_dir import (
+    LOG_FILE, json_line, prune_checkpoints, remove_stale_temporaries, save_atomic, trim_log, write_last_checkpoint,
+)
 from .signals import TrainingInterrupted, ignore_stop_signals
 
 
@@ -65,6 +66,20 @@ class TensorBoard:
 def format_seconds(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class _Clock:
+    """Wall time since a run (or its resumed part) started, and the ETA it implies."""
+
+    def __init__(self, start_step: int):
+        self.start_time, self.start_step = time.time(), start_step
+
+    def elapsed(self) -> float:
+        return time.time() - self.start_time
+
+    def eta(self, step: int, total_steps: int) -> float:
+        done = step - self.start_step
+        return self.elapsed() / done * (total_steps - step) if done > 0 else 0.0
 
 
 class Trainer:
@@ -112,14 +127,8 @@ class Trainer:
                                     shuffle=True, seed=seed)
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.total_steps = self.steps_per_epoch * epochs
-        self.loader = DataLoader(
-            SeededSamples(dataset, seed), batch_size=micro_batch, sampler=self.sampler,
-            num_workers=num_workers, pin_memory=info.device.type == "cuda",
-            persistent_workers=num_workers > 0, drop_last=False, worker_init_fn=ignore_stop_signals,
-            # its own generator: creating an iterator must not draw from the global RNG,
-            # or a run resumed mid-epoch would diverge from an uninterrupted one
-            generator=torch.Generator().manual_seed(seed),
-        )
+        self.dataset, self.num_workers = dataset, num_workers
+        self._loader: Optional[DataLoader] = None  # built by fit, dropped when it ends
         self.scheduler = build_scheduler(optimizer, self.total_steps,
                                          int(round(warmup_epochs * self.steps_per_epoch)), min_lr)
 
@@ -287,82 +296,140 @@ class Trainer:
     def fit(self, stop_at_step: Optional[int] = None) -> Dict[int, float]:
         """Train until the last epoch (or ``stop_at_step`` / a SIGINT-SIGTERM, after which a
         resumable ``checkpoint-last.pth`` is written). Returns {step: loss} of this run."""
-        import threading
+        if self._already_at(stop_at_step):
+            return self.history
+        self._announce()
+        self._trim_log()
+        clock = _Clock(self.step)
+        self._stop_signal = 0
+        self._loader = self.build_loader()
+        try:
+            with self._stop_signals_caught():
+                while self.epoch < self.epochs:
+                    if self._train_epoch(stop_at_step, clock):
+                        self.save("checkpoint-last.pth")
+                        return self._stopped(f"at step {self.step}")
+                    saved = self._finish_epoch()
+                    if self.epoch < self.epochs and self._should_stop(stop_at_step):
+                        if not saved:
+                            self.save("checkpoint-last.pth")
+                        return self._stopped(f"after epoch {self.epoch}")
+        finally:
+            self._close()
+        if self.info.is_main:
+            print(f"{self.name} finished: {self.step - clock.start_step} steps in {format_seconds(clock.elapsed())}")
+        return self.history
 
-        from tqdm import tqdm
+    # ----------------------------------------------------------------- the steps of fit
+    def build_loader(self) -> DataLoader:
+        """The training loader, built once per :meth:`fit`; its workers live until fit ends."""
+        return DataLoader(
+            SeededSamples(self.dataset, self.seed), batch_size=self.micro_batch, sampler=self.sampler,
+            num_workers=self.num_workers, pin_memory=self.info.device.type == "cuda",
+            persistent_workers=self.num_workers > 0, drop_last=False, worker_init_fn=ignore_stop_signals,
+            # its own generator: creating an iterator must not draw from the global RNG,
+            # or a run resumed mid-epoch would diverge from an uninterrupted one
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                handlers[sig] = signal.signal(sig, self._request_stop)
+    def _already_at(self, stop_at_step: Optional[int]) -> bool:
+        """Whether ``stop_at_step`` is already reached (a run resumed at or past it): then
+        nothing is trained, and the message says so."""
+        if stop_at_step is None or self.step < stop_at_step:
+            return False
+        if self.info.is_main:
+            print(f"--stop-at-step {stop_at_step}: the run is already at step {self.step}; nothing to train")
+        return True
+
+    def _announce(self) -> None:
         if self.info.is_main:
             print(f"{self.name}: {self.epochs} epochs x {self.steps_per_epoch} steps, effective batch "
                   f"{self.effective_batch} = {self.info.world_size} process(es) x {self.micro_batch} x "
                   f"{self.accum} accumulation, device {self.info.device}, "
                   f"amp {self.amp_dtype if self.use_amp else 'off'}")
-        start_time, start_step = time.time(), self.step
-        self._stop_signal = 0
+
+    def _trim_log(self) -> None:
+        """Drop the ``log.jsonl`` records past the step this run starts from: it writes them again."""
         if self.info.is_main:
-            # records past the resume point would be written again: drop them
             dropped = trim_log(os.path.join(self.output_dir, LOG_FILE), self.step)
             if dropped:
                 print(f"{LOG_FILE}: dropped {dropped} record(s) past step {self.step}, which this run repeats")
+
+    @contextmanager
+    def _stop_signals_caught(self):
+        """SIGINT / SIGTERM request a stop after the current step (main thread only: Python
+        delivers signals there); the previous handlers come back however fit ends."""
+        import threading
+
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._request_stop)
         try:
-            while self.epoch < self.epochs:
-                epoch = self.epoch
-                self.sampler.set_epoch(epoch, start=self.step_in_epoch * self.micro_batch * self.accum)
-                batches = iter(self.loader)
-                bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
-                           desc=f"{self.name} epoch {epoch + 1}/{self.epochs}", disable=not self.info.is_main,
-                           dynamic_ncols=True, mininterval=1.0, leave=True)
-                while self.step_in_epoch < self.steps_per_epoch:
-                    loss = self.train_step([next(batches) for _ in range(self.accum)])
-                    self.history[self.step] = loss
-                    self._epoch_losses.append(loss)
-                    done = self.step - start_step
-                    eta = (time.time() - start_time) / done * (self.total_steps - self.step)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.current_lr():.2e}", eta=format_seconds(eta),
-                                    refresh=False)
-                    bar.update(1)
-                    if self.step % self.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
-                        mean_loss = all_reduce_sum(torch.tensor([loss], device=self.info.device), self.info)
-                        mean_loss = mean_loss.item() / self.info.world_size
-                        self.tb.scalars({f"{self.name}/loss": mean_loss, f"{self.name}/lr": self.current_lr()},
-                                        self.step)
-                    if self.step_in_epoch < self.steps_per_epoch and self._should_stop(stop_at_step):
-                        bar.close()
-                        self.save("checkpoint-last.pth")
-                        return self._stopped(f"at step {self.step}")
-                bar.close()
-                del batches
-                self.epoch, self.step_in_epoch = epoch + 1, 0
-                metrics = self.end_of_epoch(epoch)
-                metrics = dict(metrics, epoch=epoch + 1, step=self.step,
-                               train_loss=float(np.mean(self._epoch_losses)) if self._epoch_losses else float("nan"))
-                self._epoch_losses = []
-                self.tb.scalars({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")},
-                                self.epoch)
-                if self.info.is_main:
-                    with open(os.path.join(self.output_dir, LOG_FILE), "a") as f:
-                        f.write(json.dumps(metrics) + "\n")
-                saved = self.save_epoch_checkpoint(epoch + 1)
-                if self.epoch < self.epochs and self._should_stop(stop_at_step):
-                    if not saved:
-                        self.save("checkpoint-last.pth")
-                    return self._stopped(f"after epoch {self.epoch}")
+            yield
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
-            self.tb.close()
-            # end the loader workers however training ended: they ignore SIGTERM, so the
-            # SIGTERM that multiprocessing sends its daemon children at exit would not end
-            # them, and the process would wait for them forever
-            batches = None  # noqa: F841
-            self.loader._iterator = None
-            gc.collect()
+
+    def _train_epoch(self, stop_at_step: Optional[int], clock: "_Clock") -> bool:
+        """The remaining steps of the epoch in progress; True when a stop (a signal or
+        ``stop_at_step``) came before its last step."""
+        from tqdm import tqdm
+
+        self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * self.micro_batch * self.accum)
+        batches = iter(self._loader)
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
+                   desc=f"{self.name} epoch {self.epoch + 1}/{self.epochs}", disable=not self.info.is_main,
+                   dynamic_ncols=True, mininterval=1.0, leave=True)
+        try:
+            while self.step_in_epoch < self.steps_per_epoch:
+                loss = self.train_step([next(batches) for _ in range(self.accum)])
+                self._record_step(loss, bar, clock)
+                if self.step_in_epoch < self.steps_per_epoch and self._should_stop(stop_at_step):
+                    return True
+            return False
+        finally:
+            bar.close()
+            # not even the frame of a traceback may keep the loader's iterator (its workers) alive
+            del batches
+
+    def _record_step(self, loss: float, bar, clock: "_Clock") -> None:
+        """The step's loss into the history, the progress bar and (every ``log_every`` steps
+        and at the end of an epoch) TensorBoard, averaged over processes."""
+        self.history[self.step] = loss
+        self._epoch_losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.current_lr():.2e}",
+                        eta=format_seconds(clock.eta(self.step, self.total_steps)), refresh=False)
+        bar.update(1)
+        if self.step % self.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+            mean_loss = all_reduce_sum(torch.tensor([loss], device=self.info.device), self.info)
+            mean_loss = mean_loss.item() / self.info.world_size
+            self.tb.scalars({f"{self.name}/loss": mean_loss, f"{self.name}/lr": self.current_lr()}, self.step)
+
+    def _finish_epoch(self) -> bool:
+        """After the last step of an epoch: its evaluation (:meth:`end_of_epoch`), one
+        ``log.jsonl`` record, TensorBoard scalars, the epoch checkpoint. Returns whether a
+        resumable checkpoint was written."""
+        epoch = self.epoch
+        self.epoch, self.step_in_epoch = epoch + 1, 0
+        metrics = self.end_of_epoch(epoch)
+        metrics = dict(metrics, epoch=epoch + 1, step=self.step,
+                       train_loss=float(np.mean(self._epoch_losses)) if self._epoch_losses else float("nan"))
+        self._epoch_losses = []
+        self.tb.scalars({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, self.epoch)
         if self.info.is_main:
-            print(f"{self.name} finished: {self.step - start_step} steps in {format_seconds(time.time() - start_time)}")
-        return self.history
+            with open(os.path.join(self.output_dir, LOG_FILE), "a") as f:
+                f.write(json_line(metrics) + "\n")
+        return self.save_epoch_checkpoint(epoch + 1)
+
+    def _close(self) -> None:
+        """However fit ended: close TensorBoard and end the loader workers. They ignore
+        SIGTERM, so the SIGTERM that multiprocessing sends its daemon children at exit would
+        not end them, and the process would wait for them forever: dropping the loader (the
+        only reference left, see :meth:`_train_epoch`) shuts them down."""
+        self.tb.close()
+        self._loader = None
+        gc.collect()
 
     def save_epoch_checkpoint(self, epochs_done: int) -> bool:
         """Default: ``checkpoint-XXXX.pth`` every ``save_every`` epochs and at the end.

@@ -103,3 +103,89 @@ def test_readable_image_passes(tmp_path):
     cv2.imwrite(str(good), np.zeros((32, 48, 3), np.uint8))
     out = _mapper()({"file_name": str(good), "image_id": 5, "height": 32, "width": 48})
     assert tuple(out["image"].shape) == (3, 32, 48)
+
+
+# ----------------------------------------------------------------------------- ids and areas
+def _coco_file(tmp_path, images, annotations, categories, name="ids.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return str(path)
+
+
+def _image(i, w=64, h=48):
+    return {"id": i, "file_name": f"{i}.jpg", "height": h, "width": w}
+
+
+def _ann(i, image_id, category_id, bbox=(4, 6, 20, 10), **extra):
+    x, y, w, h = bbox
+    return {"id": i, "image_id": image_id, "category_id": category_id, "bbox": list(bbox), "area": w * h,
+            "iscrowd": 0, "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]], **extra}
+
+
+def test_a_duplicate_image_id_is_refused_naming_file_and_id(tmp_path):
+    """pycocotools would keep one of the two images and give it both images' annotations."""
+    path = _coco_file(tmp_path, [_image(7), dict(_image(7), file_name="other.jpg")],
+                      [_ann(1, 7, 1), _ann(2, 7, 1)], [{"id": 1, "name": "a"}])
+    with pytest.raises(CocoInputError, match=r"image id 7 appears more than once in 'images'") as e:
+        validate_coco_instances_json(path)
+    assert path in str(e.value)
+
+
+@pytest.mark.parametrize("what", ["annotation", "category"])
+def test_duplicate_annotation_and_category_ids_are_refused(tmp_path, what):
+    anns = [_ann(1, 1, 1), _ann(1 if what == "annotation" else 2, 1, 1)]
+    cats = [{"id": 1, "name": "a"}] + ([{"id": 1, "name": "b"}] if what == "category" else [])
+    with pytest.raises(CocoInputError, match=f"{what} id 1 appears more than once"):
+        validate_coco_instances_json(_coco_file(tmp_path, [_image(1)], anns, cats))
+
+
+@pytest.mark.parametrize("area", [-5.0, "12", float("nan"), None])
+def test_a_negative_or_non_numeric_area_is_refused(tmp_path, area):
+    path = _coco_file(tmp_path, [_image(1)], [_ann(3, 1, 1, area=area)], [{"id": 1, "name": "a"}])
+    with pytest.raises(CocoInputError, match=r"annotation id 3 has area .*expected a number >= 0") as e:
+        validate_coco_instances_json(path)
+    assert path in str(e.value)
+
+
+def test_a_zero_area_is_counted_in_a_warning(tmp_path, caplog):
+    import logging
+
+    path = _coco_file(tmp_path, [_image(1)], [_ann(3, 1, 1, area=0), _ann(4, 1, 1), _ann(5, 1, 1, area=0)],
+                      [{"id": 1, "name": "a"}])
+    with caplog.at_level(logging.WARNING, logger="revcolv2_d2.data.coco_checks"):
+        validate_coco_instances_json(path)
+    assert f"{path}: 2 annotation(s) with area 0 (ids [3, 5])" in caplog.text
+
+
+def test_non_contiguous_category_ids_are_mapped_as_detectron2_does(tmp_path):
+    """Ids 3, 7, 12 become classes 0, 1, 2 in id order; COCOEvaluator maps them back, so
+    predictions equal to the ground truth score AP 100."""
+    import torch
+    from detectron2.data import MetadataCatalog
+    from detectron2.evaluation import COCOEvaluator
+    from detectron2.structures import Boxes, Instances
+
+    cats = [{"id": 12, "name": "twelve"}, {"id": 3, "name": "three"}, {"id": 7, "name": "seven"}]
+    anns = [_ann(1, 1, 3, (2, 2, 20, 12)), _ann(2, 1, 12, (30, 20, 16, 16)), _ann(3, 2, 7, (10, 5, 30, 30))]
+    path = _coco_file(tmp_path, [_image(1), _image(2)], anns, cats)
+    name = "_test_non_contiguous_ids"
+    register_checked_coco_instances(name, {}, path, str(tmp_path))
+    try:
+        records = DatasetCatalog.get(name)
+        meta = MetadataCatalog.get(name)
+        assert meta.thing_classes == ["three", "seven", "twelve"]
+        assert meta.thing_dataset_id_to_contiguous_id == {3: 0, 7: 1, 12: 2}
+        assert [[a["category_id"] for a in r["annotations"]] for r in records] == [[0, 2], [1]]
+
+        evaluator = COCOEvaluator(name, tasks=("bbox",), distributed=False, output_dir=None)
+        evaluator.reset()
+        for r in records:
+            boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in r["annotations"])]
+            pred = Instances((r["height"], r["width"]), pred_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32)),
+                             scores=torch.ones(len(boxes)),
+                             pred_classes=torch.tensor([a["category_id"] for a in r["annotations"]]))
+            evaluator.process([{"image_id": r["image_id"]}], [{"instances": pred}])
+        assert evaluator.evaluate()["bbox"]["AP"] == pytest.approx(100.0)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

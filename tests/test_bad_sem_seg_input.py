@@ -85,13 +85,25 @@ def test_prepare_script_shifts_labels_and_maps_other_to_255(tmp_path):
     assert out[0, 0] == 255 and out[0, 10] == 0 and out[0, 29] == 149
 
 
+def _one_line_error(proc) -> str:
+    """The script stopped with status 1 and one line on stderr (no traceback); returns it."""
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
 def test_prepare_script_rejects_values_above_150(tmp_path):
     _fake_release(tmp_path, np.full((20, 30), 151, np.uint8))
-    proc = prepare(tmp_path)
-    assert proc.returncode != 0 and re.search(r"ValueError: .*a\.png: value 151", proc.stderr)
+    assert re.search(r"a\.png: value 151 above the 150 ADE20K classes", _one_line_error(prepare(tmp_path)))
 
 
 def test_prepare_script_rejects_a_label_of_another_size(tmp_path):
     _fake_release(tmp_path, np.ones((20, 31), np.uint8))
-    proc = prepare(tmp_path)
-    assert proc.returncode != 0 and re.search(r"ValueError: .*a\.png: label is 31x20 but .*a\.jpg is 30x20", proc.stderr)
+    assert re.search(r"a\.png: label is 31x20 but .*a\.jpg is 30x20", _one_line_error(prepare(tmp_path)))
+
+
+def test_prepare_script_names_an_unreadable_label(tmp_path):
+    _fake_release(tmp_path, np.ones((20, 30), np.uint8))
+    (tmp_path / "annotations" / "training" / "a.png").write_bytes(b"\x89PNG but cut short")
+    assert str(tmp_path / "annotations" / "training" / "a.png") in _one_line_error(prepare(tmp_path))

@@ -10,7 +10,8 @@ import timm
 import torch
 
 import revcolv2  # noqa: F401
-from revcolv2.checkpoint import load_checkpoint, load_file, save_atomic
+from revcolv2.checkpoint import load_checkpoint, load_file
+from revcolv2.run_dir import save_atomic
 from revcolv2.classification import load_pretrained
 from revcolv2.rng import rng_state, set_rng_state
 

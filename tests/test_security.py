@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 
 import revcolv2  # noqa: F401
-from revcolv2.checkpoint import CheckpointError, load_checkpoint, load_file, read_last_checkpoint
+from revcolv2.checkpoint import CheckpointError, load_checkpoint, load_file
 from revcolv2.classification import evaluate_checkpoint, load_pretrained
 from revcolv2.distributed import DistInfo
-from revcolv2.run_dir import find_resume_checkpoint
+from revcolv2.run_dir import find_resume_checkpoint, read_last_checkpoint
 from d2_helpers import DEMO_CONFIG
 from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
@@ -209,3 +209,84 @@ def test_lazyconfig_train_net_refuses_pkl_and_yaml(tmp_path):
         last = log.strip().splitlines()[-1]
         assert p.returncode != 0 and str(path) in last and "refusing to load" in last, log[-3000:]
     assert not marker.exists(), "the payload ran"
+
+
+# ----------------------------------------------------------------------------- export
+def _tools_export():
+    """tools/export.py as a module (tools/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tools_export", REPO / "tools" / "export.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_export_refuses_the_payload(evil, tmp_path):
+    """Exporting a downloaded checkpoint is what users do: the library call and tools/export.py."""
+    from revcolv2.export import export_to_folder
+
+    with pytest.raises(CheckpointError) as e:
+        export_to_folder(str(evil["pth"]), str(tmp_path / "lib"), "revcolv2_tiny", TINY, verbose=False)
+    _refused(e, evil["pth"])
+    with pytest.raises(CheckpointError) as e:
+        _tools_export().main([str(evil["pth"]), "--output", str(tmp_path / "cli"), "--model", "revcolv2_tiny"])
+    _refused(e, evil["pth"])
+    assert not (tmp_path / "lib").exists() and not (tmp_path / "cli").exists()
+
+
+# ----------------------------------------------------------------------------- the code itself
+CODE_ROOTS = ("revcolv2", "projects/RevColV2/revcolv2_d2", "tools")
+SAFE_LOADER = "revcolv2/checkpoint.py"  # the one place that calls torch.load (weights_only=True)
+
+
+def unsafe_loads(path: Path, rel: str) -> list:
+    """(line, what) for each call in ``path`` that could build arbitrary objects from a file:
+    ``weights_only=False``, ``torch.load`` outside the safe loader, ``pickle.load(s)`` /
+    ``pickle.Unpickler``, a YAML loader that is not a ``SafeLoader``, numpy's ``allow_pickle=True``."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module in ("pickle", "cloudpickle", "dill", "marshal"):
+            found += [(node.lineno, f"from {node.module} import {a.name}") for a in node.names if "load" in a.name]
+        if not isinstance(node, ast.Call):
+            continue
+        name = ast.unparse(node.func)
+        for kw in node.keywords:
+            if (kw.arg, getattr(kw.value, "value", None)) in (("weights_only", False), ("allow_pickle", True)):
+                found.append((node.lineno, f"{name}({kw.arg}={kw.value.value})"))
+        if name == "torch.load" and rel != SAFE_LOADER:
+            found.append((node.lineno, "torch.load outside the safe loader revcolv2.checkpoint.load_file"))
+        if name.split(".")[0] in ("pickle", "cloudpickle", "dill", "marshal") and name.endswith(
+                ("load", "loads", "Unpickler")):
+            found.append((node.lineno, name))
+        if name in ("yaml.load", "yaml.load_all"):  # safe only with a SafeLoader (or a subclass of it)
+            loader = next((ast.unparse(kw.value) for kw in node.keywords if kw.arg == "Loader"), None)
+            if loader is None or loader.split(".")[-1] in ("Loader", "UnsafeLoader", "FullLoader", "CLoader",
+                                                           "CUnsafeLoader", "CFullLoader"):
+                found.append((node.lineno, f"{name}(Loader={loader})"))
+        elif name in ("yaml.unsafe_load", "yaml.unsafe_load_all", "yaml.full_load", "yaml.full_load_all"):
+            found.append((node.lineno, name))
+    return found
+
+
+def test_no_code_loads_a_file_unsafely():
+    files = sorted(p for root in CODE_ROOTS for p in (REPO / root).rglob("*.py"))
+    assert len(files) > 30
+    bad = [f"{p.relative_to(REPO)}:{line}: {what}" for p in files
+           for line, what in unsafe_loads(p, str(p.relative_to(REPO)))]
+    assert not bad, "unsafe loads (use revcolv2.checkpoint.load_file or yaml.safe_load):\n" + "\n".join(bad)
+
+
+def test_the_scan_finds_what_it_looks_for(tmp_path):
+    code = tmp_path / "x.py"
+    code.write_text("import pickle, torch, yaml\n"
+                    "a = torch.load(p, weights_only=False)\n"
+                    "b = pickle.load(f)\n"
+                    "c = yaml.load(s, Loader=yaml.Loader)\n"
+                    "d = yaml.safe_load(s)  # fine\n"
+                    "f = yaml.load(s, Loader=ConfigSafeLoader)  # a SafeLoader subclass: fine\n"
+                    "g = yaml.unsafe_load(s)\n"
+                    "e = 'torch.load(x, weights_only=False)'  # a string: fine\n")
+    assert [line for line, _ in unsafe_loads(code, "x.py")] == [2, 2, 3, 4, 7]

@@ -10,8 +10,9 @@ metrics): every value is shifted down by one and 0 becomes 255.
     python tools/prepare_ade20k_sem_seg.py --root /data/ADEChallengeData2016
 
 Files already converted are skipped (``--overwrite`` redoes them); a label with a value
-above 150, a colour PNG, or a label whose size differs from its image is an error naming
-the file.
+above 150, a colour PNG, an unreadable file, or a label whose size differs from its image
+stops the script with one line naming the file (exit status 1); the labels converted
+before it are kept.
 """
 from __future__ import annotations
 
@@ -71,10 +72,14 @@ def main(argv: Iterable[str] = None) -> int:
     ap.add_argument("--root", default=default_root, help="the ADEChallengeData2016 folder (default: %(default)s)")
     ap.add_argument("--overwrite", action="store_true", help="convert files that already exist again")
     args = ap.parse_args(argv)
-    for split in SPLITS:
-        converted, skipped = convert_split(args.root, split, args.overwrite)
-        print(f"{split}: {converted} converted, {skipped} already there -> "
-              f"{os.path.join(args.root, 'annotations_detectron2', split)}")
+    try:
+        for split in SPLITS:
+            converted, skipped = convert_split(args.root, split, args.overwrite)
+            print(f"{split}: {converted} converted, {skipped} already there -> "
+                  f"{os.path.join(args.root, 'annotations_detectron2', split)}")
+    except (ValueError, OSError) as e:  # a bad or unreadable file: its message names it
+        print(f"prepare_ade20k_sem_seg.py: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

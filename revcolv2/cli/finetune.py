@@ -26,7 +26,7 @@ from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, pillow_safe_r
 from ..distributed import prepare_data_root
 from ..optim import param_groups_layer_decay
 from ..rng import seed_everything
-from ..run_dir import check_output_dir, write_config
+from ..run_dir import claim_output_dir, write_config
 from .common import build_model, checked_train_split, evaluate_only, resume_and_fit, start_classification
 
 
@@ -62,45 +62,45 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if len(train_set.classes) != num_classes:
         raise ValueError(f"model.num_classes is {num_classes} but {root / 'train'} has "
                          f"{len(train_set.classes)} class folders")
-    check_output_dir(out_dir, args.resume, args.overwrite, info)
-    write_config(cfg, out_dir, info)
+    with claim_output_dir(out_dir, args.resume, args.overwrite, info):  # locked until training ends
+        write_config(cfg, out_dir, info)
 
-    batch = o_cfg["batch_size"]
-    lr = o_cfg["base_lr"] * batch / 256
-    freeze_unused_levels(model, verbose=info.is_main)  # before the optimizer: no state, no decay for them
-    groups = param_groups_layer_decay(model, o_cfg["weight_decay"], o_cfg["layer_decay"], model.no_weight_decay())
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(o_cfg["betas"]))
+        batch = o_cfg["batch_size"]
+        lr = o_cfg["base_lr"] * batch / 256
+        freeze_unused_levels(model, verbose=info.is_main)  # before the optimizer: no state, no decay for them
+        groups = param_groups_layer_decay(model, o_cfg["weight_decay"], o_cfg["layer_decay"], model.no_weight_decay())
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(o_cfg["betas"]))
 
-    mixup = None
-    if mix_cfg["mixup"] > 0 or mix_cfg["cutmix"] > 0:
-        mixup = Mixup(mixup_alpha=mix_cfg["mixup"], cutmix_alpha=mix_cfg["cutmix"],
-                      label_smoothing=mix_cfg["label_smoothing"], num_classes=num_classes)
-        criterion = SoftTargetCrossEntropy()
-    elif mix_cfg["label_smoothing"] > 0:
-        criterion = LabelSmoothingCrossEntropy(mix_cfg["label_smoothing"])
-    else:
-        criterion = torch.nn.CrossEntropyLoss()
-    ema = ModelEmaV3(model, decay=cfg["ema"]["decay"]) if cfg["ema"]["decay"] else None
-    if info.is_main:
-        print(f"model {m_cfg['name']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-              f"{num_classes} classes, reversible={model.reversible}), {len(train_set)} train / "
-              f"{len(val_set)} val images in {root}, lr {lr:.3g} (base {o_cfg['base_lr']} x {batch}/256), "
-              f"layer decay {o_cfg['layer_decay']}, mixup {'on' if mixup else 'off'}, "
-              f"EMA {cfg['ema']['decay'] or 'off'}")
+        mixup = None
+        if mix_cfg["mixup"] > 0 or mix_cfg["cutmix"] > 0:
+            mixup = Mixup(mixup_alpha=mix_cfg["mixup"], cutmix_alpha=mix_cfg["cutmix"],
+                          label_smoothing=mix_cfg["label_smoothing"], num_classes=num_classes)
+            criterion = SoftTargetCrossEntropy()
+        elif mix_cfg["label_smoothing"] > 0:
+            criterion = LabelSmoothingCrossEntropy(mix_cfg["label_smoothing"])
+        else:
+            criterion = torch.nn.CrossEntropyLoss()
+        ema = ModelEmaV3(model, decay=cfg["ema"]["decay"]) if cfg["ema"]["decay"] else None
+        if info.is_main:
+            print(f"model {m_cfg['name']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+                  f"{num_classes} classes, reversible={model.reversible}), {len(train_set)} train / "
+                  f"{len(val_set)} val images in {root}, lr {lr:.3g} (base {o_cfg['base_lr']} x {batch}/256), "
+                  f"layer decay {o_cfg['layer_decay']}, mixup {'on' if mixup else 'off'}, "
+                  f"EMA {cfg['ema']['decay'] or 'off'}")
 
-    micro = t_cfg["batch_per_gpu"] if args.batch_per_gpu is None else args.batch_per_gpu
-    if mixup is not None and micro % 2:
-        raise ValueError("Mixup/CutMix needs an even batch per process")
-    trainer = ClassificationTrainer(
-        model=model, optimizer=optimizer, dataset=train_set, info=info, output_dir=out_dir,
-        effective_batch=batch, micro_batch=micro, epochs=s_cfg["epochs"], warmup_epochs=s_cfg["warmup_epochs"],
-        min_lr=s_cfg["min_lr"], amp=t_cfg["amp"], num_workers=args.num_workers, seed=args.seed,
-        log_every=t_cfg["log_every"], clip_grad=o_cfg.get("clip_grad"), config=cfg, name="finetune",
-        # the levels that do not feed the top-level classifier are frozen above
-        find_unused_parameters=False,
-        val_dataset=val_set, criterion=criterion, mixup=mixup, ema=ema, eval_batch=t_cfg["eval_batch"],
-    )
-    return resume_and_fit(trainer, args, out_dir, info)
+        micro = t_cfg["batch_per_gpu"] if args.batch_per_gpu is None else args.batch_per_gpu
+        if mixup is not None and micro % 2:
+            raise ValueError("Mixup/CutMix needs an even batch per process")
+        trainer = ClassificationTrainer(
+            model=model, optimizer=optimizer, dataset=train_set, info=info, output_dir=out_dir,
+            effective_batch=batch, micro_batch=micro, epochs=s_cfg["epochs"], warmup_epochs=s_cfg["warmup_epochs"],
+            min_lr=s_cfg["min_lr"], amp=t_cfg["amp"], num_workers=args.num_workers, seed=args.seed,
+            log_every=t_cfg["log_every"], clip_grad=o_cfg.get("clip_grad"), config=cfg, name="finetune",
+            # the levels that do not feed the top-level classifier are frozen above
+            find_unused_parameters=False,
+            val_dataset=val_set, criterion=criterion, mixup=mixup, ema=ema, eval_batch=t_cfg["eval_batch"],
+        )
+        return resume_and_fit(trainer, args, out_dir, info)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from ..classification import ClassificationTrainer, LinearProbe, load_pretrained
 from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder
 from ..distributed import prepare_data_root
 from ..rng import seed_everything
-from ..run_dir import check_output_dir, write_config
+from ..run_dir import claim_output_dir, write_config
 from .common import build_model, checked_train_split, evaluate_only, resume_and_fit, start_classification
 
 
@@ -53,30 +53,30 @@ def main(argv: Optional[List[str]] = None) -> dict:
         return evaluate_only(model, args, cfg, out_dir, val_set, info)
 
     train_set = checked_train_split(root, train_tf, val_set, args.strict_data)
-    check_output_dir(out_dir, args.resume, args.overwrite, info)
-    write_config(cfg, out_dir, info)
-    batch = o_cfg["batch_size"]
-    lr = o_cfg["base_lr"] * batch / 256
-    linear = model.head[1]
-    # MAE's LARS: weight decay and trust-ratio adaptation for matrices, neither for biases
-    optimizer = Lars(
-        [{"params": [linear.weight], "weight_decay": o_cfg["weight_decay"], "always_adapt": True},
-         {"params": [linear.bias], "weight_decay": 0.0, "always_adapt": False}],
-        lr=lr, momentum=o_cfg["momentum"], trust_coeff=o_cfg["trust_coeff"],
-    )
-    if info.is_main:
-        print(f"linear probe of {m_cfg['name']} ({num_classes} classes), {len(train_set)} train / "
-              f"{len(val_set)} val images, LARS lr {lr:.3g} (base {o_cfg['base_lr']} x {batch}/256)")
-    trainer = ClassificationTrainer(
-        model=model, optimizer=optimizer, dataset=train_set, info=info, output_dir=out_dir,
-        effective_batch=batch,
-        micro_batch=t_cfg["batch_per_gpu"] if args.batch_per_gpu is None else args.batch_per_gpu,
-        epochs=s_cfg["epochs"], warmup_epochs=s_cfg["warmup_epochs"], min_lr=s_cfg["min_lr"],
-        amp=t_cfg["amp"], num_workers=args.num_workers, seed=args.seed, log_every=t_cfg["log_every"],
-        config=cfg, name="linear_probe",
-        val_dataset=val_set, criterion=torch.nn.CrossEntropyLoss(), eval_batch=t_cfg["eval_batch"],
-    )
-    return resume_and_fit(trainer, args, out_dir, info)
+    with claim_output_dir(out_dir, args.resume, args.overwrite, info):  # locked until training ends
+        write_config(cfg, out_dir, info)
+        batch = o_cfg["batch_size"]
+        lr = o_cfg["base_lr"] * batch / 256
+        linear = model.head[1]
+        # MAE's LARS: weight decay and trust-ratio adaptation for matrices, neither for biases
+        optimizer = Lars(
+            [{"params": [linear.weight], "weight_decay": o_cfg["weight_decay"], "always_adapt": True},
+             {"params": [linear.bias], "weight_decay": 0.0, "always_adapt": False}],
+            lr=lr, momentum=o_cfg["momentum"], trust_coeff=o_cfg["trust_coeff"],
+        )
+        if info.is_main:
+            print(f"linear probe of {m_cfg['name']} ({num_classes} classes), {len(train_set)} train / "
+                  f"{len(val_set)} val images, LARS lr {lr:.3g} (base {o_cfg['base_lr']} x {batch}/256)")
+        trainer = ClassificationTrainer(
+            model=model, optimizer=optimizer, dataset=train_set, info=info, output_dir=out_dir,
+            effective_batch=batch,
+            micro_batch=t_cfg["batch_per_gpu"] if args.batch_per_gpu is None else args.batch_per_gpu,
+            epochs=s_cfg["epochs"], warmup_epochs=s_cfg["warmup_epochs"], min_lr=s_cfg["min_lr"],
+            amp=t_cfg["amp"], num_workers=args.num_workers, seed=args.seed, log_every=t_cfg["log_every"],
+            config=cfg, name="linear_probe",
+            val_dataset=val_set, criterion=torch.nn.CrossEntropyLoss(), eval_batch=t_cfg["eval_batch"],
+        )
+        return resume_and_fit(trainer, args, out_dir, info)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from ..config import load_config, validate_config
 from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, num_workers_default
 from ..distributed import init_distributed, prepare_data_root
 from ..rng import seed_everything
-from ..run_dir import check_output_dir, find_resume_checkpoint, write_config
+from ..run_dir import claim_output_dir, find_resume_checkpoint, write_config
 from ..mim import RevColV2MIM
 from ..trainer import Trainer
 from ..visualization import reconstruction_grid
@@ -113,7 +113,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
     validate_config(cfg, NUMBERS)
     info = init_distributed(args.device)
     out_dir = args.output_dir or os.path.join("output", "pretrain", Path(args.config).stem)
-    check_output_dir(out_dir, args.resume, args.overwrite, info)
+    with claim_output_dir(out_dir, args.resume, args.overwrite, info):  # locked until training ends
+        return train(args, cfg, info, out_dir)
+
+
+def train(args: argparse.Namespace, cfg: dict, info, out_dir: str) -> dict:
+    """Pre-train into ``out_dir`` (held by the caller), from ``--resume`` when given."""
     train_cfg, optim_cfg, sched_cfg = cfg["train"], cfg["optim"], cfg["schedule"]
 
     seed_everything(args.seed)  # same initial weights on every rank

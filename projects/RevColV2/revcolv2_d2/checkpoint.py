@@ -25,9 +25,9 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _group_checkpoint_keys, _group_to_str
 
-from revcolv2.checkpoint import (
-    LAST_CHECKPOINT_FILE, PRETRAIN_ONLY_PREFIXES, CheckpointError, check_shapes, load_file,
-    newest_readable_checkpoint, read_last_checkpoint, remove_stale_temporaries, save_atomic, select_weights,
+from revcolv2.checkpoint import PRETRAIN_ONLY_PREFIXES, CheckpointError, check_shapes, load_file, select_weights
+from revcolv2.run_dir import (
+    LAST_CHECKPOINT_FILE, newest_readable_checkpoint, read_last_checkpoint, remove_stale_temporaries, save_atomic,
     write_last_checkpoint,
 )
 from revcolv2.model import RevColV2

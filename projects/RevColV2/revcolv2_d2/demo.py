@@ -29,11 +29,12 @@ TARGET_BOX_AP50 = 50.0
 
 
 def holds_run(folder: str) -> bool:
-    """Whether ``folder`` holds a detectron2 training run (checkpoints, pointer or metrics)."""
-    if not os.path.isdir(folder):
-        return False
-    return any(n in ("last_checkpoint", "metrics.json") or (n.startswith("model_") and n.endswith(".pth"))
-               for n in os.listdir(folder))
+    """Whether ``folder`` holds a detectron2 training run (checkpoints, pointer, metrics,
+    evaluation), by the rule of ``tools/lazyconfig_train_net.py``."""
+    from revcolv2.run_dir import run_files
+    from revcolv2_d2.train_net import DETECTRON2_RUN
+
+    return bool(run_files(folder, DETECTRON2_RUN))
 
 
 def main(argv=None) -> int:
@@ -104,10 +105,15 @@ def main(argv=None) -> int:
         json.dump(summary, f, indent=1)
     ok = (box.get("AP50") or 0.0) >= TARGET_BOX_AP50
     print("\n[demo] RevColV2 Mask R-CNN (tiny, from scratch) on synthetic_shapes_val:")
-    print(f"[demo]   box  AP {box.get('AP', float('nan')):.1f}  AP50 {box.get('AP50', float('nan')):.1f}")
-    print(f"[demo]   mask AP {segm.get('AP', float('nan')):.1f}  AP50 {segm.get('AP50', float('nan')):.1f}")
+    print(f"[demo]   box  AP {_metric(box, 'AP')}  AP50 {_metric(box, 'AP50')}")
+    print(f"[demo]   mask AP {_metric(segm, 'AP')}  AP50 {_metric(segm, 'AP50')}")
     print(f"[demo]   wall time {wall / 60:.1f} min (training + evaluation {train_time / 60:.1f} min)")
     print(f"[demo]   {len(drawn)} visualizations in {vis_dir} (ground truth in {gt_dir})")
     print(f"[demo]   box AP50 target {TARGET_BOX_AP50:.0f}: {'reached' if ok else 'NOT reached'}")
     return 0 if ok else 1
 
+
+def _metric(results: dict, key: str) -> str:
+    """A metric of ``last_eval.json`` for the summary; ``null`` there (NaN) is shown as nan."""
+    value = results.get(key)
+    return "nan" if value is None else f"{value:.1f}"

@@ -15,9 +15,14 @@ And, for reliability:
 
 - an override whose key is not in the config is an error naming it (with the closest key);
   ``+key=value`` adds a new key, as in Hydra;
+- a ``train.output_dir`` that holds a run is refused unless ``--resume`` (continue it) or
+  ``--overwrite`` (delete its checkpoints, metrics and evaluation, and start again) is
+  given, and a folder another live run trains into is refused, naming its pid;
 - SIGTERM / SIGINT (a scheduler, Ctrl-C) write ``model_<iter>.pth`` at the current
-  iteration and exit with 143 / 130; ``--resume`` continues from it;
+  iteration and exit with 143 / 130, also under ``--num-gpus N``; ``--resume`` continues
+  from it;
 - ``--resume`` drops the ``metrics.json`` records past the iteration it resumes from;
+- ``last_eval.json`` is strict JSON (a NaN metric is ``null``);
 - ``--num-gpus N`` without CUDA runs N CPU processes (gloo).
 """
 import difflib
@@ -25,7 +30,10 @@ import gc
 import json
 import logging
 import os
+import re
 import signal
+import sys
+from contextlib import contextmanager
 
 import torch
 
@@ -44,9 +52,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from torch.multiprocessing import ProcessExitedException
 
 import detectron2.data.build as d2_build
-from revcolv2.signals import ignore_stop_signals
+from revcolv2.checkpoint import ShapeMismatchError
+from revcolv2.run_dir import RunLayout, claim_output_dir, json_compatible, split_json_lines
+from revcolv2.signals import TrainingInterrupted, ignore_stop_signals
 from .checkpoint import RevColV2Checkpointer
 from .safe_config import load_lazy_config
 from .data import register_all
@@ -54,6 +65,14 @@ from .data import register_all
 logger = logging.getLogger("detectron2")
 
 PRECISIONS = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+# what a training run leaves in train.output_dir (config.yaml and detectron2's text log are
+# rewritten / appended by every run and do not count)
+DETECTRON2_RUN = RunLayout(
+    is_run_file=lambda n: (n in ("last_checkpoint", "metrics.json", "last_eval.json")
+                           or bool(re.match(r"^model_(\d+|final)\.pth$", n)) or n.startswith("events.out.tfevents.")),
+    resume="--resume", elsewhere="write to another train.output_dir=DIR", restart="iteration 0",
+    deleted="its checkpoints, metrics.json, last_eval.json and TensorBoard events")
 
 
 # --------------------------------------------------------------------------- overrides
@@ -153,7 +172,7 @@ class StopOnSignal(hooks.HookBase):
             self.checkpointer.save(f"model_{iteration:07d}", iteration=iteration)
         comm.synchronize()
         logger.warning("stopped after iteration %d; continue with --resume", iteration)
-        raise SystemExit(128 + signum)
+        raise TrainingInterrupted(signum, iteration)
 
     def after_train(self):
         for sig, h in self._previous.items():
@@ -181,24 +200,18 @@ d2_build.worker_init_reset_seed = _worker_init
 # --------------------------------------------------------------------------- logs, processes
 def trim_metrics(output_dir: str, start_iter: int) -> int:
     """Drop the ``metrics.json`` records of iterations >= ``start_iter`` (a resume repeats
-    them). Rewritten in place: detectron2's writer may already hold the file open for
-    appending. Returns how many records were dropped."""
+    them), and malformed records with a warning naming the file and their lines
+    (:func:`revcolv2.run_dir.split_json_lines`). Rewritten in place: detectron2's writer may
+    already hold the file open for appending. Returns how many records were dropped."""
     path = os.path.join(output_dir, "metrics.json")
     if not os.path.isfile(path):
         return 0
-    with open(path, "r+") as f:
-        lines = f.read().splitlines()
-        kept = []
-        for line in lines:
-            try:
-                if json.loads(line).get("iteration", -1) < start_iter:
-                    kept.append(line)
-            except (ValueError, AttributeError):  # a line cut by a kill
-                continue
-        f.seek(0)
-        f.write("".join(line + "\n" for line in kept))
-        f.truncate()
-    return len(lines) - len(kept)
+    lines = split_json_lines(path, "iteration", lambda it: it < start_iter, log=logger.warning)
+    if lines.past or lines.malformed:
+        with open(path, "r+") as f:
+            f.write("".join(line + "\n" for line in lines.kept))
+            f.truncate()
+    return lines.past
 
 
 def ddp_model(model, device, **ddp_kwargs):
@@ -218,11 +231,19 @@ def do_test(cfg, model):
     )
     print_csv_format(ret)
     if comm.is_main_process() and cfg.train.get("output_dir"):
-        # the latest evaluation, machine-readable (also in metrics.json when training)
-        os.makedirs(cfg.train.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.train.output_dir, "last_eval.json"), "w") as f:
-            json.dump(ret, f, indent=1)
+        write_last_eval(cfg.train.output_dir, ret)
     return ret
+
+
+def write_last_eval(output_dir: str, results) -> str:
+    """The latest evaluation, machine-readable (also in metrics.json when training), as
+    strict JSON: a metric that is NaN (COCO's AP of a class without ground truth, ...) is
+    written ``null``, since the ``NaN`` that ``json.dump`` writes is no JSON."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "last_eval.json")
+    with open(path, "w") as f:
+        json.dump(json_compatible(results), f, indent=1, allow_nan=False)
+    return path
 
 
 def _amp_settings(cfg):
@@ -286,7 +307,13 @@ def do_train(args, cfg):
         if dropped:
             logger.info("metrics.json: dropped %d record(s) of iterations >= %d, which this run repeats",
                         dropped, start_iter)
-    trainer.train(start_iter, cfg.train.max_iter)
+    try:
+        trainer.train(start_iter, cfg.train.max_iter)
+    except TrainingInterrupted:
+        # every process has ended its hooks (the main one writes its logs) before any exits:
+        # the launcher of --num-gpus N ends the others as soon as the first is gone
+        comm.synchronize()
+        raise
 
 
 def main(args):
@@ -302,28 +329,111 @@ def main(args):
         model.to(cfg.train.device)
         model = ddp_model(model, cfg.train.device)
         # train.init_checkpoint, or with --resume the last checkpoint in train.output_dir
-        RevColV2Checkpointer(model, cfg.train.output_dir, ema=not args.no_ema).resume_or_load(
-            cfg.train.init_checkpoint, resume=args.resume
-        )
+        checkpointer = RevColV2Checkpointer(model, cfg.train.output_dir, ema=not args.no_ema)
+        try:
+            checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+        except ShapeMismatchError as e:
+            raise SystemExit(_eval_config_hint(e, args.config_file)) from None
         return do_test(cfg, model)
     do_train(args, cfg)
 
 
-def invoke_main() -> None:
+def _eval_config_hint(error: ShapeMismatchError, config_file: str) -> str:
+    """``--eval-only``: a checkpoint of another model size was most likely trained with
+    overrides; its run saved the resolved config beside it."""
+    saved = os.path.join(os.path.dirname(os.path.abspath(error.source)), "config.yaml")
+    if os.path.isfile(saved) and os.path.abspath(saved) != os.path.abspath(config_file):
+        how = f"evaluate with the config its run saved: --config-file {saved}"
+    else:
+        how = "evaluate with the config (and the overrides) it was trained with"
+    return f"{error}. Was it trained with overrides? Then {how}"
+
+
+def invoke_main(argv=None) -> None:
     parser = default_argument_parser()
     parser.add_argument("--no-ema", action="store_true",
                         help="from a checkpoint with EMA weights (model_ema), take the raw ones ('model')")
-    args = parser.parse_args()
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train from iteration 0 in a train.output_dir that holds a run, deleting its "
+                        "checkpoints, metrics.json, last_eval.json and TensorBoard events")
+    args = parser.parse_args(argv)
     if torch.cuda.is_available() and args.num_gpus > torch.cuda.device_count():
         raise SystemExit(f"--num-gpus {args.num_gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if not torch.cuda.is_available() and args.num_gpus > 1:
         print(f"no CUDA: --num-gpus {args.num_gpus} runs {args.num_gpus} CPU processes (gloo)", flush=True)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    output_dir = _training_output_dir(args)
+    if not output_dir:
+        return launch_and_wait(args)
+    # the first machine holds the folder (the others may share it over a network file system)
+    with claim_output_dir(output_dir, args.resume, args.overwrite, layout=DETECTRON2_RUN, option="train.output_dir"):
+        launch_and_wait(args)
+
+
+def _training_output_dir(args) -> str:
+    """``train.output_dir`` of a training run on the first machine ("" otherwise): the
+    folder to check and lock before any process starts."""
+    if args.eval_only or args.machine_rank != 0:
+        return ""
+    register_all()
+    cfg = apply_overrides(load_lazy_config(args.config_file), args.opts, args.config_file)
+    return str(cfg.train.get("output_dir", "") or "")
+
+
+def launch_and_wait(args) -> None:
+    """detectron2's ``launch`` of :func:`main`.
+
+    With several processes, this launcher process outlives a SIGINT / SIGTERM sent to the
+    process group (by a scheduler, or Ctrl-C): the training processes get it too, agree on
+    the iteration, save one checkpoint and exit 128 + signal; the launcher then exits with
+    that status and one line. (By default it would die of the signal at once, and take its
+    processes with it through their parent-death signal, before they saved.) A second
+    signal aborts, as it does in the training processes.
+    """
+    kwargs = dict(num_machines=args.num_machines, machine_rank=args.machine_rank, dist_url=args.dist_url,
+                  args=(args,))
+    if args.num_gpus * args.num_machines == 1:
+        return launch(main, args.num_gpus, **kwargs)
+    with _launcher_signals(args.num_gpus):
+        try:
+            launch(main, args.num_gpus, **kwargs)
+        except ProcessExitedException as e:
+            _exit_like(e)
+        except KeyboardInterrupt:
+            print("lazyconfig_train_net: a second signal: aborted without saving", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+
+
+@contextmanager
+def _launcher_signals(num_processes: int):
+    """SIGINT / SIGTERM in the launcher: note the first (its processes handle it), raise
+    ``KeyboardInterrupt`` on a second; the previous handlers come back afterwards."""
+    seen = []
+
+    def note(signum, frame):
+        seen.append(signum)
+        if len(seen) > 1:
+            raise KeyboardInterrupt
+        print(f"signal {signum}: the {num_processes} training processes save a checkpoint, then stop",
+              file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _exit_like(error: ProcessExitedException) -> None:
+    """Exit the launcher with the status of its first process to end, and one line."""
+    code = error.exit_code
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        line = (f"stopped by signal {code - 128} with a checkpoint in train.output_dir; continue with --resume")
+    elif code < 0:
+        line = f"training process {error.error_index} was killed by signal {-code}"
+        code = 128 - code
+    else:
+        line = f"training process {error.error_index} exited with status {code} (its message is above)"
+    print(f"lazyconfig_train_net: {line}", file=sys.stderr, flush=True)
+    raise SystemExit(code) from None
 

@@ -41,11 +41,17 @@ Ground truth of a registered dataset (instances and/or ``sem_seg_file_name``), n
 
 Like detectron2's demo: ``--video-input`` for a video, ``key=value`` config overrides
 after ``--opts``, runs on CPU (CUDA when available). Videos come back as ``<name>.mp4``.
+
+Output names keep the inputs' folders below their common folder (``a/x.jpg`` and
+``b/x.jpg`` give ``a/x.png`` and ``b/x.png``); two inputs that would still share a name
+keep their extension in it (``a/x.jpg.png``, ``a/x.png.png``). Nothing is overwritten
+silently: files of an earlier run that are replaced are counted in the log.
 """
 
 logger = logging.getLogger("detectron2.visualize")
 
-__all__ = ["LazyPredictor", "draw_predictions", "draw_ground_truth", "expand_inputs", "visualize_video", "main"]
+__all__ = ["LazyPredictor", "draw_predictions", "draw_ground_truth", "expand_inputs", "output_names",
+           "visualize_video", "main"]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
@@ -114,6 +120,44 @@ def expand_inputs(inputs: List[str]) -> Iterator[str]:
             if not matches:
                 raise FileNotFoundError(f"input not found: {item}")
             yield from matches
+
+
+def output_names(paths: List[str], video: Optional[List[bool]] = None) -> List[str]:
+    """One distinct output name per input path (relative to the output folder): the path
+    below the inputs' common folder with its extension replaced by ``.png`` (``.mp4`` for a
+    video); where two inputs would still share a name, each keeps its own extension in it
+    (``x.jpg.png``, ``x.png.png``). Give each input once."""
+    video = video or [False] * len(paths)
+    folders = [os.path.dirname(os.path.abspath(p)) for p in paths]
+    common = os.path.commonpath(folders) if folders else ""
+    stems = [os.path.join(os.path.relpath(f, common), os.path.basename(p)) for f, p in zip(folders, paths)]
+    stems = [os.path.normpath(s) for s in stems]
+    suffixes = [".mp4" if v else ".png" for v in video]
+    plain = [os.path.splitext(s)[0] + x for s, x in zip(stems, suffixes)]
+    return [name if plain.count(name) == 1 else stem + x for name, stem, x in zip(plain, stems, suffixes)]
+
+
+def _unique(paths: List[str]) -> List[str]:
+    """``paths`` without repeats of one file (given as a file and inside a folder, say)."""
+    seen, out = set(), []
+    for p in paths:
+        key = os.path.realpath(p)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def _prepare_outputs(output: str, names: List[str]) -> List[str]:
+    """Full output paths for ``names``, their folders created; files of an earlier run that
+    will be replaced are counted in the log."""
+    paths = [os.path.join(output, n) for n in names]
+    for folder in {os.path.dirname(p) for p in paths}:
+        os.makedirs(folder, exist_ok=True)
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing:
+        logger.warning("Replacing %d file(s) of an earlier run in %s (e.g. %s)", len(existing), output, existing[0])
+    return paths
 
 
 def read_bgr(path: str) -> np.ndarray:
@@ -188,9 +232,9 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
 
     if args.dataset:
         metadata = MetadataCatalog.get(args.metadata or args.dataset)
-        for record in DatasetCatalog.get(args.dataset)[: args.num_images]:
-            out = os.path.join(args.output, os.path.basename(record["file_name"]))
-            out = os.path.splitext(out)[0] + ".png"
+        records = DatasetCatalog.get(args.dataset)[: args.num_images]
+        outs = _prepare_outputs(args.output, output_names([r["file_name"] for r in records]))
+        for record, out in zip(records, outs):
             cv2.imwrite(out, draw_ground_truth(record, metadata)[:, :, ::-1])
             written.append(out)
         logger.info("Drew the ground truth of %d images of %s into %s", len(written), args.dataset, args.output)
@@ -198,23 +242,21 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
 
     if not args.config_file:
         raise SystemExit("--config-file is needed to draw predictions (or give --dataset)")
-    inputs = list(expand_inputs(args.input + ([args.video_input] if args.video_input else [])))
+    inputs = _unique(list(expand_inputs(args.input + ([args.video_input] if args.video_input else []))))
     if not inputs:
         raise SystemExit("no input: give --input (images, folders, videos) or --dataset")
     cfg = LazyConfig.apply_overrides(load_lazy_config(args.config_file), args.opts)
     checkpoint = args.checkpoint if args.checkpoint is not None else cfg.train.get("init_checkpoint", "")
     predictor = LazyPredictor(cfg, checkpoint, args.device, ema=not args.no_ema)
     metadata = metadata_for(cfg, args.metadata)
-    for path in inputs:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        if path.lower().endswith(VIDEO_EXTS):
-            out = os.path.join(args.output, stem + ".mp4")
+    videos = [p.lower().endswith(VIDEO_EXTS) for p in inputs]
+    for path, is_video, out in zip(inputs, videos, _prepare_outputs(args.output, output_names(inputs, videos))):
+        if is_video:
             n = visualize_video(path, out, predictor, metadata, args.confidence_threshold)
             logger.info("%s: %d frames -> %s", path, n, out)
         else:
             bgr = read_bgr(path)
             drawn = draw_predictions(bgr[:, :, ::-1], predictor(bgr), metadata, args.confidence_threshold)
-            out = os.path.join(args.output, stem + ".png")
             cv2.imwrite(out, drawn[:, :, ::-1])
         written.append(out)
     logger.info("Wrote %d visualizations to %s", len(written), args.output)

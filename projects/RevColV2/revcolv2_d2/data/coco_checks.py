@@ -5,10 +5,14 @@ the file, a ``KeyError`` on an unknown category id, a PIL error deep in a datalo
 worker). These helpers wrap them:
 
 - :func:`validate_coco_instances_json`: the annotation file exists, is JSON, has the COCO
-  instance keys, every annotation's ``category_id`` / ``image_id`` is declared, its box is
-  four finite numbers with no negative size, and its segmentation (when it has one) is not
-  empty. Zero-width or zero-height boxes are counted and warned about (detectron2 drops
-  them when mapping).
+  instance keys, its image, category and annotation ids are unique, every annotation's
+  ``category_id`` / ``image_id`` is declared, its box is four finite numbers with no
+  negative size, its ``area`` (when it has one) is a finite number that is not negative,
+  and its segmentation (when it has one) is not empty. Zero-width or zero-height boxes and
+  zero areas are counted and warned about (detectron2 drops such boxes when mapping; COCO
+  evaluation counts an area of 0 as a small object). Category ids need not be 1..N:
+  detectron2's ``load_coco_json`` maps them to 0..N-1 in id order and its evaluator maps
+  them back.
 - :func:`register_checked_coco_instances`: detectron2's ``register_coco_instances`` with
   that validation run when the dataset is first loaded.
 - :func:`check_registered_coco_datasets`: the same validation for every COCO-format
@@ -63,6 +67,8 @@ def validate_coco_instances_json(json_file: str) -> Dict[str, Any]:
     missing = [k for k in ("images", "annotations", "categories") if k not in data]
     if missing:
         raise CocoInputError(f"COCO annotation file {json_file} lacks the key(s) {missing}")
+    for key, what in (("images", "image"), ("categories", "category"), ("annotations", "annotation")):
+        _check_unique_ids(json_file, data[key], key, what)
     category_ids = {c.get("id") for c in data["categories"]}
     image_ids = {im.get("id") for im in data["images"]}
     for ann in data["annotations"]:
@@ -79,13 +85,47 @@ def validate_coco_instances_json(json_file: str) -> Dict[str, Any]:
             )
         _check_segmentation(json_file, ann)
     degenerate = [ann.get("id") for ann in data["annotations"] if _box_is_degenerate(json_file, ann)]
-    if degenerate:
-        logger.warning(
-            "COCO annotation file %s: %d annotation(s) with a zero-width or zero-height box "
-            "(ids %s%s); they are ignored in training", json_file, len(degenerate), degenerate[:10],
-            " ..." if len(degenerate) > 10 else "",
-        )
+    _warn_count(json_file, degenerate, "a zero-width or zero-height box", "they are ignored in training")
+    no_area = [ann.get("id") for ann in data["annotations"] if _area_is_zero(json_file, ann)]
+    _warn_count(json_file, no_area, "area 0", "COCO evaluation counts them as small objects")
     return data
+
+
+def _warn_count(json_file: str, ids, what: str, consequence: str) -> None:
+    if ids:
+        logger.warning("COCO annotation file %s: %d annotation(s) with %s (ids %s%s); %s", json_file, len(ids), what,
+                       ids[:10], " ..." if len(ids) > 10 else "", consequence)
+
+
+def _check_unique_ids(json_file: str, entries: Any, key: str, what: str) -> None:
+    """``entries`` (the file's ``key`` list) are objects with distinct ``id`` values. Two
+    images with one id would make detectron2 (pycocotools) keep one of them and attach the
+    other's annotations to it."""
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise CocoInputError(f"COCO annotation file {json_file}: '{key}' must be a list of objects")
+    seen, repeated = set(), []
+    for entry in entries:
+        i = entry.get("id")
+        if i in seen and i not in repeated:
+            repeated.append(i)
+        seen.add(i)
+    if repeated:
+        raise CocoInputError(
+            f"COCO annotation file {json_file}: {what} id {repeated[0]!r} appears more than once in '{key}'"
+            + (f" (and {len(repeated) - 1} other id(s): {repeated[1:6]})" if len(repeated) > 1 else "")
+            + f"; every {what} needs its own id")
+
+
+def _area_is_zero(json_file: str, ann: Dict[str, Any]) -> bool:
+    """Whether ``ann``'s ``area`` is 0; a non-numeric, non-finite or negative area is a
+    :class:`CocoInputError` naming the annotation."""
+    if "area" not in ann:
+        return False
+    area = ann["area"]
+    if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area) or area < 0:
+        raise CocoInputError(f"COCO annotation file {json_file}: annotation id {ann.get('id')} has area {area!r}; "
+                             "expected a number >= 0 (the object's pixel area)")
+    return area == 0
 
 
 def _box_is_degenerate(json_file: str, ann: Dict[str, Any]) -> bool:

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 
-from revcolv2.checkpoint import remove_stale_temporaries
+from revcolv2.run_dir import remove_stale_temporaries
 
 from .coco_checks import CocoInputError, register_checked_coco_instances
 

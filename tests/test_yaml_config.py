@@ -1,0 +1,99 @@
+"""A YAML LazyConfig is data: the config.yaml that every shipped config's run saves loads
+back (the same config detectron2 reads from it), and a YAML config whose ``_target_``
+names anything outside the allowed modules is refused, naming the key and the target,
+before anything runs."""
+import glob
+import os
+
+import pytest
+from detectron2.config import LazyConfig
+from omegaconf import OmegaConf
+from PIL import Image
+
+from revcolv2_d2.safe_config import UnsafeConfigError, load_lazy_config
+from d2_helpers import DEMO_CONFIG, ROOT
+
+SHIPPED = sorted(glob.glob(os.path.join(ROOT, "projects", "RevColV2", "configs", "**", "*.py"), recursive=True))
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=lambda p: os.path.relpath(p, os.path.join(ROOT, "projects")))
+def test_the_saved_config_of_every_shipped_config_loads(config, tmp_path):
+    saved = str(tmp_path / "config.yaml")
+    LazyConfig.save(LazyConfig.load(config), saved)  # what default_setup writes beside a run
+    ours = load_lazy_config(saved)
+    theirs = LazyConfig.load(saved)  # detectron2's yaml.unsafe_load, on our own file
+    assert OmegaConf.to_yaml(ours) == OmegaConf.to_yaml(theirs)
+
+
+def test_shipped_configs_are_all_checked():
+    assert len(SHIPPED) >= 12 and any("mask_rcnn" in p for p in SHIPPED) and any("mask2former" in p for p in SHIPPED)
+
+
+HOSTILE = {
+    "os.system": "model._target_",
+    "builtins.exec": "model._target_",
+    "torch.hub.load": "model._target_",
+    "torch.load": "model._target_",
+    "detectron2.config.LazyConfig.load": "model._target_",
+    "revcolv2_d2.backbone.torch.hub.load": "model._target_",  # through an allowed module
+    "revcolv2_d2.safe_config.load_lazy_config": "model._target_",
+}
+
+
+@pytest.mark.parametrize("target", sorted(HOSTILE))
+def test_a_target_outside_the_allowed_modules_is_refused(tmp_path, target):
+    marker = tmp_path / "MARKER"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"model:\n  _target_: {target}\n  _args_: ['touch {marker}']\n"
+                      "train: {output_dir: out, device: cpu}\n")
+    with pytest.raises(UnsafeConfigError) as e:
+        load_lazy_config(str(config))
+    msg = str(e.value)
+    assert str(config) in msg and f"{HOSTILE[target]} is {target!r}" in msg, msg
+    assert not marker.exists()
+
+
+def test_a_nested_target_is_checked_with_its_key(tmp_path):
+    config = tmp_path / "evil.yaml"
+    config.write_text("model:\n  _target_: torch.nn.Sequential\n  _args_:\n"
+                      "    - {_target_: torch.nn.Identity}\n    - {_target_: subprocess.run, args: [id]}\n")
+    with pytest.raises(UnsafeConfigError, match=r"model\._args_\.1\._target_ is 'subprocess\.run'"):
+        load_lazy_config(str(config))
+
+
+def test_python_tags_other_than_shape_spec_are_refused(tmp_path):
+    config = tmp_path / "evil.yaml"
+    config.write_text("model: !!python/object:detectron2.layers.shape_spec.ShapeSpec {channels: 1}\n"
+                      "x: !!python/object/new:os.system [id]\n")
+    with pytest.raises(UnsafeConfigError, match="refusing to load"):
+        load_lazy_config(str(config))
+    config.write_text("a: !!python/object:detectron2.layers.shape_spec.ShapeSpec {channels: 1, code: x}\n")
+    with pytest.raises(UnsafeConfigError, match="ShapeSpec holds optional integers"):
+        load_lazy_config(str(config))
+
+
+def test_the_tools_refuse_a_hostile_yaml_before_running_anything(tmp_path):
+    from revcolv2_d2 import visualization
+    from revcolv2_d2.train_net import invoke_main
+
+    marker = tmp_path / "MARKER"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"model: {{_target_: os.system, _args_: ['touch {marker}']}}\n"
+                      f"train: {{output_dir: {tmp_path / 'out'}, device: cpu, init_checkpoint: ''}}\n")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (16, 16)).save(image)
+    with pytest.raises(UnsafeConfigError, match="model._target_ is 'os.system'"):
+        invoke_main(["--config-file", str(config)])
+    with pytest.raises(UnsafeConfigError, match="model._target_ is 'os.system'"):
+        visualization.main(["--config-file", str(config), "--input", str(image), "--output", str(tmp_path / "v")])
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_demo_config_still_trains_from_its_saved_yaml(tmp_path):
+    """The saved config of a Mask R-CNN run (ShapeSpec inside) instantiates a model."""
+    from detectron2.config import instantiate
+
+    saved = str(tmp_path / "config.yaml")
+    LazyConfig.save(LazyConfig.load(DEMO_CONFIG), saved)
+    model = instantiate(load_lazy_config(saved).model)
+    assert sum(p.numel() for p in model.parameters()) > 0
