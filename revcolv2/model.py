@@ -106,10 +106,12 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d_head)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+        # Split q, k, v along dim 2 of (B, N, 3, heads, d_head): the backward then stacks their
+        # gradients straight into that layout, which is the qkv output's, so no copy is needed
+        # to reshape the gradient back (unbinding a permuted view makes one copy per block).
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).unbind(2)
+        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))  # (B, heads, N, d_head) -> (B, N, D)
 
 
 def window_partition(x: Tensor, hw: Tuple[int, int], ws: int) -> Tuple[Tensor, Tuple[int, int]]:
@@ -144,6 +146,82 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+def bf16_norm_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """``torch.bfloat16`` when ``x`` is a float32 state under bf16 autocast, else None.
+
+    The LayerNorms of the columns then normalise in bf16 (see :func:`layer_norm`). fp16
+    autocast keeps float32 LayerNorms: a state beyond fp16's range would overflow there.
+    """
+    if torch.jit.is_scripting() or x.dtype != torch.float32:
+        return None
+    dev = x.device.type
+    if not torch.amp.is_autocast_available(dev):  # the meta device, say
+        return None
+    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16:
+        return torch.bfloat16
+    return None
+
+
+def cast_affines(norms: Sequence[nn.LayerNorm], dtype: torch.dtype) -> List[Tuple[Tensor, Tensor]]:
+    """The (weight, bias) of each LayerNorm in ``dtype``: one concatenation and one cast for
+    all of them (small casts cost a launch each, not bytes), returned as views."""
+    flat = torch.cat([t for norm in norms for t in (norm.weight, norm.bias)]).to(dtype)
+    parts = flat.split([t.numel() for norm in norms for t in (norm.weight, norm.bias)])
+    return [(parts[2 * i], parts[2 * i + 1]) for i in range(len(norms))]
+
+
+def layer_norm(x: Tensor, norm: nn.LayerNorm, affine: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    """``norm(x)``, or with ``affine`` (its weight and bias cast by :func:`cast_affines`) in
+    that dtype: the float32 state is cast first and the norm reads and writes bf16.
+
+    Under autocast the output feeds a bf16 matmul either way. A float32 LayerNorm would read
+    and write float32 (8 bytes per element) and then be cast (6 more); this reads and writes
+    bf16 after the cast (4), and its backward moves half the bytes. The statistics are still
+    accumulated in float32 by the kernel. Autocast is turned off around the call because
+    CUDA autocast would run ``layer_norm`` in float32 again.
+    """
+    if affine is None:
+        return norm(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.layer_norm(x.to(affine[0].dtype), norm.normalized_shape, affine[0], affine[1], norm.eps)
+
+
+class _ScaledResidual(torch.autograd.Function):
+    """``x + branch * scale`` with one kernel each way (see :func:`residual_add`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, branch: Tensor, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(scale)
+        ctx.branch_dtype = branch.dtype
+        return torch.addcmul(x, branch, scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        (scale,) = ctx.saved_tensors
+        g_branch = None
+        if ctx.needs_input_grad[1]:  # g * scale, computed in g's dtype and stored in the branch's
+            g_branch = torch.mul(g, scale, out=torch.empty(g.shape, dtype=ctx.branch_dtype, device=g.device))
+        return (g if ctx.needs_input_grad[0] else None), g_branch, None
+
+
+def residual_add(x: Tensor, branch: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+    """Residual update ``x + branch * scale``, ``scale`` (B,) the per-sample drop-path factors
+    (0 or 1/keep_prob; None: ``x + branch``).
+
+    ``x`` is a float32 column state and ``branch`` the block's output in autocast's dtype. In
+    eager mode the multiply and the add are one ``addcmul`` kernel, and the backward writes
+    ``g * scale`` straight in the branch's dtype: one kernel instead of a multiply and a cast.
+    Compiled or scripted, the same expression is left to the compiler to fuse.
+    """
+    if scale is None:
+        return x + branch
+    scale = scale.view(-1, 1, 1)
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return torch.addcmul(x, branch, scale)
+    return _ScaledResidual.apply(x, branch, scale)
 
 
 class Block(nn.Module):
@@ -183,18 +261,16 @@ class Block(nn.Module):
         return self.attn(x)
 
     def forward(self, x: Tensor, keep: Optional[Tensor] = None, hw: Optional[Tuple[int, int]] = None) -> Tensor:
-        a = self._attend(self.norm1(x), hw)
+        low = bf16_norm_dtype(x)
+        affine1, affine2 = cast_affines((self.norm1, self.norm2), low) if low is not None else (None, None)
+        a = self._attend(layer_norm(x, self.norm1, affine1), hw)
         if self.gamma1 is not None:
             a = a * self.gamma1
-        if keep is not None:
-            a = a * keep[:, 0, None, None].to(a.dtype)
-        x = x + a
-        m = self.mlp(self.norm2(x))
+        x = residual_add(x, a, None if keep is None else keep[:, 0])
+        m = self.mlp(layer_norm(x, self.norm2, affine2))
         if self.gamma2 is not None:
             m = m * self.gamma2
-        if keep is not None:
-            m = m * keep[:, 1, None, None].to(m.dtype)
-        return x + m
+        return residual_add(x, m, None if keep is None else keep[:, 1])
 
 
 class Fusion(nn.Module):
@@ -213,7 +289,10 @@ class Fusion(nn.Module):
         self.variant = variant
 
     def forward(self, cross: Tensor) -> Tensor:
-        return self.proj(self.norm(cross)) if self.variant == "linear" else cross
+        if self.variant != "linear":
+            return cross
+        low = bf16_norm_dtype(cross)
+        return self.proj(layer_norm(cross, self.norm, cast_affines((self.norm,), low)[0] if low is not None else None))
 
 
 class Level(nn.Module):
@@ -279,11 +358,14 @@ class Column(nn.Module):
         return self.cross_of(self.direction, l, len(self.levels), self.has_prev)
 
     # ----------------------------------------------------------------- one level
+    def alpha_values(self) -> Tensor:
+        """Every level's alpha (L, D), magnitude clamped to at least ALPHA_MIN, sign kept
+        (+ALPHA_MIN at 0). A run computes them once per column and indexes a level's row."""
+        return self.alphas.abs().clamp(min=ALPHA_MIN).copysign(self.alphas)
+
     def alpha(self, l: int) -> Tensor:
-        """alpha_l with its magnitude clamped to at least ALPHA_MIN (sign kept)."""
-        a = self.alphas[l]
-        sign = torch.where(a >= 0, torch.ones_like(a), -torch.ones_like(a))
-        return sign * a.abs().clamp(min=ALPHA_MIN)
+        """alpha_l, clamped as in :meth:`alpha_values`."""
+        return self.alpha_values()[l]
 
     def _level_keep(self, keep: Optional[Tensor], l: int) -> Optional[Tensor]:
         if keep is None:
@@ -296,7 +378,7 @@ class Column(nn.Module):
         return self.levels[l](inp, cross, self._level_keep(keep, l), hw)
 
     @staticmethod
-    def step_from(l: int, f: Tensor, prev_l: Optional[Tensor], alpha: Optional[Tensor]) -> Tensor:
+    def step_from(f: Tensor, prev_l: Optional[Tensor], alpha: Optional[Tensor]) -> Tensor:
         """The update given F: ``alpha * prev + f`` (``f`` in the first column).
 
         One ``addcmul`` kernel instead of a multiply and an add: it reads ``f`` and ``prev``
@@ -305,14 +387,18 @@ class Column(nn.Module):
         return f if prev_l is None else torch.addcmul(f, alpha, prev_l)
 
     def step(self, l: int, inp: Tensor, cross: Optional[Tensor], prev_l: Optional[Tensor],
-             keep: Optional[Tensor], hw) -> Tensor:
-        """New value of level ``l``: ``alpha_l * prev_l + F_l(inp, cross)``."""
+             keep: Optional[Tensor], hw, alpha: Optional[Tensor] = None) -> Tensor:
+        """New value of level ``l``: ``alpha_l * prev_l + F_l(inp, cross)`` (``alpha``: this
+        level's row of :meth:`alpha_values`, computed here when not given)."""
         f = self.level_f(l, inp, cross, keep, hw)
-        return self.step_from(l, f, prev_l, self.alpha(l) if prev_l is not None else None)
+        if prev_l is not None and alpha is None:
+            alpha = self.alpha(l)
+        return self.step_from(f, prev_l, alpha)
 
-    def unstep(self, l: int, new_l: Tensor, f: Tensor, alpha: Optional[Tensor] = None) -> Tensor:
+    @staticmethod
+    def unstep(new_l: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
         """Inverse of :meth:`step` given F: ``prev_l = (new_l - f) / alpha_l``."""
-        return (new_l - f) / (self.alpha(l) if alpha is None else alpha)
+        return (new_l - f) / alpha
 
     # ----------------------------------------------------------------- whole column
     def forward(self, source: Tensor, prev: Optional[State], keep: Optional[Tensor], hw,
@@ -323,22 +409,38 @@ class Column(nn.Module):
             raise RuntimeError("column called with a previous state that does not match has_prev")
         new: List[Optional[Tensor]] = [None] * len(self.levels)
         k = len(self.order) if num_levels is None else num_levels
+        alphas = self.alpha_values() if prev is not None and k > 0 else None
         for l in self.order[:k]:
             in_l, c = self.in_level(l), self.cross_level(l)
             inp = source if in_l is None else new[in_l]
-            new[l] = self.step(l, inp, None if c is None else prev[c], None if prev is None else prev[l], keep, hw)
+            new[l] = self.step(l, inp, None if c is None else prev[c], None if prev is None else prev[l], keep, hw,
+                               None if alphas is None else alphas[l])
         return tuple(new)
 
     def inverse(self, source: Tensor, new: State, keep: Optional[Tensor], hw) -> State:
         """Recover the previous column's state: c_l(j-1) = (c_l(j) - F_l(in, cross)) / alpha_l."""
         prev: List[Optional[Tensor]] = [None] * len(self.levels)
+        alphas = self.alpha_values()
         # Level l needs prev[cross(l)], so walk the levels against the update order.
         for l in reversed(self.order):
             in_l, c = self.in_level(l), self.cross_level(l)
             inp = source if in_l is None else new[in_l]
             f = self.level_f(l, inp, None if c is None else prev[c], keep, hw)
-            prev[l] = self.unstep(l, new[l], f)
+            prev[l] = self.unstep(new[l], f, alphas[l])
         return tuple(prev)
+
+
+# graph variants of ``Level.forward`` that compile_levels() may need (see there)
+LEVEL_RECOMPILE_LIMIT = 64
+
+
+def allow_level_recompiles(limit: int = LEVEL_RECOMPILE_LIMIT) -> None:
+    """Raise torch._dynamo's recompile limit (process-wide) to at least ``limit``, as
+    :meth:`RevColV2.compile_levels` needs. Call it once, where the program starts."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, limit)
 
 
 def _check_global_pool(global_pool: str) -> str:
@@ -402,6 +504,9 @@ class RevColV2(nn.Module):
         self.num_bu_columns = num_bu_columns
         self.num_td_columns = num_td_columns
         self.reversible = reversible
+        # reversible training: the forward's last update keeps its graph instead of
+        # rebuilding it at once in backward (revcolv2.reversible, keep_last_graph)
+        self.keep_last_graph = True
         self.drop_path_rate = drop_path_rate
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -503,7 +608,11 @@ class RevColV2(nn.Module):
         # Column states live in the parameters' dtype, also under autocast (the conv itself
         # runs in bf16/fp16 there): the reversible rebuild ``(c - F) / alpha`` then replays
         # every state in exactly the dtype the forward produced (docs/ARCHITECTURE.md).
-        tokens = tokens.to(self.patch_embed.proj.weight.dtype)
+        # The copy also makes them contiguous: the conv's (B, D, h, w) output flattened and
+        # transposed has strides (N*D, 1, N), and every state computed from it would keep that
+        # layout, so that each LayerNorm would copy its input first.
+        # (``.to`` returns its input unchanged when the dtype already matches.)
+        tokens = tokens.to(self.patch_embed.proj.weight.dtype, memory_format=torch.contiguous_format).contiguous()
         pos = sincos_pos_embed_2d(hw[0], hw[1], self.embed_dim, tokens.device, tokens.dtype)
         return tokens + pos, pos, hw
 
@@ -522,15 +631,19 @@ class RevColV2(nn.Module):
         keep = (torch.rand(nc, batch, self.blocks_per_column, 2, device=device) < keep_prob).float() / keep_prob
         return keep[: self.num_bu_columns], keep[self.num_bu_columns:]
 
-    def _run(self, columns, source, prev, keep, hw, needed_levels=None) -> State:
+    def _run(self, columns, source, prev, keep, hw, needed_levels=None, last: bool = True) -> State:
         """Run ``columns``: reversible engine when training with gradients, else plain autograd.
 
         Only the levels that ``needed_levels`` (of the last column; None: all) depend on run.
+        ``last``: no run follows this one in the forward, so the reversible engine may keep
+        its last update's graph (``keep_last_graph``, see ``revcolv2.reversible``).
         """
         if len(columns) == 0:
             return prev
-        use_rev = self.reversible and torch.is_grad_enabled() and self.training
-        return (run_reversible if use_rev else run_plain)(columns, source, prev, keep, hw, needed_levels)
+        if self.reversible and torch.is_grad_enabled() and self.training:
+            return run_reversible(columns, source, prev, keep, hw, needed_levels,
+                                  keep_last_graph=last and self.keep_last_graph)
+        return run_plain(columns, source, prev, keep, hw, needed_levels)
 
     def unused_levels(self, td_levels: Optional[Sequence[int]]) -> List[Tuple[int, int]]:
         """(column, level) pairs that never run when only ``td_levels`` of the last column are read."""
@@ -558,17 +671,22 @@ class RevColV2(nn.Module):
     def compile_levels(self, **compile_kwargs) -> "RevColV2":
         """``torch.compile`` every level's F_l in place (plain and reversible modes use them).
 
-        Default ``fullgraph=True``: a graph break is an error, not a silent slowdown.
+        Default ``fullgraph=True``: a graph break is an error, not a silent slowdown. The
+        levels share ``Level.forward``'s code, and each variant (with or without fusion,
+        window sizes, grad or not, drop path on or off, autocast) is one cached graph of it:
+        more than torch's default recompile limit allows. Raising that limit is a
+        process-wide switch, so it is the program's step, not this method's: call
+        :func:`allow_level_recompiles` first (the benchmark scripts do).
         """
-        compile_kwargs.setdefault("fullgraph", True)
-        # Levels share Level.forward's code: each variant (with/without fusion, grad or not,
-        # drop path on/off, window size) is one cached graph; allow enough of them.
         import torch._dynamo
 
-        cfg = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(cfg, name):
-                setattr(cfg, name, max(getattr(cfg, name), 64))
+        limit = torch._dynamo.config.recompile_limit
+        if limit < LEVEL_RECOMPILE_LIMIT:
+            raise RuntimeError(
+                f"compile_levels() needs torch._dynamo.config.recompile_limit >= {LEVEL_RECOMPILE_LIMIT} (it is "
+                f"{limit}): the levels' graph variants would exceed it and fullgraph compilation would fail "
+                "mid-training. Call revcolv2.model.allow_level_recompiles() once where your program starts.")
+        compile_kwargs.setdefault("fullgraph", True)
         for col in self.columns:
             for level in col.levels:
                 level.compile(**compile_kwargs)
@@ -600,14 +718,14 @@ class RevColV2(nn.Module):
         keep_bu, keep_td = self.draw_drop_path(tokens.shape[0], tokens.device)
         run_td = td_levels is None or len(td_levels) > 0
         if ids_keep is None:
-            bu = self._run(self.bu_columns, tokens, None, keep_bu, hw)
+            bu = self._run(self.bu_columns, tokens, None, keep_bu, hw, last=not (run_td and self.num_td_columns))
             td = self._run(self.td_columns, tokens, bu, keep_td, hw, td_levels) if run_td else None
             return bu, td, hw
         if mask_token is None:
             raise ValueError("masked forward needs a mask_token")
         d = tokens.shape[-1]
         visible = tokens.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, d))  # (B, Nv, D)
-        bu = self._run(self.bu_columns, visible, None, keep_bu, None)
+        bu = self._run(self.bu_columns, visible, None, keep_bu, None, last=not (run_td and self.num_td_columns))
         if not run_td:
             return bu, None, hw
         fill = mask_token.to(tokens.dtype) + pos  # (1, N, D)

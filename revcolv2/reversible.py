@@ -25,6 +25,13 @@ Design (one autograd node per (column, level) update):
 - **Only what an output needs runs**: :func:`levels_to_run` gives, per column, the prefix
   of its update order that the requested levels of the last column depend on. Skipped
   levels are neither computed nor rebuilt, in plain and reversible mode alike.
+- **The last update keeps its graph** (``keep_last_graph``): its backward is the first to
+  run, so evaluating its ``F_l`` again there would only rebuild, at once, the graph the
+  forward just dropped. Its forward builds the graph instead and its backward uses it: one
+  block evaluation fewer per level of the last update, and no higher peak, since that
+  graph lives only until the backward reaches it (after the head's, whose activations are
+  small). A caller whose heads hold large activations while the backbone's graph waits
+  (detection) can turn it off.
 
 Replayed exactly in the rebuild: drop path (per-sample scales drawn once per forward and
 passed in), autocast (state recorded at forward, re-entered in backward) and dtypes (a
@@ -86,7 +93,8 @@ class RunBuffer:
     copies); ``uses[key]`` counts the backward nodes that will still read ``key``.
     """
 
-    def __init__(self, columns: Sequence[nn.Module], drop_masks: Tensor, hw, device_type: str):
+    def __init__(self, columns: Sequence[nn.Module], drop_masks: Tensor, hw, device_type: str,
+                 graph_kept: Optional[Tuple[int, int]] = None):
         self.columns = list(columns)
         self.drop_masks = drop_masks
         self.hw = hw
@@ -97,6 +105,10 @@ class RunBuffer:
         self.uses: Dict[Hashable, int] = {}
         self.dtypes: Dict[Hashable, torch.dtype] = {}
         self.alphas: Dict[Tuple[int, int], Tensor] = {}
+        # the node whose forward keeps F's graph for its backward, and that graph:
+        # (F with its graph, the detached inputs it was built on: in, cross)
+        self.graph_kept = graph_kept
+        self.graphs: Dict[Tuple[int, int], Tuple[Tensor, Tensor, Optional[Tensor]]] = {}
 
     # ----------------------------------------------------------------- bookkeeping
     def expect(self, key: Hashable) -> None:
@@ -132,7 +144,7 @@ class RunBuffer:
         return t
 
     def is_empty(self) -> bool:
-        return not self.values
+        return not self.values and not self.graphs
 
     def keep(self, j: int) -> Optional[Tensor]:
         return self.drop_masks[j] if self.drop_masks.numel() else None
@@ -151,21 +163,42 @@ class RunBuffer:
                 "through the same graph is not supported (values are freed after their last use): "
                 "run the forward again, or use reversible=False")
         j, l = key[0] + 1, key[1]
-        col = self.columns[j]
-        in_l, c = col.in_level(l), col.cross_level(l)
-        inp = self.get(SRC if in_l is None else (j, in_l))
-        cross = self.get((j - 1, c)) if c is not None else None
-        with torch.no_grad(), self.autocast_ctx():
-            f = col.level_f(l, inp, cross, self.keep(j), self.hw)
+        if (j, l) in self.graphs:
+            f = self.graphs[(j, l)][0].detach()
+        else:
+            col = self.columns[j]
+            in_l, c = col.in_level(l), col.cross_level(l)
+            inp = self.get(SRC if in_l is None else (j, in_l))
+            cross = self.get((j - 1, c)) if c is not None else None
+            with torch.no_grad(), self.autocast_ctx():
+                f = col.level_f(l, inp, cross, self.keep(j), self.hw)
         self.values[key] = self._unstep(j, l, self.get((j, l)), f)
+
+    # ----------------------------------------------------------------- forward of one node
+    def forward_node(self, j: int, l: int, inp: Tensor, cross: Optional[Tensor], prev: Optional[Tensor],
+                     alpha: Optional[Tensor]) -> Tensor:
+        """The update (j, l) without a graph, or, for :attr:`graph_kept`, with F's graph kept
+        for its backward (inputs detached, so the graph ends at them)."""
+        col = self.columns[j]
+        if (j, l) != self.graph_kept:
+            f = col.level_f(l, inp, cross, self.keep(j), self.hw)
+            return col.step_from(f, prev, alpha)
+        with torch.enable_grad():
+            inp_ = inp.detach().requires_grad_(inp.requires_grad)
+            cross_ = cross.detach().requires_grad_(cross.requires_grad) if cross is not None else None
+            f = col.level_f(l, inp_, cross_, self.keep(j), self.hw)
+        self.graphs[(j, l)] = (f, inp_, cross_)
+        return col.step_from(f.detach(), prev, alpha)
 
     # ----------------------------------------------------------------- backward of one node
     def backward_node(self, j: int, l: int, g: Optional[Tensor], needs: Sequence[bool], params):
         """Gradients of node (j, l): (inp, cross, prev, alpha, *params); see the module docstring."""
         col = self.columns[j]
         in_l, c = col.in_level(l), col.cross_level(l)
-        inp = self.take(SRC if in_l is None else (j, in_l))
-        cross = self.take((j - 1, c)) if c is not None else None
+        kept = self.graphs.pop((j, l), None)
+        if kept is None:  # the kept node's graph holds its inputs: it did not ask the buffer for them
+            inp = self.take(SRC if in_l is None else (j, in_l))
+            cross = self.take((j - 1, c)) if c is not None else None
         rebuild = col.has_prev and j > 0
         prev = self.take((-1, l)) if col.has_prev and j == 0 else None
         out = self.take((j, l)) if rebuild else None
@@ -175,16 +208,22 @@ class RunBuffer:
         n_out = 4 + len(need_params)
         if g is None:  # nothing downstream uses this level: no gradient work
             if rebuild and self.uses.get((j - 1, l), 0) > 0:
-                with torch.no_grad(), self.autocast_ctx():
-                    f = col.level_f(l, inp, cross, keep, hw)
+                if kept is not None:
+                    f = kept[0].detach()
+                else:
+                    with torch.no_grad(), self.autocast_ctx():
+                        f = col.level_f(l, inp, cross, keep, hw)
                 self.store((j - 1, l), self._unstep(j, l, out, f))
             return (None,) * n_out
 
-        with torch.enable_grad():
-            inp_ = inp.detach().requires_grad_(need_inp)
-            cross_ = cross.detach().requires_grad_(need_cross) if cross is not None else None
-            with self.autocast_ctx():
-                f = col.level_f(l, inp_, cross_, keep, hw)
+        if kept is not None:
+            f, inp_, cross_ = kept
+        else:
+            with torch.enable_grad():
+                inp_ = inp.detach().requires_grad_(need_inp)
+                cross_ = cross.detach().requires_grad_(need_cross) if cross is not None else None
+                with self.autocast_ctx():
+                    f = col.level_f(l, inp_, cross_, keep, hw)
         if rebuild:
             prev = self._unstep(j, l, out, f.detach())
             self.store((j - 1, l), prev)
@@ -193,8 +232,8 @@ class RunBuffer:
         wrt += [p for p, need in zip(params, need_params) if need]
         grads = list(torch.autograd.grad(f, wrt, g, allow_unused=True)) if wrt else []
         del f
-        g_inp = grads.pop(0) if need_inp else None
-        g_cross = grads.pop(0) if cross_ is not None and need_cross else None
+        g_inp = grads.pop(0) if inp_.requires_grad else None
+        g_cross = grads.pop(0) if cross_ is not None and cross_.requires_grad else None
         g_params = [grads.pop(0) if need else None for need in need_params]
         g_prev = g_alpha = None
         if col.has_prev:
@@ -203,12 +242,12 @@ class RunBuffer:
                 g_prev = (g * alpha).to(prev.dtype)
             if need_alpha:
                 g_alpha = (g * prev).sum(dim=tuple(range(g.ndim - 1))).to(alpha.dtype)
-        return (g_inp, g_cross, g_prev, g_alpha, *g_params)
+        return (g_inp if need_inp else None, g_cross if need_cross else None, g_prev, g_alpha, *g_params)
 
     def _unstep(self, j: int, l: int, out: Tensor, f: Tensor) -> Tensor:
         """c_l(j-1) = (c_l(j) - F) / alpha, in the dtype the forward produced for it."""
         with torch.no_grad():
-            return self.columns[j].unstep(l, out, f, self.alphas[(j, l)]).to(self.dtypes[(j - 1, l)])
+            return self.columns[j].unstep(out, f, self.alphas[(j, l)]).to(self.dtypes[(j - 1, l)])
 
 
 class _LevelStep(torch.autograd.Function):
@@ -218,9 +257,7 @@ class _LevelStep(torch.autograd.Function):
     def forward(ctx, run: RunBuffer, j: int, l: int, inp, cross, prev, alpha, *params):
         ctx.set_materialize_grads(False)
         ctx.run, ctx.j, ctx.l, ctx.params, ctx.done = run, j, l, params, False
-        col = run.columns[j]
-        f = col.level_f(l, inp, cross, run.keep(j), run.hw)
-        return col.step_from(l, f, prev, alpha)
+        return run.forward_node(j, l, inp, cross, prev, alpha)
 
     @staticmethod
     def backward(ctx, g):
@@ -245,14 +282,19 @@ def run_reversible(
     drop_masks: Tensor,
     hw: Optional[Tuple[int, int]],
     needed_levels: Optional[Sequence[int]] = None,
+    keep_last_graph: bool = True,
 ) -> State:
     """Run ``columns`` with the reversible engine; returns the last column's state.
 
     Levels the last column does not need (``needed_levels``, None: all) are not run and
-    come back as ``None``. Activation memory is O(1) in the number of columns.
+    come back as ``None``. Activation memory is O(1) in the number of columns, plus, with
+    ``keep_last_graph``, the graph of the run's last update until its backward (see the
+    module docstring).
     """
     counts = levels_to_run(columns, needed_levels)
-    run = RunBuffer(columns, drop_masks, hw, source.device.type)
+    ran = [j for j, k in enumerate(counts) if k > 0]
+    last = (ran[-1], columns[ran[-1]].order[counts[ran[-1]] - 1]) if ran and keep_last_graph else None
+    run = RunBuffer(columns, drop_masks, hw, source.device.type, graph_kept=last)
     n = len(columns[0].levels)
     if columns[0].has_prev != (prev_state is not None):
         raise RuntimeError("run_reversible: the first column's has_prev does not match prev_state")
@@ -266,6 +308,7 @@ def run_reversible(
                 run.dtypes[(-1, l)] = t.dtype
     for j, col in enumerate(columns):
         new: List[Optional[Tensor]] = [None] * n
+        alphas = col.alpha_values() if col.has_prev and counts[j] else None  # (L, D), once per column
         for l in col.order[: counts[j]]:
             in_l, c = col.in_level(l), col.cross_level(l)
             inp = source if in_l is None else new[in_l]
@@ -273,13 +316,14 @@ def run_reversible(
             prev = state[l] if col.has_prev else None
             if (cross is None and c is not None) or (prev is None and col.has_prev):
                 raise RuntimeError(f"column {j} level {l}: its input from the previous column was not computed")
-            alpha = col.alpha(l) if col.has_prev else None
+            alpha = alphas[l] if alphas is not None else None
             if alpha is not None:
                 run.alphas[(j, l)] = alpha.detach()
-            # what this node's backward will read
-            run.expect(SRC if in_l is None else (j, in_l))
-            if c is not None:
-                run.expect((j - 1, c))
+            # what this node's backward will read (a kept graph holds its own inputs)
+            if (j, l) != last:
+                run.expect(SRC if in_l is None else (j, in_l))
+                if c is not None:
+                    run.expect((j - 1, c))
             if col.has_prev:
                 run.expect((-1, l) if j == 0 else (j, l))
             out = _LevelStep.apply(run, j, l, inp, cross, prev, alpha, *_level_params(col, l))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from revcolv2.model import RevColV2
+from revcolv2.model import LEVEL_RECOMPILE_LIMIT, RevColV2, allow_level_recompiles
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -30,6 +30,7 @@ def test_compiled_levels_give_eager_gradients_without_graph_breaks():
 
     torch._dynamo.reset()
     counters.clear()
+    allow_level_recompiles()
     eager, compiled = _model(), _model().compile_levels()  # fullgraph=True: a graph break raises
     x = torch.randn(2, 3, 32, 32)
     for reversible in (True, False):
@@ -39,3 +40,15 @@ def test_compiled_levels_give_eager_gradients_without_graph_breaks():
             assert err < 1e-4, (reversible, name, err)
     assert counters["stats"]["unique_graphs"] > 0  # the levels really were compiled
     assert not counters["graph_break"]
+
+
+def test_compile_levels_refuses_a_recompile_limit_it_would_exceed(monkeypatch):
+    """The limit is process-wide: compile_levels() never changes it, and says how to."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    with pytest.raises(RuntimeError, match="allow_level_recompiles"):
+        _model().compile_levels()
+    assert torch._dynamo.config.recompile_limit == 8
+    allow_level_recompiles()
+    assert torch._dynamo.config.recompile_limit == LEVEL_RECOMPILE_LIMIT

@@ -99,18 +99,20 @@ def test_forward_skips_dead_levels_with_identical_logits():
     assert n_full == 32 and len(calls) == 32 - (3 + 2) * 2
 
 
-@pytest.mark.parametrize("reversible", [True, False])
-def test_block_evaluations_per_training_step(reversible):
-    """Plain: one forward per live block. Reversible: one more per live block in backward, no more."""
-    model = _model(1, 0, blocks_per_level=1)
-    model.reversible = reversible
+@pytest.mark.parametrize("reversible,keep_last_graph", [(True, True), (True, False), (False, True)])
+def test_block_evaluations_per_training_step(reversible, keep_last_graph):
+    """Plain: one forward per live block. Reversible: one more per live block in backward, except
+    the forward's last update, whose graph is kept for its backward (unless turned off)."""
+    model = _model(1, 0, blocks_per_level=2)
+    model.reversible, model.keep_last_graph = reversible, keep_last_graph
     calls = []
     for m in model.modules():
         if isinstance(m, Block):
             m.register_forward_hook(lambda *a: calls.append(1))
     model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).sum().backward()
-    live = 2 * 4 + 1
-    assert len(calls) == (2 * live if reversible else live)
+    live = (2 * 4 + 1) * 2  # 2 BU columns x 4 levels + the top level of the TD column, 2 blocks each
+    expected = live if not reversible else 2 * live - (2 if keep_last_graph else 0)
+    assert len(calls) == expected
 
 
 def test_run_buffer_is_empty_after_backward_and_second_backward_is_an_error():
