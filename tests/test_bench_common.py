@@ -108,3 +108,68 @@ def test_ratio_columns_use_cpu_time_on_cpu_and_wall_time_on_cuda():
 def test_profiled_kernels_are_sorted_by_kind(name, kind):
     """``--profile-dir`` splits a step's kernel time into GEMM / attention / other by name."""
     assert bench_common.kernel_kind(name) == kind
+
+
+def _op(tid, ts, dur, name):
+    return {"cat": "cpu_op", "ph": "X", "tid": tid, "ts": ts, "dur": dur, "name": name}
+
+
+def test_op_chains_attribute_cuda_kernels_to_the_ops_that_launched_them():
+    """Each kernel is charged to the CPU ops enclosing its launch (matched by correlation id),
+    innermost ``depth`` of them, outermost first; rows are per step and largest first."""
+    launch = lambda tid, ts, corr: {"cat": "cuda_runtime", "ph": "X", "tid": tid, "ts": ts, "dur": 1,
+                                    "name": "cudaLaunchKernel", "args": {"correlation": corr}}
+    kernel = lambda corr, dur, name: {"cat": "kernel", "ph": "X", "tid": 7, "ts": 1000 + corr, "dur": dur,
+                                      "name": name, "args": {"correlation": corr}}
+    events = [
+        _op(1, 0, 100, "_LevelStep"), _op(1, 10, 40, "aten::layer_norm"), _op(1, 12, 30, "aten::native_layer_norm"),
+        launch(1, 20, 1), kernel(1, 3000, "vectorized_layer_norm_kernel<float>"),
+        _op(1, 60, 30, "aten::linear"), launch(1, 70, 2), kernel(2, 8000, "nvjet_tst_128x256_h_bz"),
+        # the same chain again in the second step: launches add up
+        _op(1, 200, 100, "_LevelStep"), _op(1, 210, 40, "aten::layer_norm"), _op(1, 212, 30, "aten::native_layer_norm"),
+        launch(1, 220, 3), kernel(3, 1000, "vectorized_layer_norm_kernel<float>"),
+        _op(2, 0, 50, "aten::add"), launch(2, 5, 4), kernel(4, 500, "elementwise_kernel"),
+    ]
+    rows = bench_common.op_chains({"traceEvents": events}, steps=2, depth=2)
+    assert rows == [(4.0, 0, "GEMM", "_LevelStep > aten::linear"),
+                    (2.0, 1, "other", "aten::layer_norm > aten::native_layer_norm"),
+                    (0.25, 0, "other", "aten::add")]
+    text = bench_common.format_op_chains(rows, top=2)
+    assert "kernel ms/step 6.25" in text and "aten::add" not in text
+
+
+def test_op_chains_of_a_cpu_trace_use_the_innermost_aten_ops(tmp_path):
+    from torch.profiler import ProfilerActivity, profile
+
+    w = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            torch.nn.functional.layer_norm(torch.randn(32, 64) @ w, (64,))
+    path = str(tmp_path / "trace.json")
+    prof.export_chrome_trace(path)
+    import json
+
+    with open(path) as f:
+        rows = bench_common.op_chains(json.load(f), steps=2)
+    chains = {chain: (n, kind) for _, n, kind, chain in rows}
+    mm = [c for c in chains if c.endswith("aten::mm")]
+    norm = [c for c in chains if c.endswith("aten::native_layer_norm")]
+    assert mm and chains[mm[0]] == (1, "GEMM")
+    assert norm and chains[norm[0]][1] == "other" and norm[0].startswith("aten::layer_norm")
+
+
+def test_report_replaces_the_current_table_and_keeps_the_old_one_in_the_history(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_common, "machine_description", lambda device: f"a {device} machine")
+    path = str(tmp_path / "BENCHMARKS.md")
+    key = bench_common.update_report(path, "Backbone step", "python tools/x.py", "cpu", "| a |\n|---|\n| 1 |")
+    assert key == "Backbone step (CPU)"
+    bench_common.update_report(path, "Backbone step", "python tools/x.py", "cuda", "| a |\n|---|\n| 5 |")
+    bench_common.update_report(path, "Backbone step", "python tools/x.py", "cpu", "| a |\n|---|\n| 2 |")
+    text = open(path).read()
+    current, history = text.split(bench_common.HISTORY_HEADING)
+    # one current table per benchmark and machine kind, the newest
+    assert current.count("### Backbone step (CPU)") == 1 and current.count("### Backbone step (GPU)") == 1
+    assert "| 2 |" in current and "| 1 |" not in current and "| 5 |" in current
+    # the replaced run is kept, whole, below
+    assert history.count("### Backbone step (CPU)") == 1 and "| 1 |" in history
+    assert text.count("<!-- report: Backbone step (CPU) -->") == 1

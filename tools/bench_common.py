@@ -1,7 +1,8 @@
 """Helpers shared by the benchmark scripts in tools/ (command line, timing, memory, reporting).
 
 The scripts import it as a sibling module (a script's folder is on ``sys.path``). Every
-benchmark prints its table; only ``--report [PATH]`` appends it to docs/BENCHMARKS.md.
+benchmark prints its table; only ``--report [PATH]`` writes it to docs/BENCHMARKS.md, as the
+current table of its benchmark (:func:`update_report`).
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: depends on the device)")
     ap.add_argument("--iters", type=int, default=None, help="timed steps (default: depends on the device)")
     ap.add_argument("--report", nargs="?", const=REPORT, default=None, metavar="PATH",
-                    help="append the table to docs/BENCHMARKS.md (or PATH); without it the table is only printed")
+                    help="write the table to docs/BENCHMARKS.md (or PATH) as its benchmark's current table, moving the "
+                         "previous one to the history; without it the table is only printed")
+    ap.add_argument("--json", default=None, metavar="PATH", help="also write the rows, as measured, to PATH")
     return ap
 
 
@@ -154,21 +157,56 @@ def markdown_table(rows: List[Dict], columns: List[str]) -> str:
     return "\n".join(lines)
 
 
-def append_report(path: str, title: str, command: str, device: str, body: str) -> None:
-    """Append a dated section (command, machine, date, table) to docs/BENCHMARKS.md."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path)
+CURRENT_HEADING = "## Current results"
+HISTORY_HEADING = "## History"
+HISTORY_INTRO = "Superseded runs, newest first."
+_REPORT_END = "<!-- /report -->"
+_SKELETON = (
+    "# Benchmarks\n\nEvery table below is written by a script in `tools/` with `--report`, which replaces the "
+    "current table of its benchmark and machine kind and moves the one it replaces to the history.\n\n"
+    f"{CURRENT_HEADING}\n\n{HISTORY_HEADING}\n\n{HISTORY_INTRO}\n"
+)
+
+
+def update_report(path: str, title: str, command: str, device: str, body: str) -> str:
+    """Write a run (command, machine, date, commit, ``body``) as the current table of its
+    benchmark and machine kind (``title`` + GPU/CPU) in docs/BENCHMARKS.md.
+
+    The section it replaces moves, unchanged, to the top of the history section; a first
+    run of its kind goes at the end of the current results. Returns the section's key.
+    """
+    key = f"{title} ({'GPU' if device.startswith('cuda') else 'CPU'})"
+    begin = f"<!-- report: {key} -->"
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              check=False).stdout.strip()
     except OSError:
         rev = ""
-    with open(path, "a") as f:
-        if new:
-            f.write("# Benchmarks\n\nEvery table is appended by a script in `tools/`; each says how it was made.\n")
-        f.write(f"\n## {title}\n\n- command: `{command}`\n- machine: {machine_description(device)}\n"
-                f"- date: {when}" + (f" (commit {rev})" if rev else "") + "\n\n" + body + "\n")
+    section = (f"{begin}\n### {key}\n\n- command: `{command}`\n- machine: {machine_description(device)}\n"
+               f"- date: {when}" + (f" (commit {rev})" if rev else "") + f"\n\n{body.strip()}\n{_REPORT_END}\n")
+    text = open(path).read() if os.path.exists(path) else _SKELETON
+    for heading in (CURRENT_HEADING, HISTORY_HEADING):
+        if heading not in text:
+            text = text.rstrip("\n") + f"\n\n{heading}\n"
+    if begin in text:
+        i = text.index(begin)
+        j = text.index(_REPORT_END, i) + len(_REPORT_END)
+        old = text[i + len(begin):j - len(_REPORT_END)].strip("\n")
+        text = text[:i] + section.rstrip("\n") + text[j:]
+        h = text.index(HISTORY_HEADING)
+        intro = text.find(HISTORY_INTRO, h)
+        at = intro + len(HISTORY_INTRO) if intro != -1 else h + len(HISTORY_HEADING)
+        text = text[:at] + "\n\n" + old + text[at:]
+    else:
+        h = text.index(HISTORY_HEADING)
+        text = text[:h].rstrip("\n") + "\n\n" + section + "\n" + text[h:]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return key
 
 
 # --------------------------------------------------------------------------- training-step benchmarks
@@ -199,18 +237,37 @@ def step_benchmark_parser(description: str, rows: Sequence[str], default_rows: S
                     help="skip the activation-peak / FLOP / block-evaluation columns")
     ap.add_argument("--worker-timeout", type=int, default=420, help="seconds per (row, batch) process")
     ap.add_argument("--profile-dir", default=None, metavar="DIR",
-                    help="profile two more steps per row with torch.profiler: a Chrome trace per row in DIR and "
-                         "the kernel time per step by kind (GEMM, attention, other) in the table")
+                    help="profile two more steps per row with torch.profiler: a Chrome trace per row in DIR, "
+                         "the kernel time per step by kind (GEMM, attention, other) in the table, and each "
+                         "row's top 20 op chains by kernel time printed after it")
+    ap.add_argument("--profile-rows", default=None, metavar="ROWS",
+                    help="with --profile-dir: profile only these comma-separated rows (default: all), at the "
+                         "first batch size")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     return ap
+
+
+def profile_args(args: argparse.Namespace, key: str, batch: int, first_batch: int) -> List:
+    """``--profile-dir`` for the (row, batch) workers that ``--profile-rows`` selects."""
+    rows = args.profile_rows.split(",") if args.profile_rows else None
+    if not args.profile_dir or (rows is not None and (key not in rows or batch != first_batch)):
+        return []
+    return ["--profile-dir", args.profile_dir]
+
+
+def write_rows_json(path: Optional[str], rows: List[Dict]) -> None:
+    """``--json PATH``: the measured rows, for a script that checks targets across benchmarks."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 def worker_args(args: argparse.Namespace) -> List:
     """The options every (row, batch) worker process gets from the parent's command line."""
     out = ["--device", args.device, "--img-size", args.img_size, "--warmup", args.warmup, "--iters", args.iters,
            "--variant", args.variant]
-    return out + (["--profile-dir", args.profile_dir] if args.profile_dir else [])
+    return out
 
 
 def step_benchmark_start(description: str, rows: Sequence[str], default_rows: Sequence[str],
@@ -341,6 +398,10 @@ def profile_breakdown(step: Callable[[], None], device: str, path: str, steps: i
             torch.cuda.synchronize()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     prof.export_chrome_trace(path)
+    with open(path) as f:
+        chains = op_chains(json.load(f), steps)
+    with open(os.path.splitext(path)[0] + ".chains.txt", "w") as f:
+        f.write(format_op_chains(chains) + "\n")
     totals = {"GEMM": 0.0, "attention": 0.0, "other": 0.0}
     launches = 0
     for evt in prof.key_averages():
@@ -362,12 +423,90 @@ def profile_breakdown(step: Callable[[], None], device: str, path: str, steps: i
     return out
 
 
+def op_chains(trace: Dict, steps: int = 2, depth: int = 4) -> List[Tuple[float, int, str, str]]:
+    """Kernel time of a ``torch.profiler`` Chrome trace by the chain of CPU ops that launched it.
+
+    Returns ``(ms per step, launches per step, kind, chain)`` rows, largest first; the chain
+    is the innermost ``depth`` CPU ops enclosing the launch, outermost first (``_LevelStep >
+    aten::layer_norm > aten::native_layer_norm``). A CUDA kernel is matched to its launching
+    runtime call by correlation id. A CPU-only trace has no kernels: there each ``aten::`` op
+    stands for one, with its self time (its duration less its child ops'), and ends its chain.
+    """
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    ops: Dict = {}  # thread -> [(start, end, name)]
+    for e in events:
+        if e.get("cat") == "cpu_op" and e.get("ph") == "X":
+            ops.setdefault(e["tid"], []).append((e["ts"], e["ts"] + e["dur"], e["name"]))
+    kernels = [(e["args"].get("correlation"), e["dur"], e["name"]) for e in events if e.get("cat") == "kernel"]
+    launches = {e["args"].get("correlation"): (e["tid"], e["ts"]) for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "args" in e}
+    points = {}  # (tid, ts) -> [(dur, kernel name)] to attribute to the ops enclosing ts
+    if kernels:
+        for corr, dur, name in kernels:
+            if corr in launches:
+                points.setdefault(launches[corr], []).append((dur, name))
+    else:
+        for tid, spans in ops.items():
+            for start, self_us, name in _self_times(spans):
+                if name.startswith("aten::") and self_us > 0:
+                    points.setdefault((tid, start), []).append((self_us, name))
+    time_of: Dict[Tuple[str, str], float] = {}
+    count_of: Dict[Tuple[str, str], int] = {}
+    for tid, spans in ops.items():
+        spans = sorted(spans, key=lambda sp: (sp[0], -sp[1]))
+        here = sorted(ts for t, ts in points if t == tid)
+        stack: List[Tuple[float, float, str]] = []
+        i = 0
+        for ts in here:
+            while i < len(spans) and spans[i][0] <= ts:
+                while stack and stack[-1][1] < spans[i][0]:
+                    stack.pop()
+                stack.append(spans[i])
+                i += 1
+            while stack and stack[-1][1] < ts:
+                stack.pop()
+            enclosing = [sp[2] for sp in stack if sp[0] <= ts <= sp[1]]
+            chain = " > ".join(enclosing[-depth:]) or "?"
+            for dur, name in points[(tid, ts)]:
+                key = (kernel_kind(name), chain)
+                time_of[key] = time_of.get(key, 0.0) + dur
+                count_of[key] = count_of.get(key, 0) + 1
+    rows = [(us / 1000 / steps, count_of[key] // steps, key[0], key[1]) for key, us in time_of.items()]
+    return sorted(rows, key=lambda r: -r[0])
+
+
+def _self_times(spans: List[Tuple[float, float, str]]) -> List[Tuple[float, float, str]]:
+    """(start, duration less that of the spans directly inside it, name) of one thread's spans."""
+    spans = sorted(spans, key=lambda sp: (sp[0], -sp[1]))
+    own = [sp[1] - sp[0] for sp in spans]
+    stack: List[int] = []
+    for k, (start, _, _) in enumerate(spans):
+        while stack and spans[stack[-1]][1] < start:
+            stack.pop()
+        if stack:
+            own[stack[-1]] -= spans[k][1] - spans[k][0]
+        stack.append(k)
+    return [(sp[0], own[k], sp[2]) for k, sp in enumerate(spans)]
+
+
+def format_op_chains(rows: List[Tuple[float, int, str, str]], top: int = 20) -> str:
+    """The first ``top`` rows of :func:`op_chains` as a text table, with the total."""
+    total = sum(r[0] for r in rows)
+    lines = [f"kernel ms/step {total:.2f}; top {min(top, len(rows))} op chains (outermost op first):",
+             f"{'ms/step':>8} {'launches':>8}  {'kind':<9} chain"]
+    lines += [f"{ms:8.2f} {n:8d}  {kind:<9} {chain}" for ms, n, kind, chain in rows[:top]]
+    return "\n".join(lines)
+
+
 def prepare_row(model: torch.nn.Module, key: str, device: str) -> torch.nn.Module:
     """Move a row's model to ``device`` in training mode and compile it as its key says:
     ``rev-compiled`` compiles the levels (``model.compile_levels()``), any other
     ``-compiled`` key the whole model (``torch.compile``)."""
     model = model.to(device).train()
     if key == "rev-compiled":
+        from revcolv2.model import allow_level_recompiles
+
+        allow_level_recompiles()  # a process-wide switch: this worker process is the program
         model.compile_levels()
     elif key.endswith("-compiled"):
         model = torch.compile(model)
@@ -595,14 +734,27 @@ CPU_RATIO_NOTE = ("CPU run: the ratios use process CPU time (all threads), which
                   "or added by forward + backward), not the allocator's peak with weights and optimizer state. ")
 
 
+def print_op_chains(profile_dir: Optional[str], rows: List[Dict]) -> None:
+    """After a ``--profile-dir`` run, print each profiled row's op-chain table
+    (:func:`format_op_chains`, written by its worker next to its trace)."""
+    if not profile_dir:
+        return
+    for r in rows:
+        path = os.path.join(profile_dir, f"{r['key']}-b{r['batch']}.chains.txt")
+        if os.path.exists(path):
+            with open(path) as f:
+                print(f"\n### {r['key']} batch {r['batch']} ({path})\n{f.read().rstrip()}")
+
+
 def print_and_report(script: str, table: str, summary: str, report: str | None, title: str, device: str,
                      body: str) -> None:
-    """Print the table and a one-line summary; with ``--report PATH``, append ``body`` to PATH
-    as a section ``title`` that names the command line (``python tools/SCRIPT ...``)."""
+    """Print the table and a one-line summary; with ``--report PATH``, write ``body`` to PATH
+    as the current section ``title`` (:func:`update_report`), naming the command line
+    (``python tools/SCRIPT ...``)."""
     print(table)
     if summary:
         print(summary)
     if report:
         command = (f"python tools/{os.path.basename(script)} " + " ".join(sys.argv[1:])).strip()
-        append_report(report, title, command, device, body)
-        print(f"appended to {report}")
+        key = update_report(report, title, command, device, body)
+        print(f"updated '{key}' in {report}")

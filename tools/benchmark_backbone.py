@@ -86,7 +86,8 @@ def worker(args) -> dict:
 
 
 def main():
-    from bench_common import print_and_report, run_step_workers, step_benchmark_start, worker_args
+    from bench_common import (print_and_report, print_op_chains, profile_args, run_step_workers,
+                              step_benchmark_start, worker_args, write_rows_json)
 
     start = step_benchmark_start(__doc__, ROWS, ["vit", "vit-ckpt", "plain", "rev"], "128,512", worker)
     if start is None:
@@ -95,7 +96,8 @@ def main():
     cuda = args.device.startswith("cuda")
     # the analysis columns do not depend on the batch: measured in the first batch size's jobs only
     # larger batches: only the memory-saving eager rows (compiling costs ~1 min a row), unless --all-batches
-    jobs = [(k, b, [] if b == batches[0] and not args.no_analysis else ["--no-analysis"])
+    jobs = [(k, b, ([] if b == batches[0] and not args.no_analysis else ["--no-analysis"])
+             + profile_args(args, k, b, batches[0]))
             for b in batches for k in keys
             if b == batches[0] or args.all_batches or (k in MEMORY_SAVING and not k.endswith("-compiled"))]
     rows = run_step_workers(__file__, jobs, worker_args(args), args.worker_timeout, "benchmark_backbone")
@@ -106,6 +108,8 @@ def main():
             f"row and batch.\n\n{table}\n")
     print_and_report(__file__, table, "", args.report, f"Backbone training step: {args.variant} vs ViT-B/16",
                      args.device, body)
+    print_op_chains(args.profile_dir, rows)
+    write_rows_json(args.json, rows)
 
 
 def summarize(rows, variant: str, cuda: bool) -> str:

@@ -111,7 +111,8 @@ def main():
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
 
-    from bench_common import CPU_RATIO_NOTE, add_ratio_columns, markdown_table, print_and_report, run_workers
+    from bench_common import (CPU_RATIO_NOTE, add_ratio_columns, markdown_table, print_and_report, run_workers,
+                              write_rows_json)
 
     rows = run_workers(__file__, MODELS, ["--batch", args.batch, "--size", args.size,
                                           "--warmup", args.warmup, "--iters", args.iters,
@@ -151,6 +152,7 @@ def main():
     print_and_report(__file__, table,
                      verdict if cuda else "(CPU run: the targets are for a GPU; the same ratios are printed above)",
                      args.report, "Mask R-CNN: RevColV2-B vs ViTDet-B", args.device, body)
+    write_rows_json(args.json, rows)
 
 
 if __name__ == "__main__":

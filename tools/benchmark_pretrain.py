@@ -123,15 +123,16 @@ def worker(args) -> dict:
 
 
 def main():
-    from bench_common import (ANALYSIS_COLUMNS, PROFILE_COLUMNS, markdown_table, print_and_report, run_step_workers,
-                              step_benchmark_start, worker_args)
+    from bench_common import (ANALYSIS_COLUMNS, PROFILE_COLUMNS, markdown_table, print_and_report, print_op_chains,
+                              profile_args, run_step_workers, step_benchmark_start, worker_args, write_rows_json)
 
     start = step_benchmark_start(__doc__, ROWS, ["mae", "plain", "rev"], "256", worker)
     if start is None:
         return
     args, keys, batches = start
     cuda = args.device.startswith("cuda")
-    jobs = [(k, b, [] if b == batches[0] and not args.no_analysis else ["--no-analysis"])
+    jobs = [(k, b, ([] if b == batches[0] and not args.no_analysis else ["--no-analysis"])
+             + profile_args(args, k, b, batches[0]))
             for b in batches for k in keys if b == batches[0] or args.all_batches or k == "rev"]
     rows = run_step_workers(__file__, jobs, worker_args(args), args.worker_timeout, "benchmark_pretrain")
     by = {(r["key"], r["batch"]): r for r in rows}
@@ -158,6 +159,8 @@ def main():
             f"step.\n\n{table}\n")
     print_and_report(__file__, table, "", args.report, f"MIM pre-training step: {args.variant} vs MAE ViT-B/16",
                      args.device, body)
+    print_op_chains(args.profile_dir, rows)
+    write_rows_json(args.json, rows)
 
 
 if __name__ == "__main__":
