@@ -6,6 +6,7 @@ compares the weights against an independent statement of what the option means:
 - schedule: with a linear warm-up from 0 over W updates, update k (0-based) uses the lr
   ``base * k / W`` while k < W, then a half cosine from ``base`` towards ``min_lr`` over the
   remaining updates; the first update uses lr 0 and so leaves the weights unchanged;
+- layer decay: each parameter group's lr is the schedule's lr times its layer-decay scale;
 - gradient accumulation: an update over 2 micro-batches of 2 equals the update over their
   batch of 4;
 - gradient clipping: with SGD at lr 1 and no momentum, a clipped update moves the weights by
@@ -24,6 +25,7 @@ from torch.utils.data import TensorDataset
 import revcolv2  # noqa: F401  (registers the presets)
 from revcolv2.classification import ClassificationTrainer
 from revcolv2.distributed import DistInfo
+from revcolv2.optim import param_groups_layer_decay
 from revcolv2.trainer import Trainer
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -83,6 +85,28 @@ def test_update_k_uses_the_schedules_lr_at_k_and_the_first_update_leaves_the_wei
     expected += [min_lr + (base - min_lr) * (1 + math.cos(math.pi * (k - warmup) / (total - warmup))) / 2
                  for k in range(warmup, total)]
     assert used == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_layer_decay_scales_each_groups_lr_in_the_update(tmp_path):
+    """Fine-tuning's parameter groups: update k gives a parameter with layer id i the lr
+    ``schedule(k) * decay ** (7 - i)`` (revcolv2_tiny: ids 0..6, heads 7; a block's id is its
+    position in its column's execution order + its column + 1)."""
+    base, decay = 1e-3, 0.5
+    model = tiny_classifier()
+    opt = torch.optim.AdamW(param_groups_layer_decay(model, 0.05, decay), lr=base)
+    lr_of = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt.register_step_pre_hook(lambda o, args, kwargs: lr_of.update(
+        {names[id(p)]: g["lr"] for g in o.param_groups for p in g["params"]}))
+    trainer(tmp_path, model, opt).fit(stop_at_step=1)  # no warm-up: update 0 has the base lr
+    expected = {
+        "head.weight": base,  # id 7
+        "columns.2.levels.3.blocks.0.mlp.fc1.weight": base * decay ** 4,  # TD level 3 runs first: 0 + 2 + 1 = 3
+        "columns.0.levels.3.blocks.0.mlp.fc1.weight": base * decay ** 3,  # BU level 3 runs last: 3 + 0 + 1 = 4
+        "columns.1.alphas": base * decay ** 5,  # the column's first block: 0 + 1 + 1 = 2
+        "patch_embed.proj.weight": base * decay ** 7,  # id 0
+    }
+    assert {n: lr_of[n] for n in expected} == pytest.approx(expected, rel=1e-12)
 
 
 def test_accumulating_two_micro_batches_is_one_update_over_their_batch(tmp_path):
