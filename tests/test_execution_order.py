@@ -90,6 +90,9 @@ def test_drop_path_keeps_branches_at_one_over_keep_probability_with_rates_in_exe
         dropped += int(is_dropped.sum())
         kept += int(is_kept.sum())
     assert dropped > 0 and kept > 0
+    # each branch has its own draw: some sample keeps one branch of a block and drops the other
+    one_of_two = sum(int(((s[:, 0].abs() < 1e-6) != (s[:, 1].abs() < 1e-6)).sum()) for s in scales.values())
+    assert one_of_two > 0, "no sample kept one branch of a block and dropped the other: the branches share a draw"
     # the last TD column runs level 3 first: it has that column's smallest rate, level 0 the largest
     assert EXECUTION_ORDER.index((2, 3)) < EXECUTION_ORDER.index((2, 0))
 

@@ -130,6 +130,9 @@ def test_the_padding_of_a_smaller_image_is_no_class_in_its_targets():
     expected = torch.zeros(2, 64, 96)
     expected[0, :32, :20] = 1
     expected[1, :32, 20:48] = 1
+    assert t["masks"][:, 32:].sum() == 0 and t["masks"][:, :, 48:].sum() == 0, (
+        f"padding pixels in the masks of classes {t['labels'].tolist()}: "
+        f"{[int(m.sum() - m[:32, :48].sum()) for m in t['masks']]}")
     assert torch.equal(t["masks"], expected)
 
 
