@@ -59,6 +59,18 @@ def test_patch_targets_follow_the_image_in_raster_order(hw):
     assert torch.equal(unpatchify(patches, P, (h, w)), imgs)
 
 
+@pytest.mark.parametrize("hw", [(2, 5), (5, 2)])
+def test_predicted_patches_go_back_to_their_place_in_the_image(hw):
+    """The MIM visualisation's inverse: a prediction equal to the target is the image again."""
+    h, w = hw
+    torch.manual_seed(0)
+    model = create_mim_model("revcolv2_tiny", **TINY)
+    imgs = torch.rand(2, 3, h * P, w * P)
+    back = model.prediction_to_pixels(model.reconstruction_target(imgs), imgs)
+    assert back.shape == imgs.shape
+    torch.testing.assert_close(back, imgs, rtol=0, atol=1e-4)
+
+
 def test_feature_maps_hold_each_token_at_its_row_and_column():
     """forward_intermediates' NCHW maps (what the detectron2 backbone reads) put token
     r * w + c of the NLC output at (r, c)."""

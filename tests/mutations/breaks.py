@@ -139,12 +139,12 @@ BREAKS = [
         ("tests/test_mim.py::test_targets_normalized_per_patch_or_raw",),
     ),
     Break(
-        "mask-token-without-position", "revcolv2/model.py",
-        "fill = mask_token.to(tokens.dtype) + pos  # (1, N, D)",
-        "fill = mask_token.to(tokens.dtype) + 0 * pos  # (1, N, D)",
-        "mask tokens handed to the TD columns without their position embedding",
-        "the TD columns' input at every masked position",
-        ("tests/test_paper_statements.py::test_mask_token_position_embedding_is_the_tokens_own",),
+        "mim-pixels-w-h", "revcolv2/mim.py",
+        "return unpatchify(pred.float(), p, (imgs.shape[2] // p, imgs.shape[3] // p), imgs.shape[1])",
+        "return unpatchify(pred.float(), p, (imgs.shape[3] // p, imgs.shape[2] // p), imgs.shape[1])",
+        "predicted patches put back on a (w, h) grid",
+        "the reconstruction picture of every non-square image (tools/visualize.py, TensorBoard)",
+        (f"{NON_SQUARE}::test_predicted_patches_go_back_to_their_place_in_the_image",),
     ),
     # ------------------------------------------------------------------ data mappers and configs
     Break(

@@ -78,7 +78,7 @@ def evidence(output: str) -> str:
     for pattern in (r"^E\s+(\S.*)$", r"^(FAILED .*|ERROR .*)$"):
         m = re.search(pattern, output, re.MULTILINE)
         if m:
-            line = m.group(1).strip()
+            line = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/\s]+/", "", m.group(1).strip())  # tmp_path
             return line if len(line) <= 200 else line[:197] + "..."
     return output.strip().splitlines()[-1] if output.strip() else ""
 
