@@ -21,6 +21,7 @@ Exit status: 0 when every break was caught, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
@@ -33,9 +34,19 @@ from typing import List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(HERE))
 
-from breaks import BREAKS, Break  # noqa: E402
+
+def _load_breaks():
+    """breaks.py next to this file (loaded by path: the tests folder is not a package)."""
+    spec = importlib.util.spec_from_file_location("mutation_breaks", HERE / "breaks.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+_breaks = _load_breaks()
+BREAKS, Break = _breaks.BREAKS, _breaks.Break
 
 
 def tracked_files(repo: Path) -> List[str]:
