@@ -106,7 +106,8 @@ def test_layer_decay_scales_each_groups_lr_in_the_update(tmp_path):
         "columns.1.alphas": base * decay ** 5,  # the column's first block: 0 + 1 + 1 = 2
         "patch_embed.proj.weight": base * decay ** 7,  # id 0
     }
-    assert {n: lr_of[n] for n in expected} == pytest.approx(expected, rel=1e-12)
+    for name, lr in expected.items():
+        assert lr_of[name] == pytest.approx(lr, rel=1e-12), f"{name}: lr {lr_of[name]:.4g}, expected {lr:.4g}"
 
 
 def test_accumulating_two_micro_batches_is_one_update_over_their_batch(tmp_path):

@@ -66,6 +66,14 @@ BREAKS = [
         (DROP_PATH,),
     ),
     Break(
+        "drop-path-in-eval", "revcolv2/model.py",
+        "if not self.training or self.drop_path_rate == 0:",
+        "if self.drop_path_rate == 0:",
+        "drop path also drawn in eval mode",
+        "every evaluation / inference output of a model built with drop path",
+        (f"{EXEC}::test_no_branch_is_dropped_or_scaled_in_eval_mode",),
+    ),
+    Break(
         "drop-path-rate-by-level-number", "revcolv2/model.py",
         "        pos = self.order.index(l) * self.blocks_per_level\n        return keep[:, pos:pos + self.blocks_per_level]",
         "        pos = l * self.blocks_per_level\n        return keep[:, pos:pos + self.blocks_per_level]",
