@@ -18,6 +18,19 @@ def test_roundtrip_and_report(tmp_path):
     assert not list(tmp_path.glob(".tmp_*"))  # no temporary file left behind
 
 
+def test_a_checkpoint_written_under_ddp_loads_the_same_weights(tmp_path):
+    """DistributedDataParallel's state dict names every tensor ``module.<name>``: it loads as
+    the unwrapped model's, tensor for tensor."""
+    torch.manual_seed(0)
+    a = timm.create_model("revcolv2_tiny", num_classes=3, embed_dim=32, num_heads=2)
+    b = timm.create_model("revcolv2_tiny", num_classes=3, embed_dim=32, num_heads=2)
+    path = tmp_path / "ddp.pth"
+    save_atomic({"model": {f"module.{k}": v for k, v in a.state_dict().items()}}, str(path))
+    report = load_checkpoint(b, str(path), verbose=False)
+    assert not report.missing and not report.unexpected
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
 def test_missing_and_unexpected_keys_are_named():
     model = timm.create_model("revcolv2_tiny", num_classes=3)
     sd = model.state_dict()

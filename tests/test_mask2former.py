@@ -114,6 +114,28 @@ def test_targets_are_one_mask_per_class_present_with_ignore_as_negative():
     assert empty["labels"].shape == (0,) and empty["masks"].shape == (0, 4, 5)
 
 
+def test_the_padding_of_a_smaller_image_is_no_class_in_its_targets():
+    """An image smaller than the padded batch: its per-class masks cover its own labelled
+    pixels and nothing of the padding (which is neither class 0 nor any other class)."""
+    model = make_model().train()
+    small = torch.zeros(32, 48, dtype=torch.long)  # classes 0 and 2, no ignored pixel
+    small[:, 20:] = 2
+    inputs = [{"image": torch.full((3, 32, 48), 128.0), "sem_seg": small}] + batch(1, 64, 96)
+    seen = {}
+    model.sem_seg_head.register_forward_pre_hook(lambda m, args: seen.__setitem__("targets", args[1]))
+    model(inputs)
+    t = seen["targets"][0]
+    assert t["labels"].tolist() == [0, 2]
+    assert t["masks"].shape == (2, 64, 96)  # the padded batch
+    expected = torch.zeros(2, 64, 96)
+    expected[0, :32, :20] = 1
+    expected[1, :32, 20:48] = 1
+    assert t["masks"][:, 32:].sum() == 0 and t["masks"][:, :, 48:].sum() == 0, (
+        f"padding pixels in the masks of classes {t['labels'].tolist()}: "
+        f"{[int(m.sum() - m[:32, :48].sum()) for m in t['masks']]}")
+    assert torch.equal(t["masks"], expected)
+
+
 def test_images_without_labelled_pixels_train_with_a_counted_warning(caplog):
     model = make_model().train()
     with caplog.at_level(logging.WARNING, logger="revcolv2_d2.mask2former"):
