@@ -37,7 +37,7 @@ def test_counts_and_scales():
 
 
 def test_every_parameter_of_a_model_gets_an_id_in_range():
-    model = RevColV2(embed_dim=32, num_heads=2, num_classes=3, blocks_per_level=2, num_td_columns=2)
+    model = RevColV2(embed_dim=32, num_heads=2, num_classes=3, blocks_per_level=2, num_td_columns=2, out_levels="all")
     ids = {n: model.layer_id(n) for n, _ in model.named_parameters()}
     assert set(ids.values()) == set(range(model.num_layers()))
 
