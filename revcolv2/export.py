@@ -2,6 +2,9 @@
 
 - :func:`export_to_folder`: a timm / Hugging Face folder (``config.json`` +
   ``model.safetensors``), written by timm's own ``save_for_hf``.
+- :func:`export_onnx`: an ONNX file of the classifier (logits) or of the backbone (the four
+  level maps), through ``torch.onnx.export(dynamo=True)`` with a dynamic batch, checked
+  under onnxruntime.
 
 Accepted checkpoints: MIM pre-training, classification fine-tuning and linear-probe
 checkpoints of ``tools/pretrain.py`` / ``tools/finetune.py`` / ``tools/linear_probe.py`` (a
@@ -32,12 +35,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from timm.models._hub import save_for_hf
+from torch import nn
 
 from .checkpoint import PRETRAIN_ONLY_PREFIXES, load_checkpoint, load_file, select_weights
 from .model import RevColV2, create_revcolv2
 from .run_dir import follow_umask
 
-__all__ = ["backbone_state_dict", "export_to_folder", "model_from_checkpoint", "LOAD_NOTE"]
+__all__ = ["backbone_state_dict", "export_to_folder", "export_onnx", "model_from_checkpoint", "LOAD_NOTE"]
 
 _STEM_KEY = "patch_embed.proj.weight"
 # a LinearProbe checkpoint: the RevColV2 model below "backbone.", the probe's head beside it
@@ -164,3 +168,64 @@ def export_to_folder(
               f"({LOAD_NOTE})")
     return model
 
+
+class FeatureMaps(nn.Module):
+    """The backbone as an exportable module: images -> the four level maps (B, D, H/16, W/16)."""
+
+    def __init__(self, model: RevColV2):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return tuple(self.model.forward_intermediates(x, intermediates_only=True))
+
+
+def export_onnx(
+    model: RevColV2,
+    path: str,
+    img_size: int = 224,
+    features: Optional[bool] = None,
+    batch: int = 2,
+    check_batches: Sequence[int] = (1, 3),
+    atol: float = 1e-4,
+    verbose: bool = True,
+) -> float:
+    """Write ``model`` (eval) to ``path`` as ONNX with a dynamic batch; returns the largest
+    absolute difference to PyTorch under onnxruntime (CPU) over ``check_batches``.
+
+    ``features`` (default: when the model has no classifier) exports the four level maps
+    instead of the logits. Raises ``RuntimeError`` when a difference exceeds ``atol``.
+    """
+    import onnxruntime as ort
+
+    model = model.eval()
+    features = model.num_classes == 0 if features is None else features
+    module = (FeatureMaps(model) if features else model).eval()
+    x = torch.randn(batch, model.patch_embed.in_chans, img_size, img_size)
+    names = [f"level{l}" for l in range(model.num_levels)] if features else ["logits"]
+    dims = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}}
+    with torch.no_grad():
+        program = torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes=dims,
+                                    input_names=["images"], output_names=names, verbose=False)
+    program.save(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for b in check_batches:
+        x = torch.randn(b, model.patch_embed.in_chans, img_size, img_size)
+        with torch.no_grad():
+            ref = module(x)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        got = session.run(None, {"images": x.numpy()})
+        for name, r, g in zip(names, ref, got):
+            if tuple(g.shape) != tuple(r.shape):
+                raise RuntimeError(f"{path}: output {name} has shape {tuple(g.shape)} under onnxruntime, "
+                                   f"PyTorch gives {tuple(r.shape)} (batch {b})")
+            worst = max(worst, (torch.from_numpy(g) - r).abs().max().item())
+    if worst > atol:
+        raise RuntimeError(f"{path}: onnxruntime differs from PyTorch by {worst:.3g} (> {atol}) on "
+                           f"batches {tuple(check_batches)}")
+    if verbose:
+        what = "the four level maps" if features else f"logits ({model.num_classes} classes)"
+        print(f"wrote {path}: {what}, input 'images' (batch dynamic, 3x{img_size}x{img_size}); "
+              f"onnxruntime matches PyTorch to {worst:.2g} on batches {tuple(check_batches)}")
+    return worst

@@ -1,6 +1,6 @@
 """tools/export.py: MIM, fine-tuned, linear-probe and detectron2 checkpoints -> a timm folder
 that ``timm.create_model`` loads back with the same weights (after ``import revcolv2``), with
-what is left out listed."""
+what is left out listed; ONNX (dynamo exporter, dynamic batch) checked under onnxruntime."""
 import json
 import os
 import subprocess
@@ -13,7 +13,7 @@ import torch
 import revcolv2  # noqa: F401  (registers the presets)
 from revcolv2.checkpoint import CheckpointError
 from revcolv2.classification import LinearProbe
-from revcolv2.export import backbone_state_dict, export_to_folder, model_from_checkpoint
+from revcolv2.export import backbone_state_dict, export_onnx, export_to_folder, model_from_checkpoint
 from revcolv2.mim import create_mim_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,4 +157,40 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     wide = timm.create_model("revcolv2_tiny", num_classes=0, embed_dim=64, num_heads=2).state_dict()
     with pytest.raises(ValueError, match="patch_embed.proj.weight.*different model size"):
         export_to_folder(wide, str(tmp_path), "revcolv2_tiny", SMALL, verbose=False)
+
+
+# --------------------------------------------------------------------------- ONNX
+@pytest.mark.slow  # the dynamo exporter takes about half a minute per model on a CPU
+@pytest.mark.parametrize("head", [5, 0], ids=["classifier", "backbone"])
+def test_onnx_matches_pytorch_under_onnxruntime_with_a_dynamic_batch(tmp_path, head):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = timm.create_model("revcolv2_tiny", num_classes=head, **SMALL).eval()
+    path = str(tmp_path / "model.onnx")
+    worst = export_onnx(model, path, img_size=64, verbose=False)
+    assert worst <= 1e-4
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [i.shape[0] for i in session.get_inputs()] == ["batch"]
+    x = torch.randn(4, 3, 64, 64)  # a batch size neither exported nor checked by export_onnx
+    got = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        ref = [model(x)] if head else model.forward_intermediates(x, intermediates_only=True)
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        assert g.shape == tuple(r.shape) and (torch.from_numpy(g) - r).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_onnx_through_the_cli(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("revcolv2_tiny", num_classes=3, **SMALL)
+    path = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": model.state_dict(), "config": {"model": {"name": "revcolv2_tiny", "kwargs": SMALL}}}, path)
+    out = tmp_path / "model.onnx"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "export.py"), str(path), "--format", "onnx",
+                           "--output", str(out), "--img-size", "32"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.is_file() and "logits (3 classes)" in proc.stdout and "onnxruntime matches PyTorch" in proc.stdout
 

@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Export a RevColV2 checkpoint for use with timm: a timm / Hugging Face folder, config.json + model.safetensors, from a
+"""Export a RevColV2 checkpoint for deployment or for use with timm.
+
+--format timm (default): a timm / Hugging Face folder, config.json + model.safetensors, from a
 MIM, fine-tuned, linear-probe or detectron2 checkpoint (the RevColV2 model only):
 
     python tools/export.py output/pretrain/revcolv2_base/checkpoint-last.pth --output export/revcolv2_base
@@ -8,6 +10,13 @@ MIM, fine-tuned, linear-probe or detectron2 checkpoint (the RevColV2 model only)
 
   Load it back after `import revcolv2` (it registers the presets with timm):
   timm.create_model("local-dir:export/revcolv2_base", pretrained=True).
+
+--format onnx: one .onnx file (torch.onnx.export with dynamo=True, dynamic batch), the
+classifier's logits, or the backbone's four level maps for a checkpoint without a classifier
+(or with --features); checked against PyTorch under onnxruntime (max abs difference <= 1e-4):
+
+    python tools/export.py output/finetune/revcolv2_base_in1k/checkpoint-best.pth --format onnx \\
+        --output export/revcolv2_base.onnx --img-size 224
 
 Every checkpoint is read with the project's safe loader: nothing in it can run code.
 """
@@ -31,16 +40,25 @@ def parse_overrides(items: List[str]) -> dict:
 def main(argv: Optional[List[str]] = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a .pth checkpoint of tools/pretrain.py, finetune.py, linear_probe.py or detectron2")
-    p.add_argument("--output", required=True, help="a folder for config.json + model.safetensors")
+    p.add_argument("--output", required=True,
+                   help="timm: a folder for config.json + model.safetensors; onnx: the .onnx file")
+    p.add_argument("--format", choices=("timm", "onnx"), default="timm")
     p.add_argument("--model", default=None, help="preset name (default: the one recorded in the checkpoint)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="RevColV2 size overrides (default: those recorded in the checkpoint)")
+    p.add_argument("--img-size", type=int, default=224, help="onnx: input height and width (fixed; batch is dynamic)")
+    p.add_argument("--features", action="store_true",
+                   help="onnx: export the four level maps even when the checkpoint has a classifier")
     p.add_argument("--no-ema", action="store_true", help="take the raw weights of a checkpoint with EMA weights")
     args = p.parse_args(argv)
 
-    from revcolv2.export import export_to_folder
+    from revcolv2.export import export_onnx, export_to_folder, model_from_checkpoint
 
-    export_to_folder(args.checkpoint, args.output, args.model, parse_overrides(args.set), ema=not args.no_ema)
+    if args.format == "timm":
+        export_to_folder(args.checkpoint, args.output, args.model, parse_overrides(args.set), ema=not args.no_ema)
+    else:
+        model, _ = model_from_checkpoint(args.checkpoint, args.model, parse_overrides(args.set), ema=not args.no_ema)
+        export_onnx(model, args.output, img_size=args.img_size, features=args.features or None)
     return args.output
 
 
