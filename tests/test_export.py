@@ -1,6 +1,7 @@
 """tools/export.py: MIM, fine-tuned, linear-probe and detectron2 checkpoints -> a timm folder
 that ``timm.create_model`` loads back with the same weights (after ``import revcolv2``), with
-what is left out listed; ONNX (dynamo exporter, dynamic batch) checked under onnxruntime."""
+what is left out listed; ONNX (dynamo exporter, dynamic batch) checked under onnxruntime;
+detectron2 models traced to TorchScript through detectron2's ``TracingAdapter``."""
 import json
 import os
 import subprocess
@@ -194,3 +195,36 @@ def test_onnx_through_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.is_file() and "logits (3 classes)" in proc.stdout and "onnxruntime matches PyTorch" in proc.stdout
 
+
+# --------------------------------------------------------------------------- TorchScript (detectron2)
+@pytest.mark.slow  # builds and traces the demo Mask R-CNN
+def test_traced_mask_rcnn_demo_model_equals_eager(tmp_path):
+    """tools/export.py --format torchscript on the demo config: traced on one image of its
+    test dataset, equal to the eager model on three; the file then runs on its own."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import instantiate
+
+    from d2_helpers import DEMO_CONFIG, make_mini_shapes, run_tool
+    from revcolv2_d2.safe_config import load_lazy_config
+    from revcolv2_d2.visualization import LazyPredictor, read_bgr
+
+    datasets = tmp_path / "datasets"
+    shapes = make_mini_shapes(str(datasets))
+    cfg = load_lazy_config(DEMO_CONFIG)
+    torch.manual_seed(0)  # an untrained model: its random scores still pass the 0.05 threshold
+    DetectionCheckpointer(instantiate(cfg.model), save_dir=str(tmp_path)).save("model")
+    ckpt, out = tmp_path / "model.pth", tmp_path / "ts"
+    proc = run_tool([os.path.join(ROOT, "tools", "export.py"), str(ckpt), "--format", "torchscript",
+                     "--config-file", DEMO_CONFIG, "--output", str(out), "--num-samples", "3"], str(datasets), 600)
+    assert "traced outputs equal the eager model's on 3 images (largest difference 0)" in proc.stdout, proc.stdout
+
+    traced = torch.jit.load(str(out / "model.ts"))  # no import of this project needed to run it
+    predictor = LazyPredictor(cfg, str(ckpt), device="cpu")
+    val = os.path.join(shapes, "val")
+    image = predictor.prepare(read_bgr(os.path.join(val, sorted(os.listdir(val))[-1])))["image"]
+    with torch.no_grad():
+        boxes, classes, masks, scores, _ = traced(image)  # Instances fields in name order, then image size
+        eager = predictor.model.inference([{"image": image}], do_postprocess=False)[0]
+    assert len(scores) > 0
+    assert torch.equal(boxes, eager.pred_boxes.tensor) and torch.equal(scores, eager.scores)
+    assert torch.equal(classes, eager.pred_classes) and torch.equal(masks, eager.pred_masks)
