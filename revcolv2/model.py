@@ -263,8 +263,9 @@ class PrunedLevel(nn.Module):
         )
 
 
-# torch.jit.script can index a ModuleList by a variable only through an interface type; the
-# annotation is inert in eager mode. TorchScript is deprecated in torch 2.x and warns once here.
+# torch.jit.script can index a ModuleList by a variable only through an interface type (used
+# in Column.level_f when scripting). Declaring one warns that TorchScript is deprecated in
+# torch 2.x; silenced, as importing the model should not warn about a tool it may never use.
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
 
