@@ -194,12 +194,6 @@ def unwrap_state_dict(checkpoint: Any, ema: bool = True) -> Dict[str, torch.Tens
     return select_weights(checkpoint, ema=ema, log=None)[0]
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """timm ``pretrained_filter_fn``: unwrap and drop the pre-training-only tensors."""
-    sd = unwrap_state_dict(state_dict)
-    return {k: v for k, v in sd.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
-
-
 class ShapeMismatchError(ValueError):
     """A checkpoint tensor whose shape differs from the model's; ``source`` is the file."""
 

@@ -34,9 +34,10 @@ def load_pretrained(model: nn.Module, path: str, verbose: bool = True, ema: bool
     The weights follow the one rule of :func:`revcolv2.checkpoint.select_weights`: the EMA
     weights where the checkpoint has them, unless ``ema=False`` (``--no-ema``); the choice is
     printed. Allowed to differ: the pre-training-only tensors (mask token, reconstruction
-    head) may stay unused and the classifier (``head``, ``fc_norm``) may be missing; a
-    classifier for another number of classes (e.g. IN-22K -> IN-1K) is dropped with a note.
-    Anything else unmatched raises ``ValueError``.
+    head) and the levels the classifier does not build (``model.pruned_prefixes()``) may stay
+    unused, and the classifier (``head``, ``fc_norm``) may be missing; a classifier for
+    another number of classes (e.g. IN-22K -> IN-1K) is dropped with a note. Every tensor
+    left out is listed in the printed report. Anything else unmatched raises ``ValueError``.
     """
     if verbose:
         print(f"loading {path}")
@@ -47,20 +48,26 @@ def load_pretrained(model: nn.Module, path: str, verbose: bool = True, ema: bool
         if verbose:
             print(f"not loading the checkpoint's classifier ({', '.join(stale)}): other number of classes")
         sd = {k: v for k, v in sd.items() if k not in stale}
+    not_built = tuple(getattr(model, "pruned_prefixes", tuple)())
+    left_out = [k for k in sd if k.startswith(not_built)]
+    if verbose and left_out:
+        n = sum(sd[k].numel() for k in left_out)
+        print(f"not loading {len(left_out)} tensors ({n / 1e6:.1f}M parameters) of levels this model does not "
+              f"build ({', '.join(p.rstrip('.') for p in not_built)}): no output of the classifier reads them")
     return load_checkpoint(model, sd, allow_missing=CLASSIFIER_ONLY_PREFIXES,
-                           allow_unexpected=PRETRAIN_ONLY_PREFIXES, verbose=verbose, source=path)
+                           allow_unexpected=PRETRAIN_ONLY_PREFIXES + not_built, verbose=verbose, source=path)
 
 
-def freeze_unused_levels(model: nn.Module, verbose: bool = False) -> List[str]:
-    """Freeze the levels a classifier's ``forward`` never runs (those that cannot reach the
-    top level of the last TD column): no gradient, no optimizer state, no weight decay, and
-    DDP can use ``find_unused_parameters=False``. Call before building the optimizer.
-    The parameters stay in the model, so checkpoints load and save unchanged."""
-    frozen = model.freeze_unused_levels() if hasattr(model, "freeze_unused_levels") else []
-    if verbose and frozen:
-        n = sum(p.numel() for name, p in model.named_parameters() if name in set(frozen))
-        print(f"frozen {len(frozen)} tensors ({n / 1e6:.1f}M parameters) of levels that do not reach the classifier")
-    return frozen
+def describe_built_levels(model: nn.Module) -> str:
+    """One line on the levels ``model`` does not build (a classifier reads the top level only),
+    or '' when it builds every level."""
+    pruned = getattr(model, "pruned_levels", list)()
+    if not pruned:
+        return ""
+    where = ", ".join(f"columns.{j}.levels.{l}" for j, l in pruned)
+    n = sum(p.numel() for p in model.parameters())
+    return (f"model: {n / 1e6:.1f}M parameters; not built, as no output reads them: {where} "
+            "(every built parameter is trained; DDP needs no find_unused_parameters)")
 
 
 class LinearProbe(nn.Module):

@@ -21,10 +21,11 @@ def _sdpa_flop(inputs: List[Any], outputs: List[Any]) -> int:
 
 
 class _EveryOutput(nn.Module):
-    """Returns the logits and every level of the last column.
+    """Returns the logits and the newest value of every level.
 
-    The eager forward computes all levels even though the classifier reads only the top
-    one; tracing ``model(x)`` alone would drop the rest as dead code and under-count.
+    A model that builds every level (``out_levels='all'``) runs all of them although its
+    classifier reads only the top one; tracing ``model(x)`` alone would drop the rest as
+    dead code and under-count.
     """
 
     def __init__(self, model: nn.Module):
@@ -32,16 +33,17 @@ class _EveryOutput(nn.Module):
         self.model = model
 
     def forward(self, x):
-        _, levels, _ = self.model.forward_columns(x)
+        levels, _ = self.model.forward_levels(x)
         return (self.model.forward_head(levels[-1]), *levels)
 
 
-def count_flops(model: nn.Module, img_size=(224, 224), in_chans: int = 3, executed: bool = False) -> float:
+def count_flops(model: nn.Module, img_size=(224, 224), in_chans: int = 3) -> float:
     """GFLOPs of one eager forward at batch 1 (eval mode, no masking), fvcore convention.
 
-    Default: every block of a RevColV2 (all levels of the last column, as the paper counts).
-    ``executed=True``: what ``model(x)`` runs for classification, where the levels that
-    cannot reach the top level of the last column are skipped.
+    Every block the model builds counts: for a RevColV2 built with ``out_levels='all'`` all
+    levels of every column (the paper's count); for a classifier (the default
+    ``out_levels='top'``) what its forward runs, without the levels that cannot reach the
+    top one, which it does not build.
     """
     from fvcore.nn import FlopCountAnalysis
 
@@ -50,8 +52,7 @@ def count_flops(model: nn.Module, img_size=(224, 224), in_chans: int = 3, execut
     model.eval()
     x = torch.zeros(1, in_chans, h, w, device=next(model.parameters()).device)
     with torch.no_grad():
-        every = not executed and hasattr(model, "forward_features") and hasattr(model, "columns")
-        target = _EveryOutput(model) if every else model
+        target = _EveryOutput(model) if hasattr(model, "forward_levels") else model
         fca = FlopCountAnalysis(target, x)
         fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop)
         fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)

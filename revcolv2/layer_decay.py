@@ -5,7 +5,8 @@ Parameters sit on a grid of (block position within its column, column index):
     id = position + column + 1            a block (position = execution order in the column)
     id of the level's first block         a level's fusion
     id of the column's first block        a column's alphas  (= column + 1)
-    0                                     patch embedding, position embedding, mask token
+    0                                     patch embedding, mask token (the position
+                                          embedding is a fixed sin-cos: no parameter)
     max_id + 1                            everything else: heads, necks, FPN, decoders
 
 and the learning-rate scale is ``decay ** (max_id + 1 - id)``, so heads get 1.
@@ -26,7 +27,7 @@ from torch import nn
 _BLOCK = re.compile(r"(?:^|\.)columns\.(\d+)\.levels\.(\d+)\.blocks\.(\d+)\.")
 _FUSION = re.compile(r"(?:^|\.)columns\.(\d+)\.levels\.(\d+)\.fusion\.")
 _ALPHA = re.compile(r"(?:^|\.)columns\.(\d+)\.alphas$")
-_STEM = re.compile(r"(?:^|\.)(patch_embed|pos_embed|mask_token)(?:\.|$)")
+_STEM = re.compile(r"(?:^|\.)(patch_embed|mask_token)(?:\.|$)")
 
 
 def max_layer_id(num_levels: int, blocks_per_level: int, num_bu_columns: int, num_td_columns: int) -> int:

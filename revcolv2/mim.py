@@ -69,12 +69,13 @@ class RevColV2MIM(RevColV2):
 
     def __init__(self, mask_ratio: float = 0.75, norm_pix_loss: bool = True, **kwargs):
         kwargs.setdefault("num_classes", 0)
+        kwargs.setdefault("out_levels", "all")  # the reconstruction reads level 0 of the last TD column
+        kwargs.setdefault("fc_norm", False)  # no classifier in pre-training: keep every parameter used
         super().__init__(**kwargs)
         num_visible((self.img_size // self.patch_size) ** 2, mask_ratio)  # fail at construction
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         in_chans = self.patch_embed.in_chans
-        self.fc_norm = nn.Identity()  # no classifier in pre-training: keep every parameter used
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         self.decoder_norm = nn.LayerNorm(self.embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(self.embed_dim, self.patch_size ** 2 * in_chans)

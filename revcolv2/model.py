@@ -20,22 +20,23 @@ above for BU, below for TD). ``F_l`` = fusion then the level's ViT blocks. The u
 invertible given ``in`` (see :meth:`Column.inverse`), which ``revcolv2.reversible`` uses
 to train without storing activations.
 """
-from __future__ import annotations
-
+import logging
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from timm.layers import global_pool_nlc
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .checkpoint import checkpoint_filter_fn
+from .checkpoint import PRETRAIN_ONLY_PREFIXES, unwrap_state_dict
 from .layer_decay import layer_id, num_layers
 from .reversible import State, levels_to_run, run_plain, run_reversible
 
-__all__ = ["RevColV2", "MODEL_CFGS", "create_revcolv2", "sincos_pos_embed_2d"]
+__all__ = ["RevColV2", "MODEL_CFGS", "create_revcolv2", "checkpoint_filter_fn", "sincos_pos_embed_2d"]
 
 # One source of truth for the presets (imported by timm registration, tools and the
 # detectron2 configs). Sizes at 224x224 are measured by tools/model_stats.py.
@@ -48,10 +49,13 @@ MODEL_CFGS: Dict[str, dict] = {
     "revcolv2_large": dict(embed_dim=1024, num_heads=16, num_bu_columns=4, num_td_columns=2),
 }
 
+_logger = logging.getLogger(__name__)
+
 ALPHA_MIN = 1e-3  # |alpha| is kept at least this large so the inverse stays well defined
 
 
-def sincos_pos_embed_2d(h: int, w: int, dim: int, device=None, dtype=torch.float32) -> Tensor:
+def sincos_pos_embed_2d(h: int, w: int, dim: int, device: Optional[torch.device] = None,
+                        dtype: torch.dtype = torch.float32) -> Tensor:
     """Fixed 2-D sin-cos position embedding for an (h, w) token grid -> (1, h*w, dim)."""
     if dim % 4:
         raise ValueError(f"embed_dim must be divisible by 4 for 2-D sin-cos embedding, got {dim}")
@@ -68,6 +72,22 @@ def sincos_pos_embed_2d(h: int, w: int, dim: int, device=None, dtype=torch.float
     return emb.to(dtype).unsqueeze(0)
 
 
+@torch.fx.wrap  # a call in fx graphs: the checks run on real shapes, not on traced ones
+def check_images(x: Tensor, in_chans: int, patch_size: int) -> None:
+    """Raise ``ValueError`` for anything but a (B, ``in_chans``, H, W) batch with H and W
+    multiples of ``patch_size``. Written for torch.jit.script too (no tuple of unknown length)."""
+    if x.dim() != 4:
+        raise ValueError("RevColV2 expects images of shape (B, C, H, W), got shape {}".format(list(x.shape)))
+    c, h, w = x.shape[1], x.shape[2], x.shape[3]
+    if c != in_chans:
+        raise ValueError("RevColV2 was built for {} input channels, got {}".format(in_chans, c))
+    if h % patch_size != 0 or w % patch_size != 0:
+        raise ValueError(
+            "input size {}x{} is not divisible by the patch size {}; resize or pad the image to a multiple of {}"
+            .format(h, w, patch_size, patch_size)
+        )
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patch projection with clear errors for unusable inputs."""
 
@@ -78,19 +98,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-        if x.ndim != 4:
-            raise ValueError(f"RevColV2 expects images of shape (B, C, H, W), got {tuple(x.shape)}")
-        _, c, h, w = x.shape
-        if c != self.in_chans:
-            raise ValueError(f"RevColV2 was built for {self.in_chans} input channels, got {c}")
-        p = self.patch_size
-        if h % p or w % p:
-            raise ValueError(
-                f"input size {h}x{w} is not divisible by the patch size {p}; "
-                f"resize or pad the image to a multiple of {p}"
-            )
+        check_images(x, self.in_chans, self.patch_size)
         x = self.proj(x)  # (B, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2), (h // p, w // p)
+        hw = (x.shape[2], x.shape[3])
+        return x.flatten(2).transpose(1, 2), hw
 
 
 class Attention(nn.Module):
@@ -148,44 +159,35 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def bf16_norm_dtype(x: Tensor) -> Optional[torch.dtype]:
-    """``torch.bfloat16`` when ``x`` is a float32 state under bf16 autocast, else None.
-
-    The LayerNorms of the columns then normalise in bf16 (see :func:`layer_norm`). fp16
-    autocast keeps float32 LayerNorms: a state beyond fp16's range would overflow there.
-    """
-    if torch.jit.is_scripting() or x.dtype != torch.float32:
-        return None
+# LayerNorms under bf16 autocast. Under autocast a norm's output feeds a bf16 matmul. A
+# float32 LayerNorm reads and writes float32 (8 bytes per element) and is then cast (6
+# more); casting the float32 state first and normalising in bf16 moves 6 + 4, and the
+# backward half the bytes. The kernel still accumulates the statistics in float32. fp16
+# autocast keeps float32 norms: a state beyond fp16's range would overflow. These helpers
+# are eager-only (TorchScript compiles the norms' own float32 path).
+@torch.jit.unused
+def bf16_autocast_on(x: Tensor) -> bool:
+    """Whether ``x`` is a float32 column state under bf16 autocast (never while fx traces)."""
+    if isinstance(x, torch.fx.Proxy) or x.dtype != torch.float32:
+        return False
     dev = x.device.type
-    if not torch.amp.is_autocast_available(dev):  # the meta device, say
-        return None
-    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16:
-        return torch.bfloat16
-    return None
+    return (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+            and torch.get_autocast_dtype(dev) == torch.bfloat16)
 
 
-def cast_affines(norms: Sequence[nn.LayerNorm], dtype: torch.dtype) -> List[Tuple[Tensor, Tensor]]:
-    """The (weight, bias) of each LayerNorm in ``dtype``: one concatenation and one cast for
-    all of them (small casts cost a launch each, not bytes), returned as views."""
-    flat = torch.cat([t for norm in norms for t in (norm.weight, norm.bias)]).to(dtype)
-    parts = flat.split([t.numel() for norm in norms for t in (norm.weight, norm.bias)])
-    return [(parts[2 * i], parts[2 * i + 1]) for i in range(len(norms))]
+@torch.jit.unused
+def bf16_affines(params: List[Tensor]) -> List[Tensor]:
+    """``params`` (LayerNorm weights and biases) in bf16, cast by one concatenation and one
+    cast for all of them (each small cast would cost a kernel launch), returned as views."""
+    return list(torch.cat(params).to(torch.bfloat16).split([p.numel() for p in params]))
 
 
-def layer_norm(x: Tensor, norm: nn.LayerNorm, affine: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
-    """``norm(x)``, or with ``affine`` (its weight and bias cast by :func:`cast_affines`) in
-    that dtype: the float32 state is cast first and the norm reads and writes bf16.
-
-    Under autocast the output feeds a bf16 matmul either way. A float32 LayerNorm would read
-    and write float32 (8 bytes per element) and then be cast (6 more); this reads and writes
-    bf16 after the cast (4), and its backward moves half the bytes. The statistics are still
-    accumulated in float32 by the kernel. Autocast is turned off around the call because
-    CUDA autocast would run ``layer_norm`` in float32 again.
-    """
-    if affine is None:
-        return norm(x)
+@torch.jit.unused
+def bf16_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm of the float32 state ``x`` cast to bf16, with bf16 ``weight`` / ``bias``.
+    Autocast is off around the call: CUDA autocast would run ``layer_norm`` in float32."""
     with torch.autocast(x.device.type, enabled=False):
-        return F.layer_norm(x.to(affine[0].dtype), norm.normalized_shape, affine[0], affine[1], norm.eps)
+        return F.layer_norm(x.to(weight.dtype), (x.shape[-1],), weight, bias, eps)
 
 
 class _ScaledResidual(torch.autograd.Function):
@@ -261,13 +263,14 @@ class Block(nn.Module):
         return self.attn(x)
 
     def forward(self, x: Tensor, keep: Optional[Tensor] = None, hw: Optional[Tuple[int, int]] = None) -> Tensor:
-        low = bf16_norm_dtype(x)
-        affine1, affine2 = cast_affines((self.norm1, self.norm2), low) if low is not None else (None, None)
-        a = self._attend(layer_norm(x, self.norm1, affine1), hw)
+        w: List[Tensor] = []  # bf16 LayerNorm affines under bf16 autocast (see bf16_layer_norm)
+        if not torch.jit.is_scripting() and bf16_autocast_on(x):
+            w = bf16_affines([self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias])
+        a = self._attend(bf16_layer_norm(x, w[0], w[1], self.norm1.eps) if len(w) > 0 else self.norm1(x), hw)
         if self.gamma1 is not None:
             a = a * self.gamma1
         x = residual_add(x, a, None if keep is None else keep[:, 0])
-        m = self.mlp(layer_norm(x, self.norm2, affine2))
+        m = self.mlp(bf16_layer_norm(x, w[2], w[3], self.norm2.eps) if len(w) > 0 else self.norm2(x))
         if self.gamma2 is not None:
             m = m * self.gamma2
         return residual_add(x, m, None if keep is None else keep[:, 1])
@@ -291,8 +294,10 @@ class Fusion(nn.Module):
     def forward(self, cross: Tensor) -> Tensor:
         if self.variant != "linear":
             return cross
-        low = bf16_norm_dtype(cross)
-        return self.proj(layer_norm(cross, self.norm, cast_affines((self.norm,), low)[0] if low is not None else None))
+        if not torch.jit.is_scripting() and bf16_autocast_on(cross):
+            w = bf16_affines([self.norm.weight, self.norm.bias])
+            return self.proj(bf16_layer_norm(cross, w[0], w[1], self.norm.eps))
+        return self.proj(self.norm(cross))
 
 
 class Level(nn.Module):
@@ -312,6 +317,39 @@ class Level(nn.Module):
         return x
 
 
+class PrunedLevel(nn.Module):
+    """Stands in for a level that no output of the model reads: it is not built (no parameters)
+    and raises if called. It keeps the other levels at their index, so parameter names, layer
+    ids and checkpoints are those of the full model."""
+
+    def __init__(self, column: int, level: int):
+        super().__init__()
+        self.column = column
+        self.level = level
+
+    def forward(
+        self, inp: Tensor, cross: Optional[Tensor], keep: Optional[Tensor], hw: Optional[Tuple[int, int]]
+    ) -> Tensor:
+        raise RuntimeError(
+            "level {} of column {} is not built: no output of this model reads it. Build the model "
+            "with out_levels='all' (or the levels you need) to run it".format(self.level, self.column)
+        )
+
+
+# torch.jit.script can index a ModuleList by a variable only through an interface type (used
+# in Column.level_f when scripting). Declaring one warns that TorchScript is deprecated in
+# torch 2.x; silenced, as importing the model should not warn about a tool it may never use.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+
+    @torch.jit.interface
+    class LevelFn(nn.Module):
+        def forward(
+            self, inp: Tensor, cross: Optional[Tensor], keep: Optional[Tensor], hw: Optional[Tuple[int, int]]
+        ) -> Tensor:
+            pass
+
+
 class Column(nn.Module):
     """One reversible column. ``direction`` 'up' updates levels 0 -> L-1, 'down' L-1 -> 0.
 
@@ -323,6 +361,10 @@ class Column(nn.Module):
     :meth:`unstep`.
 
     ``keep`` (B, L * blocks_per_level, 2) holds drop-path scales in execution order.
+
+    A column may build only a prefix of its update order (:attr:`num_built` levels, see
+    :meth:`prune`): the others are :class:`PrunedLevel` placeholders. Its ``alphas`` keep one
+    row per level, so checkpoints keep their shapes; the rows of pruned levels are unused.
     """
 
     def __init__(self, levels: Sequence[Level], direction: str, has_prev: bool, dim: int, alpha_init: float):
@@ -334,6 +376,21 @@ class Column(nn.Module):
         self.alphas = nn.Parameter(torch.full((n, dim), alpha_init)) if has_prev else None
         self.order = self.update_order(direction, n)
         self.blocks_per_level = len(levels[0].blocks)
+        self.num_built = n  # the first num_built levels of ``order`` are built
+        self.alpha_min = ALPHA_MIN  # an attribute, as TorchScript reads no global floats
+
+    def prune(self, num_built: int, column: int) -> None:
+        """Keep the first ``num_built`` levels of the update order; replace the others by
+        :class:`PrunedLevel` (``column`` is this column's index, for its error message)."""
+        if num_built > self.num_built:
+            raise ValueError(f"column {column} builds {self.num_built} levels; pruning cannot add levels")
+        for l in self.order[num_built:]:
+            self.levels[l] = PrunedLevel(column, l)
+        self.num_built = num_built
+
+    def built_levels(self) -> List[int]:
+        """The levels this column builds, in update order."""
+        return self.order[: self.num_built]
 
     # ----------------------------------------------------------------- wiring
     @staticmethod
@@ -361,7 +418,10 @@ class Column(nn.Module):
     def alpha_values(self) -> Tensor:
         """Every level's alpha (L, D), magnitude clamped to at least ALPHA_MIN, sign kept
         (+ALPHA_MIN at 0). A run computes them once per column and indexes a level's row."""
-        return self.alphas.abs().clamp(min=ALPHA_MIN).copysign(self.alphas)
+        alphas = self.alphas
+        if alphas is None:
+            raise RuntimeError("the first column has no alpha: it has no previous column")
+        return alphas.abs().clamp(min=self.alpha_min).copysign(alphas)
 
     def alpha(self, l: int) -> Tensor:
         """alpha_l, clamped as in :meth:`alpha_values`."""
@@ -373,9 +433,15 @@ class Column(nn.Module):
         pos = self.order.index(l) * self.blocks_per_level
         return keep[:, pos:pos + self.blocks_per_level]
 
-    def level_f(self, l: int, inp: Tensor, cross: Optional[Tensor], keep: Optional[Tensor], hw) -> Tensor:
+    def level_f(self, l: int, inp: Tensor, cross: Optional[Tensor], keep: Optional[Tensor],
+                hw: Optional[Tuple[int, int]]) -> Tensor:
         """F_l(in, cross): fusion then the level's blocks."""
-        return self.levels[l](inp, cross, self._level_keep(keep, l), hw)
+        keep = self._level_keep(keep, l)
+        if torch.jit.is_scripting():
+            level: LevelFn = self.levels[l]  # TorchScript indexes by a variable only through an interface
+            return level.forward(inp, cross, keep, hw)
+        else:
+            return self.levels[l](inp, cross, keep, hw)  # through __call__: hooks, compile_levels
 
     @staticmethod
     def step_from(f: Tensor, prev_l: Optional[Tensor], alpha: Optional[Tensor]) -> Tensor:
@@ -384,10 +450,13 @@ class Column(nn.Module):
         One ``addcmul`` kernel instead of a multiply and an add: it reads ``f`` and ``prev``
         once and writes the new state once (the dtype follows the same promotion).
         """
-        return f if prev_l is None else torch.addcmul(f, alpha, prev_l)
+        if prev_l is None:
+            return f
+        assert alpha is not None  # (a previous value always comes with its alpha; refines the type for TorchScript)
+        return torch.addcmul(f, alpha, prev_l)
 
     def step(self, l: int, inp: Tensor, cross: Optional[Tensor], prev_l: Optional[Tensor],
-             keep: Optional[Tensor], hw, alpha: Optional[Tensor] = None) -> Tensor:
+             keep: Optional[Tensor], hw: Optional[Tuple[int, int]], alpha: Optional[Tensor] = None) -> Tensor:
         """New value of level ``l``: ``alpha_l * prev_l + F_l(inp, cross)`` (``alpha``: this
         level's row of :meth:`alpha_values`, computed here when not given)."""
         f = self.level_f(l, inp, cross, keep, hw)
@@ -401,21 +470,38 @@ class Column(nn.Module):
         return (new_l - f) / alpha
 
     # ----------------------------------------------------------------- whole column
-    def forward(self, source: Tensor, prev: Optional[State], keep: Optional[Tensor], hw,
-                num_levels: Optional[int] = None) -> State:
-        """Update the first ``num_levels`` levels of :attr:`order` (all by default); levels
-        not run are None in the returned state."""
+    def forward(self, source: Tensor, prev: Optional[List[Optional[Tensor]]], keep: Optional[Tensor],
+                hw: Optional[Tuple[int, int]], num_levels: Optional[int] = None) -> List[Optional[Tensor]]:
+        """Update the first ``num_levels`` levels of :attr:`order` (every built one by default);
+        levels not run are None in the returned state. Written for torch.jit.script as well."""
         if (prev is not None) != self.has_prev:
             raise RuntimeError("column called with a previous state that does not match has_prev")
-        new: List[Optional[Tensor]] = [None] * len(self.levels)
-        k = len(self.order) if num_levels is None else num_levels
-        alphas = self.alpha_values() if prev is not None and k > 0 else None
+        k = self.num_built if num_levels is None else num_levels
+        if k > self.num_built:
+            raise RuntimeError("column asked to run {} levels but builds only {}".format(k, self.num_built))
+        new: List[Optional[Tensor]] = [None for _ in range(len(self.levels))]
+        alphas: Optional[Tensor] = None
+        if prev is not None and k > 0:
+            alphas = self.alpha_values()  # (L, D), once per column
         for l in self.order[:k]:
-            in_l, c = self.in_level(l), self.cross_level(l)
-            inp = source if in_l is None else new[in_l]
-            new[l] = self.step(l, inp, None if c is None else prev[c], None if prev is None else prev[l], keep, hw,
-                               None if alphas is None else alphas[l])
-        return tuple(new)
+            in_l = self.in_level(l)
+            inp = source
+            if in_l is not None:
+                t = new[in_l]
+                assert t is not None
+                inp = t
+            cross: Optional[Tensor] = None
+            prev_l: Optional[Tensor] = None
+            alpha: Optional[Tensor] = None
+            if prev is not None:
+                c = self.cross_level(l)
+                if c is not None:
+                    cross = prev[c]
+                prev_l = prev[l]
+            if alphas is not None:
+                alpha = alphas[l]
+            new[l] = self.step(l, inp, cross, prev_l, keep, hw, alpha)
+        return new
 
     def inverse(self, source: Tensor, new: State, keep: Optional[Tensor], hw) -> State:
         """Recover the previous column's state: c_l(j-1) = (c_l(j) - F_l(in, cross)) / alpha_l."""
@@ -443,11 +529,44 @@ def allow_level_recompiles(limit: int = LEVEL_RECOMPILE_LIMIT) -> None:
     cfg.recompile_limit = max(cfg.recompile_limit, limit)
 
 
+POOL_TYPES = ("avg", "max", "avgmax", "")
+
+
 def _check_global_pool(global_pool: str) -> str:
-    """'avg': mean over tokens; '': no pooling (timm), the head runs on every token."""
-    if global_pool not in ("avg", ""):
-        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+    """timm's pools for token models: 'avg' / 'max' / 'avgmax' over tokens; '': no pooling,
+    the head runs on every token. 'token' and 'map' are refused: there is no class token
+    and no attention-pool head."""
+    if global_pool in ("token", "map"):
+        raise ValueError(
+            f"global_pool={global_pool!r} is not available: RevColV2 has no class token and no attention-pool "
+            f"head; use one of {POOL_TYPES} ('' for no pooling)")
+    if global_pool not in POOL_TYPES:
+        raise ValueError(f"global_pool must be one of {POOL_TYPES} ('' for no pooling), got {global_pool!r}")
     return global_pool
+
+
+def _resolve_out_levels(out_levels: Union[str, Sequence[int]], num_levels: int) -> Tuple[int, ...]:
+    """'top' -> (L-1,), 'all' -> (0..L-1), or the given levels, checked and sorted."""
+    if isinstance(out_levels, str):
+        if out_levels not in ("top", "all"):
+            raise ValueError(f"out_levels must be 'top', 'all' or a sequence of levels, got {out_levels!r}")
+        return (num_levels - 1,) if out_levels == "top" else tuple(range(num_levels))
+    levels = tuple(sorted({int(l) for l in out_levels}))
+    if not levels or levels[0] < 0 or levels[-1] >= num_levels:
+        raise ValueError(f"out_levels must name at least one level in 0..{num_levels - 1}, got {tuple(out_levels)}")
+    return levels
+
+
+class LevelMap(nn.Module):
+    """(B, N, D) tokens of one level -> (B, D, H, W) map: a view, no copy, no parameters.
+
+    One per level (``RevColV2.level_maps``): the named point where timm's ``feature_cls='hook'``
+    and ``'fx'`` extractors read a level (``feature_info`` names it) and where
+    :meth:`RevColV2.forward_intermediates` takes its maps.
+    """
+
+    def forward(self, tokens: Tensor, hw: Tuple[int, int]) -> Tensor:
+        return tokens.reshape(tokens.shape[0], hw[0], hw[1], tokens.shape[2]).permute(0, 3, 1, 2)
 
 
 class RevColV2(nn.Module):
@@ -463,7 +582,17 @@ class RevColV2(nn.Module):
             ``global_attn_indexes``.
         reversible: train with the reversible engine (activations rebuilt in backward).
         head_init_scale: multiplies the initial classifier weights (0.001 in fine-tuning).
+        global_pool: 'avg', 'max', 'avgmax' or '' (no pooling).
+        out_levels: the levels of the last column the model computes: 'top' (the default:
+            what the classifier reads), 'all' (dense prediction, MIM, features) or a sequence.
+            The levels that none of them depends on are not built (:class:`PrunedLevel`), so
+            every parameter of the model is used by its forward: in a TD column the top
+            level is updated first, and a classifier builds neither levels 0-2 of the last TD
+            column nor, with 2 TD columns, levels 0-1 of the one before.
+        fc_norm: LayerNorm after pooling (False: none, as in feature extractors).
     """
+
+    __jit_unused_properties__ = ["bu_columns", "td_columns"]
 
     def __init__(
         self,
@@ -489,6 +618,8 @@ class RevColV2(nn.Module):
         head_init_scale: float = 1.0,
         drop_rate: float = 0.0,
         global_pool: str = "avg",
+        out_levels: Union[str, Sequence[int]] = "top",
+        fc_norm: bool = True,
     ):
         super().__init__()
         if num_bu_columns < 1 or num_td_columns < 0 or num_levels < 1 or blocks_per_level < 1:
@@ -533,13 +664,9 @@ class RevColV2(nn.Module):
                 levels[l] = Level(blocks, embed_dim, has_cross, fusion)
             columns.append(Column(levels, direction, j > 0, embed_dim, alpha_init))
         self.columns = nn.ModuleList(columns)
-        # timm feature metadata: the levels of the last column, all at the patch stride
-        self.feature_info = [
-            dict(module=f"columns.{num_columns - 1}.levels.{l}", num_chs=embed_dim, reduction=patch_size)
-            for l in range(num_levels)
-        ]
+        self.level_maps = nn.ModuleList([LevelMap() for _ in range(num_levels)])
 
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -548,6 +675,9 @@ class RevColV2(nn.Module):
             with torch.no_grad():
                 self.head.weight.mul_(head_init_scale)
                 self.head.bias.mul_(head_init_scale)
+        # built whole first, so a pruned model holds exactly the full model's initial weights
+        self.out_levels = tuple(range(num_levels))
+        self.prune_levels(_resolve_out_levels(out_levels, num_levels))
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -562,6 +692,51 @@ class RevColV2(nn.Module):
             w = m.weight.data
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
             nn.init.zeros_(m.bias)
+
+    # ----------------------------------------------------------------- which levels are built
+    @torch.jit.ignore
+    def prune_levels(self, out_levels: Sequence[int]) -> None:
+        """Build only what the levels ``out_levels`` of the last column depend on.
+
+        BU columns always keep every level (the linear probe reads the last one); in the TD
+        columns every level that cannot reach ``out_levels`` becomes a :class:`PrunedLevel`.
+        Pruning only removes: asking for a level already pruned is a ``ValueError``.
+        """
+        out_levels = _resolve_out_levels(out_levels, self.num_levels)
+        if self.num_td_columns:
+            counts = levels_to_run(self.td_columns, out_levels)
+            last = self.columns[-1]
+            missing = [l for l in out_levels if l not in last.built_levels()]
+            if missing:
+                raise ValueError(
+                    f"levels {missing} of the last column are not built in this model (it builds "
+                    f"{sorted(last.built_levels())}): build it with out_levels='all' or {list(out_levels)}")
+            for j, (col, k) in enumerate(zip(self.td_columns, counts), start=self.num_bu_columns):
+                col.prune(k, j)
+        else:  # the last column is bottom-up: its top level needs all of its levels
+            out_levels = tuple(range(self.num_levels))
+        self.out_levels = tuple(out_levels)
+        self.feature_info = self._feature_info()
+
+    def newest_columns(self) -> List[int]:
+        """For each level, the last column that computes it: where its newest value comes from."""
+        return [max(j for j, col in enumerate(self.columns) if l in col.built_levels())
+                for l in range(self.num_levels)]
+
+    def _feature_info(self) -> List[dict]:
+        """timm feature metadata: every level at the patch stride, read at ``level_maps.l``;
+        ``column`` names the column its value comes from (the last one that builds it)."""
+        return [dict(module=f"level_maps.{l}", num_chs=self.embed_dim, reduction=self.patch_size, column=j)
+                for l, j in enumerate(self.newest_columns())]
+
+    def pruned_levels(self) -> List[Tuple[int, int]]:
+        """(column, level) pairs that this model does not build."""
+        return sorted((j, l) for j, col in enumerate(self.columns) for l in col.order[col.num_built:])
+
+    def pruned_prefixes(self) -> Tuple[str, ...]:
+        """Parameter-name prefixes of the levels this model does not build; a checkpoint of
+        the full model has tensors there that this model leaves out."""
+        return tuple(f"columns.{j}.levels.{l}." for j, l in self.pruned_levels())
 
     # ----------------------------------------------------------------- timm interface
     @property
@@ -579,8 +754,13 @@ class RevColV2(nn.Module):
     def num_layers(self) -> int:
         return num_layers(self.num_levels, self.blocks_per_level, self.num_bu_columns, self.num_td_columns)
 
+    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
-        """timm group matcher (a callable): maps parameter names to the layer-decay ids."""
+        """timm group matcher. Fine (default): the layer-decay ids, a callable on parameter
+        names. ``coarse=True``: one group per column (timm's stage-level grouping), after
+        the patch embedding and before the classifier."""
+        if coarse:
+            return dict(stem=r"^patch_embed", blocks=r"^columns\.(\d+)\.")
         return self.layer_id
 
     @torch.jit.ignore
@@ -592,6 +772,7 @@ class RevColV2(nn.Module):
         """timm's memory-saving switch; here it selects the reversible engine."""
         self.reversible = enable
 
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -616,57 +797,114 @@ class RevColV2(nn.Module):
         pos = sincos_pos_embed_2d(hw[0], hw[1], self.embed_dim, tokens.device, tokens.dtype)
         return tokens + pos, pos, hw
 
-    def draw_drop_path(self, batch: int, device) -> Tuple[Tensor, Tensor]:
-        """Per-sample drop-path scales for the BU and TD segments.
-
-        Each is (num_columns, B, blocks_per_column, 2) with values 0 or 1/keep_prob, or an
-        empty tensor when drop path is off.
-        """
-        if not self.training or self.drop_path_rate == 0:
-            empty = torch.empty(0, device=device)
-            return empty, empty
+    def _draw_keep(self, batch: int, device: torch.device) -> Tensor:
+        """Per-sample drop-path scales of every column, (num_columns, B, blocks_per_column, 2),
+        each 0 or 1/keep_prob."""
         nc = self.num_bu_columns + self.num_td_columns
         rates = self.drop_rates.view(nc, 1, self.blocks_per_column, 1).to(device)
         keep_prob = 1.0 - rates
-        keep = (torch.rand(nc, batch, self.blocks_per_column, 2, device=device) < keep_prob).float() / keep_prob
+        return (torch.rand(nc, batch, self.blocks_per_column, 2, device=device) < keep_prob).float() / keep_prob
+
+    def draw_drop_path(self, batch: int, device) -> Tuple[Tensor, Tensor]:
+        """:meth:`_draw_keep` split into the BU and TD columns, or two empty tensors when
+        drop path is off (the reversible engine's convention)."""
+        if not self.training or self.drop_path_rate == 0:
+            empty = torch.empty(0, device=device)
+            return empty, empty
+        keep = self._draw_keep(batch, device)
         return keep[: self.num_bu_columns], keep[self.num_bu_columns:]
+
+    def _use_reversible(self, tokens: Tensor) -> bool:
+        """The reversible engine trains; fx cannot trace its autograd Function, so a traced
+        model runs (and trains) through plain autograd."""
+        return (self.reversible and self.training and torch.is_grad_enabled()
+                and not isinstance(tokens, torch.fx.Proxy))
 
     def _run(self, columns, source, prev, keep, hw, needed_levels=None, last: bool = True) -> State:
         """Run ``columns``: reversible engine when training with gradients, else plain autograd.
 
-        Only the levels that ``needed_levels`` (of the last column; None: all) depend on run.
-        ``last``: no run follows this one in the forward, so the reversible engine may keep
-        its last update's graph (``keep_last_graph``, see ``revcolv2.reversible``).
+        Only the levels that ``needed_levels`` (of the last column; None: every built one)
+        depend on run. ``last``: no run follows this one in the forward, so the reversible
+        engine may keep its last update's graph (``keep_last_graph``, see
+        ``revcolv2.reversible``).
         """
         if len(columns) == 0:
             return prev
-        if self.reversible and torch.is_grad_enabled() and self.training:
-            return run_reversible(columns, source, prev, keep, hw, needed_levels,
-                                  keep_last_graph=last and self.keep_last_graph)
-        return run_plain(columns, source, prev, keep, hw, needed_levels)
+        if needed_levels is None:
+            needed_levels = columns[-1].built_levels()
+        if self._use_reversible(source):
+            return tuple(run_reversible(columns, source, prev, keep, hw, needed_levels,
+                                        keep_last_graph=last and self.keep_last_graph))
+        return tuple(run_plain(columns, source, prev, keep, hw, needed_levels))
 
-    def unused_levels(self, td_levels: Optional[Sequence[int]]) -> List[Tuple[int, int]]:
-        """(column, level) pairs that never run when only ``td_levels`` of the last column are read."""
-        counts = levels_to_run(self.td_columns, td_levels) if self.num_td_columns else []
-        counts = [self.num_levels] * self.num_bu_columns + counts
-        return [(j, l) for j, col in enumerate(self.columns) for l in col.order[counts[j]:]]
+    def _run_counts(self, last_count: Optional[int]) -> List[int]:
+        """Levels each column runs: every one it builds; the last column at most ``last_count``."""
+        counts = [col.num_built for col in self.columns]
+        if last_count is not None:
+            counts[-1] = min(counts[-1], last_count)
+        return counts
 
-    def freeze_unused_levels(self, td_levels: Optional[Sequence[int]] = None) -> List[str]:
-        """Freeze (``requires_grad=False``) the parameters of levels that cannot reach the
-        outputs ``td_levels`` (default: the top level, what :meth:`forward` reads).
+    def forward_state(self, x: Tensor, last_count: Optional[int] = None) -> Tuple[List[Tensor], Tuple[int, int]]:
+        """The newest value of every level, each (B, N, D), level 0 first, and the grid (H, W).
 
-        They stay in the model, so checkpoints keep loading unchanged; frozen, they get no
-        gradient, no optimizer state and no weight decay, and DDP can run with
-        ``find_unused_parameters=False``. Returns the frozen parameter names.
+        The newest value of level ``l`` is the one computed by the last column that builds
+        it: with ``out_levels='all'`` the last column's levels; in a classifier, the top level
+        of the last TD column and the lower ones from the columns before. ``last_count``: run
+        only that many levels of the last column (its update order), as ``stop_early`` does.
+        Every column runs every level it builds otherwise. Plain autograd in eval mode (the
+        path torch.fx and torch.jit.script see), the reversible engine in training.
         """
-        if td_levels is None:
-            td_levels = (self.num_levels - 1,)
-        frozen = []
-        for j, l in self.unused_levels(td_levels):
-            for name, p in self.columns[j].levels[l].named_parameters(prefix=f"columns.{j}.levels.{l}"):
-                p.requires_grad_(False)
-                frozen.append(name)
-        return frozen
+        tokens, _, hw = self.embed(x)
+        counts = self._run_counts(last_count)
+        if not torch.jit.is_scripting():  # TorchScript leaves this branch out: the engine is Python
+            if self._use_reversible(tokens):
+                return self._state_reversible(tokens, hw, counts), hw
+        keep: Optional[Tensor] = None
+        if self.training and self.drop_path_rate > 0:
+            keep = self._draw_keep(tokens.shape[0], tokens.device)
+        newest: List[Optional[Tensor]] = [None for _l in range(self.num_levels)]
+        state: Optional[List[Optional[Tensor]]] = None
+        for j, col in enumerate(self.columns):
+            new = col(tokens, state, None if keep is None else keep[j], hw, counts[j])
+            for l, t in enumerate(new):
+                if t is not None:
+                    newest[l] = t
+            state = new
+        out: List[Tensor] = []
+        for t in newest:
+            assert t is not None  # the BU columns compute every level
+            out.append(t)
+        return out, hw
+
+    def _state_reversible(self, tokens: Tensor, hw: Tuple[int, int], counts: List[int]) -> List[Tensor]:
+        """:meth:`forward_state` with the reversible engine. A run returns its last column
+        only, so the TD columns run in segments, each ending at a column that holds the newest
+        value of some level (one segment unless a classifier has 2+ TD columns)."""
+        keep_bu, keep_td = self.draw_drop_path(tokens.shape[0], tokens.device)
+        nb = self.num_bu_columns
+        ends = sorted({max((j for j, k in enumerate(counts) if l in self.columns[j].order[:k]))
+                       for l in range(self.num_levels)} - set(range(nb)))
+        # only the forward's last run may keep its last update's graph (keep_last_graph)
+        state = run_reversible(self.bu_columns, tokens, None, keep_bu, hw,
+                               keep_last_graph=self.keep_last_graph and not ends)
+        newest = list(state)
+        start = nb
+        for end in ends:
+            needed = self.columns[end].order[: counts[end]]
+            state = run_reversible(self.columns[start:end + 1], tokens, state, keep_td[start - nb:end + 1 - nb],
+                                   hw, needed, keep_last_graph=self.keep_last_graph and end == ends[-1])
+            newest = [n if t is None else t for n, t in zip(newest, state)]
+            start = end + 1
+        return newest
+
+    def forward_levels(self, x: Tensor, last_count: Optional[int] = None) -> Tuple[List[Tensor], List[Tensor]]:
+        """:meth:`forward_state` as tokens (B, N, D) and as maps (B, D, H/p, W/p): the maps are
+        views made by ``level_maps``, where timm's hook and fx feature extractors read them."""
+        tokens, hw = self.forward_state(x, last_count)
+        maps: List[Tensor] = []
+        for l, to_map in enumerate(self.level_maps):
+            maps.append(to_map(tokens[l], hw))
+        return tokens, maps
 
     def compile_levels(self, **compile_kwargs) -> "RevColV2":
         """``torch.compile`` every level's F_l in place (plain and reversible modes use them).
@@ -709,11 +947,18 @@ class RevColV2(nn.Module):
         level (and the patch tokens that feed the TD columns) is scattered back to full
         length with ``mask_token`` + position embedding at the masked positions.
 
-        ``td_levels``: the levels of the last TD column the caller reads (None: all). Only
-        the levels they depend on run, in forward and backward; the others come back as
-        ``None``. ``()`` skips the TD columns (the TD state is then None). Outputs that do
-        run are identical, drop-path draws included.
+        ``td_levels``: the levels of the last TD column the caller reads (None: every level
+        the model builds). Only the levels they depend on run, in forward and backward; the
+        others come back as ``None``. ``()`` skips the TD columns (the TD state is then
+        None). Outputs that do run are identical, drop-path draws included. A level the
+        model does not build is a ``ValueError``.
         """
+        if td_levels is not None and self.num_td_columns:
+            missing = sorted(set(td_levels) - set(self.columns[-1].built_levels()))
+            if missing:
+                raise ValueError(
+                    f"levels {missing} of the last TD column are not built in this model (out_levels="
+                    f"{self.out_levels}): build it with out_levels='all' to read them")
         tokens, pos, hw = self.embed(x)
         keep_bu, keep_td = self.draw_drop_path(tokens.shape[0], tokens.device)
         run_td = td_levels is None or len(td_levels) > 0
@@ -750,57 +995,69 @@ class RevColV2(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """timm's intermediate-feature API over the levels of the last column.
+        """timm's intermediate-feature API over the levels, level 0 first.
 
-        The intermediates are the ``num_levels`` levels of the last column (the last TD
-        column, or the last BU column when there is none), level 0 first; ``indices``
-        selects among them as in timm (None: all, int n: the last n, sequence: those).
-        ``output_fmt`` 'NCHW' gives (B, D, H/p, W/p) maps, 'NLC' (B, N, D) tokens. Returns
-        ``(final features, intermediates)`` with the final features those of
-        :meth:`forward_features`, or only the intermediates with ``intermediates_only``.
-        ``norm`` and ``stop_early`` are accepted for timm compatibility and change nothing:
-        the levels have no final norm (``fc_norm`` belongs to the classifier) and every
-        column feeds every level of the last one.
+        The intermediates are the newest values of the ``num_levels`` levels (see
+        :meth:`forward_state`): the levels of the last column for a model built with
+        ``out_levels='all'`` (``features_only=True``, the detectron2 backbone); ``feature_info``
+        names the column each one comes from. ``indices`` selects as in timm (None: all, int
+        n: the last n, sequence: those). ``output_fmt`` 'NCHW' gives (B, D, H/p, W/p) maps,
+        'NLC' (B, N, D) tokens. Returns ``(final features, intermediates)``, the final
+        features those of :meth:`forward_features`, or only the intermediates with
+        ``intermediates_only``.
+
+        ``stop_early=True``: the last column stops after the lowest level asked for (its
+        levels run top-down), the values returned are the same. ``norm=True`` is refused:
+        the levels have no final norm (``fc_norm`` belongs to the classifier, after pooling).
         """
+        if norm:
+            raise ValueError("norm=True is not supported: RevColV2's levels have no final norm "
+                             "(fc_norm belongs to the classifier, after pooling)")
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, _ = feature_take_indices(self.num_levels, indices)
-        # only the requested levels (and the top one for the final features) run
-        wanted = set(take_indices) | (set() if intermediates_only else {self.num_levels - 1})
-        _, last, (h, w) = self.forward_columns(x, td_levels=sorted(wanted))
-        levels = [last[i] for i in take_indices]
-        if output_fmt == "NCHW":
-            levels = [t.transpose(1, 2).reshape(t.shape[0], -1, h, w) for t in levels]
+        last_count = None
+        if stop_early:
+            last = self.columns[-1]
+            wanted = set(take_indices) | (set() if intermediates_only else {self.num_levels - 1})
+            last_count = max((last.order.index(l) + 1 for l in wanted if l in last.built_levels()), default=0)
+        tokens, maps = self.forward_levels(x, last_count)
+        levels = [maps[i].contiguous() if output_fmt == "NCHW" else tokens[i] for i in take_indices]
         if intermediates_only:
             return levels
-        return last[-1], levels
+        return tokens[-1], levels
 
     def prune_intermediate_layers(
         self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> List[int]:
-        """timm hook of ``features_only``: drop the classifier (no column can be dropped)."""
+        """timm hook of ``features_only``: keep only what the levels ``indices`` need (the
+        levels of the last column that none of them depends on are pruned) and, with
+        ``prune_head``, drop the classifier and its norm."""
         take_indices, _ = feature_take_indices(self.num_levels, indices)
+        from_last = [l for l in take_indices if l in self.columns[-1].built_levels()]
+        if not from_last:
+            raise ValueError(
+                f"levels {take_indices} all come from columns before the last one in this model (out_levels="
+                f"{self.out_levels}): build it with out_levels='all' (features_only=True does) to take them")
+        self.prune_levels(from_last)
         if prune_head:
             self.fc_norm = nn.Identity()
             self.reset_classifier(0, "")
         return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """Top level of the last column (B, N, D): what :meth:`forward_head` pools.
-
-        Only the levels that can reach it run (see ``forward_columns(td_levels=...)``).
-        """
-        return self.forward_columns(x, td_levels=(self.num_levels - 1,))[1][-1]
+        """Top level (B, N, D), what :meth:`forward_head` pools. Every level the model builds
+        runs, and passes through ``level_maps`` (free views) for timm's feature extractors."""
+        tokens, _ = self.forward_levels(x)
+        return tokens[-1]
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """(B, N, D) tokens -> logits (B, K); with ``global_pool=''`` no pooling: (B, N, K)."""
-        if self.global_pool == "avg":
-            x = x.mean(dim=1)
+        x = global_pool_nlc(x, pool_type=self.global_pool, num_prefix_tokens=0)
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        # the classifier reads only the top level: the levels that cannot reach it do not run
         return self.forward_head(self.forward_features(x))
 
 
@@ -821,6 +1078,42 @@ def _cfg(**kwargs) -> dict:
     }
 
 
+def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: RevColV2) -> Dict[str, Tensor]:
+    """timm ``pretrained_filter_fn``: unwrap the checkpoint and leave out what ``model`` does
+    not hold: the pre-training-only tensors (mask token, reconstruction head), the levels it
+    does not build (``model.pruned_prefixes()``) and, in a model without one, the classifier
+    norm. Whatever is left out is logged; everything else must match the model."""
+    sd = unwrap_state_dict(state_dict)
+    absent = PRETRAIN_ONLY_PREFIXES + model.pruned_prefixes()
+    if isinstance(model.fc_norm, nn.Identity):
+        absent += ("fc_norm.",)
+    kept = {k: v for k, v in sd.items() if not k.startswith(absent)}
+    if len(kept) < len(sd):
+        _logger.info("left out %d checkpoint tensors this model does not hold: %s",
+                     len(sd) - len(kept), ", ".join(k for k in sd if k not in kept))
+    return kept
+
+
+FEATURE_CLASSES = ("getter", "hook", "fx")
+
+
+def _feature_model_args(model_args: dict, feature_cfg: dict) -> dict:
+    """Constructor arguments of a ``features_only`` model: the levels ``out_indices`` need,
+    no classifier, no pooling, no classifier norm, so every parameter feeds a feature."""
+    feature_cls = model_args.get("feature_cls", feature_cfg.get("feature_cls"))
+    name = feature_cls.lower() if isinstance(feature_cls, str) else getattr(feature_cls, "__name__", feature_cls)
+    known = {"getter": "getter", "hook": "hook", "fx": "fx",
+             "FeatureGetterNet": "getter", "FeatureHookNet": "hook", "FeatureGraphNet": "fx"}
+    if name not in known:
+        raise ValueError(
+            f"features_only with feature_cls={feature_cls!r} is not supported by RevColV2: use one of "
+            f"{FEATURE_CLASSES} ('list' and 'dict' rebuild the model as a sequence of stages, and "
+            "RevColV2's levels are not stages of one sequence)")
+    out_indices = model_args.get("out_indices", feature_cfg["out_indices"])
+    take, _ = feature_take_indices(model_args.get("num_levels", 4), out_indices)
+    return dict(out_levels=take, num_classes=0, global_pool="", fc_norm=False)
+
+
 def create_revcolv2(
     variant: str, pretrained: bool = False, model_cls: Type[RevColV2] = RevColV2, **kwargs
 ) -> RevColV2:
@@ -830,14 +1123,22 @@ def create_revcolv2(
     backbone all build through here, so a size override (``num_bu_columns=4``) reaches
     every consumer through the built module (``model.layer_id``, ``model.feature_info``).
     ``pretrained=True`` loads the preset's weights through timm, e.g. a local file with
-    ``pretrained_cfg_overlay=dict(file="model.safetensors")``.
+    ``pretrained_cfg_overlay=dict(file="model.safetensors")``; :func:`checkpoint_filter_fn`
+    leaves out the checkpoint tensors the model does not hold.
+
+    ``features_only=True`` builds the levels ``out_indices`` need (all four by default),
+    without classifier; ``feature_cls`` 'getter' (default, ``forward_intermediates``),
+    'hook' or 'fx' (both read ``level_maps``) give the same maps.
     """
     if variant not in MODEL_CFGS:
         raise ValueError(f"unknown RevColV2 variant {variant!r}; choose from {sorted(MODEL_CFGS)}")
     model_args = dict(MODEL_CFGS[variant], **kwargs)
+    feature_cfg = dict(feature_cls="getter", out_indices=tuple(range(model_args.get("num_levels", 4))))
+    feature_cfg.update(model_args.pop("feature_cfg", None) or {})
+    if model_args.get("features_only"):
+        model_args.update(_feature_model_args(model_args, feature_cfg))
     return build_model_with_cfg(
-        model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(model_args.get("num_levels", 4)))),
+        model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=feature_cfg,
         **model_args,
     )
 

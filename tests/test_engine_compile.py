@@ -11,7 +11,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def _model():
     torch.manual_seed(0)
     return RevColV2(embed_dim=32, num_heads=2, num_classes=5, num_bu_columns=1, num_td_columns=1, num_levels=2,
-                    drop_path_rate=0.2).train()
+                    drop_path_rate=0.2, out_levels="all").train()  # the loss reads every level
 
 
 def _grads(model, x, reversible):

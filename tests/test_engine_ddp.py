@@ -1,8 +1,9 @@
 """DDP (2 processes, gloo, CPU) with find_unused_parameters=False, reversible and plain.
 
-The levels that cannot reach the classifier are frozen (``freeze_unused_levels``); every
-other parameter must then get a gradient in every step, or DDP's second step raises.
-The averaged gradients must equal the mean of the two ranks' single-process gradients.
+The classifier is built as ``timm.create_model`` builds it, with no further call: it does
+not build the levels that cannot reach its head, so every parameter gets a gradient in
+every step (else DDP's second step raises "Expected to have finished reduction"). The
+averaged gradients must equal the mean of the two ranks' single-process gradients.
 """
 import os
 import socket
@@ -10,20 +11,19 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
+import timm
 import torch.multiprocessing as mp
 
-from revcolv2.classification import freeze_unused_levels
-from revcolv2.model import RevColV2
+import revcolv2  # noqa: F401  (registers the presets)
 
-CFG = dict(embed_dim=32, num_heads=2, num_classes=5, num_bu_columns=2, num_td_columns=1, drop_path_rate=0.2)
+# two TD columns: the classifier builds neither levels 0-2 of the last one nor 0-1 of the one before
+CFG = dict(embed_dim=32, num_heads=2, num_classes=5, num_bu_columns=2, num_td_columns=2, drop_path_rate=0.2)
 STEPS = 2
 
 
 def _model(reversible):
     torch.manual_seed(0)
-    model = RevColV2(reversible=reversible, **CFG).double().train()
-    freeze_unused_levels(model)
-    return model
+    return timm.create_model("revcolv2_tiny", reversible=reversible, **CFG).double().train()
 
 
 def _batch(step, rank):
@@ -87,8 +87,7 @@ def test_ddp_gradients_equal_single_process_mean(reversible, ddp_grads):
                     ref[name] = ref.get(name, 0) + p.grad / 2
     finally:
         torch.set_num_threads(n)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert len(frozen) > 0
-    assert {n for n, g in ddp_grads.items() if g is None} == frozen
+    assert len(model.pruned_levels()) == 5 and all(p.requires_grad for p in model.parameters())
+    assert set(ddp_grads) == set(ref) and all(g is not None for g in ddp_grads.values())
     for name, g in ref.items():
         assert torch.allclose(ddp_grads[name], g, rtol=1e-10, atol=1e-12), name

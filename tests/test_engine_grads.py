@@ -14,7 +14,9 @@ CFG = dict(embed_dim=32, num_heads=2, num_classes=7, num_bu_columns=2, blocks_pe
 
 
 def _model(td, window, mim=False, **kw):
-    cfg = dict(CFG, num_td_columns=td, window_size=window, global_attn_indexes=(1, 6) if window else ())
+    """Every level built unless ``out_levels='top'`` (the classifier) is asked for."""
+    cfg = dict(CFG, num_td_columns=td, window_size=window, global_attn_indexes=(1, 6) if window else (),
+               out_levels="all")
     cfg.update(kw)
     torch.manual_seed(0)
     model = RevColV2MIM(**cfg) if mim else RevColV2(**cfg)
@@ -32,8 +34,8 @@ def _loss_classification(model, x):
 
 
 def _loss_classification_unpruned(model, x):
-    """Logits from all levels of the last column: the levels below the top run but get no gradient."""
-    return model.forward_head(model.forward_columns(x)[1][-1]).square().sum()
+    """Logits of a model that builds every level: the levels below the top run but get no gradient."""
+    return model(x).square().sum()
 
 
 def _loss_mim(model, x):
@@ -62,7 +64,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("td", [1, 2])
 @pytest.mark.parametrize("window", [0, 2])
 def test_float64_gradients_equal_plain_autograd(loss, td, window):
-    model = _model(td, window, mim=loss == "mim")
+    model = _model(td, window, mim=loss == "mim", **({"out_levels": "top"} if loss == "cls" else {}))
     x = torch.randn(2, 3, 64, 64 if loss == "mim" else 80, dtype=torch.float64)
     loss_r, g_r = _grads(model, LOSSES[loss], x, True)
     loss_p, g_p = _grads(model, LOSSES[loss], x, False)
@@ -70,40 +72,48 @@ def test_float64_gradients_equal_plain_autograd(loss, td, window):
     none_r = {n for n, g in g_r.items() if g is None}
     none_p = {n for n, g in g_p.items() if g is None}
     assert none_r == none_p
-    if loss == "cls":  # the levels below the top of the last TD column did not run
-        dead = {f"columns.{j}.levels.{l}." for j, l in model.unused_levels((model.num_levels - 1,))}
-        # last TD column: levels 0-2; with 2 TD columns the one before also skips levels 0-1
-        assert len(dead) == (3 if td == 1 else 5)
-        assert {n for n in g_p if n.startswith(tuple(dead))} <= none_p
+    if loss == "cls":  # the classifier builds only what reaches its head: every parameter learns
+        # not built: levels 0-2 of the last TD column; with 2 TD columns also levels 0-1 of the one before
+        assert len(model.pruned_levels()) == (3 if td == 1 else 5)
+        assert none_p == set()
+    if loss == "cls_unpruned":  # built but out of the classifier's reach: no gradient
+        dead = tuple(f"columns.{j}.levels.{l}." for j, l in _model(td, window, out_levels="top").pruned_levels())
+        assert {n for n in g_p if n.startswith(dead)} == none_p
     for name, g in g_p.items():
         if g is not None:
             assert _rel(g_r[name], g) < 1e-8, name
 
 
-def test_forward_skips_dead_levels_with_identical_logits():
-    """forward() runs only what the top level needs: same logits (drop path included), fewer blocks."""
-    model = _model(2, 0)
-    calls = []
-    for m in model.modules():
-        if isinstance(m, Block):
-            m.register_forward_hook(lambda *a: calls.append(1))
+def test_classifier_builds_only_what_reaches_its_head_with_identical_logits():
+    """The classifier (out_levels='top') holds the full model's weights minus the levels that
+    cannot reach the top one: same logits (drop path included), fewer blocks, no others."""
+    full, pruned = _model(2, 0), _model(2, 0, out_levels="top")
+    assert set(dict(pruned.named_parameters())) < set(dict(full.named_parameters()))
+    for name, p in pruned.state_dict().items():
+        assert torch.equal(p, full.state_dict()[name]), name  # the same initial weights
+    counts = []
+    for model in (full, pruned):
+        calls = []
+        for m in model.modules():
+            if isinstance(m, Block):
+                m.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        counts.append(calls)
     x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
     torch.manual_seed(3)
-    full = model.forward_head(model.forward_columns(x)[1][-1])
-    n_full, calls[:] = len(calls), []
+    logits_full = full(x)
     torch.manual_seed(3)
-    pruned = model(x)
-    assert torch.equal(full, pruned)
-    # 2 BU + 2 TD columns of 4 levels x 2 blocks = 32; the last TD column runs its top level
+    assert torch.equal(logits_full, pruned(x))
+    # 2 BU + 2 TD columns of 4 levels x 2 blocks = 32; the last TD column builds its top level
     # only, which reads levels 2 and 3 of the TD column before it
-    assert n_full == 32 and len(calls) == 32 - (3 + 2) * 2
+    assert len(counts[0]) == 32 and len(counts[1]) == 32 - (3 + 2) * 2
+    assert sum(isinstance(m, Block) for m in pruned.modules()) == 32 - (3 + 2) * 2
 
 
 @pytest.mark.parametrize("reversible,keep_last_graph", [(True, True), (True, False), (False, True)])
 def test_block_evaluations_per_training_step(reversible, keep_last_graph):
     """Plain: one forward per live block. Reversible: one more per live block in backward, except
     the forward's last update, whose graph is kept for its backward (unless turned off)."""
-    model = _model(1, 0, blocks_per_level=2)
+    model = _model(1, 0, blocks_per_level=2, out_levels="top")
     model.reversible, model.keep_last_graph = reversible, keep_last_graph
     calls = []
     for m in model.modules():
@@ -187,8 +197,8 @@ def test_bf16_states_are_fp32_and_rebuilt_in_the_forward_dtype(monkeypatch):
     assert len(checked) > 8  # stored last states and every rebuilt one went through the check
 
 
-def test_linear_probe_runs_no_td_column_and_freezing_names_the_dead_levels():
-    from revcolv2.classification import LinearProbe, freeze_unused_levels
+def test_linear_probe_runs_no_td_column():
+    from revcolv2.classification import LinearProbe
 
     model = _model(1, 0).float()
     td_blocks = [m for col in model.td_columns for m in col.modules() if isinstance(m, Block)]
@@ -203,9 +213,3 @@ def test_linear_probe_runs_no_td_column_and_freezing_names_the_dead_levels():
     with torch.no_grad():
         bu, _, _ = model.forward_columns(x)
     assert torch.equal(feats, bu[-1].mean(dim=1))
-
-    fresh = _model(1, 0)
-    frozen = freeze_unused_levels(fresh)
-    assert frozen and all(n.startswith(("columns.2.levels.0.", "columns.2.levels.1.", "columns.2.levels.2."))
-                          for n in frozen)
-    assert {n for n, p in fresh.named_parameters() if not p.requires_grad} == set(frozen)

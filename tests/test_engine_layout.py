@@ -70,11 +70,12 @@ def _mim_step(model, x):
     loss.backward()
 
 
-def _tiny(mim: bool):
+def _tiny(mim: bool, out_levels: str = "top"):
     torch.manual_seed(0)
     if mim:
         return create_mim_model("revcolv2_tiny", reversible=True).train()
-    return timm.create_model("revcolv2_tiny", num_classes=10, drop_path_rate=0.1, reversible=True).train()
+    return timm.create_model("revcolv2_tiny", num_classes=10, drop_path_rate=0.1, reversible=True,
+                             out_levels=out_levels).train()
 
 
 @pytest.mark.parametrize("mim,max_copies", [(False, 0), (True, 1)])
@@ -98,7 +99,7 @@ def test_a_reversible_step_copies_no_state_and_no_layer_norm_input(mim, max_copi
 def test_states_are_contiguous_in_forward_rebuild_and_backward(mim, monkeypatch):
     """Outputs of both runs, every value the run buffer stores (the last states and each
     rebuilt one) and every gradient a level update receives are contiguous."""
-    model = _tiny(mim)
+    model = _tiny(mim, out_levels="all")
     stored, grads = [], []
     store, backward_node = rv.RunBuffer.store, rv.RunBuffer.backward_node
 

@@ -47,7 +47,9 @@ def test_layer_decay_groups_cover_every_parameter_once_with_increasing_scale():
     for g in groups:
         assert scale_of.setdefault(g["layer_id"], g["lr_scale"]) == g["lr_scale"]
     ids = sorted(scale_of)
-    assert ids == list(range(model.num_layers()))
+    # the rule's ids, unchanged by pruning: the classifier builds no block with the largest one
+    assert ids == sorted({model.layer_id(n) for n, _ in model.named_parameters()})
+    assert ids == [i for i in range(model.num_layers()) if i != model.num_layers() - 2]
     assert all(scale_of[a] < scale_of[b] for a, b in zip(ids, ids[1:]))  # strictly increasing
     head = next(g for g in groups if "head.weight" in g["param_names"])
     assert head["lr_scale"] == 1.0 and head["layer_id"] == ids[-1]
@@ -62,7 +64,10 @@ def test_layer_decay_groups_cover_every_parameter_once_with_increasing_scale():
 def test_mim_checkpoint_loads_with_a_report(mim_checkpoint, capsys):
     model = classifier()
     report = load_pretrained(model, str(mim_checkpoint))
-    assert report.unexpected and all(k.startswith(PRETRAIN_ONLY_PREFIXES) for k in report.unexpected)
+    # left out and listed: the pre-training-only tensors and the levels the classifier does not build
+    assert {k for k in report.unexpected if not k.startswith(PRETRAIN_ONLY_PREFIXES)} == {
+        k for k in torch.load(mim_checkpoint)["model"] if k.startswith(model.pruned_prefixes())}
+    assert any(k.startswith("columns.2.levels.0.") for k in report.unexpected)
     assert report.missing and all(k.startswith(("head.", "fc_norm.")) for k in report.missing)
     sd = torch.load(mim_checkpoint)["model"]
     for k, v in model.state_dict().items():
@@ -70,6 +75,7 @@ def test_mim_checkpoint_loads_with_a_report(mim_checkpoint, capsys):
             assert torch.equal(v, sd[k]), k
     out = capsys.readouterr().out
     assert "loaded" in out and "unused from checkpoint" in out and "mask_token" in out
+    assert "levels this model does not build (columns.2.levels.0, columns.2.levels.1, columns.2.levels.2)" in out
 
 
 def test_anything_else_unmatched_is_an_error(mim_checkpoint, tmp_path):

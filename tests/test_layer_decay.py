@@ -37,6 +37,17 @@ def test_counts_and_scales():
 
 
 def test_every_parameter_of_a_model_gets_an_id_in_range():
-    model = RevColV2(embed_dim=32, num_heads=2, num_classes=3, blocks_per_level=2, num_td_columns=2)
+    model = RevColV2(embed_dim=32, num_heads=2, num_classes=3, blocks_per_level=2, num_td_columns=2, out_levels="all")
     ids = {n: model.layer_id(n) for n, _ in model.named_parameters()}
     assert set(ids.values()) == set(range(model.num_layers()))
+
+
+def test_the_stem_id_names_parameters_that_exist():
+    """Id 0 goes to the patch embedding and the MIM mask token, and to nothing else (the
+    position embedding is a fixed sin-cos, not a parameter)."""
+    from revcolv2.mim import RevColV2MIM
+
+    model = RevColV2MIM(embed_dim=32, num_heads=2, img_size=64)
+    stem = {n for n, _ in model.named_parameters() if model.layer_id(n) == 0}
+    assert stem == {"patch_embed.proj.weight", "patch_embed.proj.bias", "mask_token"}
+    assert layer_id("pos_embed", **B) == max_layer_id(**B) + 1  # no parameter of that name: no stem id

@@ -90,10 +90,12 @@ def test_sincos_pos_embed_any_grid():
 
 
 # Our own sizes at 224x224 with a 1000-class head, measured by `python tools/model_stats.py`
-# (params in M, GFLOPs with one multiply-add = one FLOP). The FLOPs count every level of
-# every column, all four levels of the last TD column included, although the classifier
-# reads only the top one (revcolv2.flops.count_flops traces the classifier and the levels).
+# (params in M, GFLOPs with one multiply-add = one FLOP), counting every level of every
+# column (out_levels='all'), all four levels of the last TD column included, as the paper
+# counts; the classifier builds fewer (test_the_classifier_is_smaller below).
 OUR_SIZES = {"revcolv2_base": (89.975, 18.188), "revcolv2_large": (319.919, 64.379)}
+# the classifier as timm.create_model(name, num_classes=1000) builds it (out_levels='top')
+BUILT_PARAMS = {"revcolv2_base": 67.527, "revcolv2_large": 253.783}
 # supplementary Table 5 of the paper
 PAPER_SIZES = {"revcolv2_base": (88.0, 19.0), "revcolv2_large": (327.0, 67.0)}
 
@@ -102,7 +104,7 @@ PAPER_SIZES = {"revcolv2_base": (88.0, 19.0), "revcolv2_large": (327.0, 67.0)}
 def measured_sizes():
     out = {}
     for name in OUR_SIZES:
-        model = timm.create_model(name, num_classes=1000)
+        model = timm.create_model(name, num_classes=1000, out_levels="all")
         out[name] = (count_params(model), count_flops(model))
         del model
     return out
@@ -131,34 +133,61 @@ def test_sizes_against_the_paper(name, measured_sizes):
     assert abs(gflops - paper_gflops) / paper_gflops < 0.05
 
 
-def test_flops_count_all_four_levels_of_the_last_column():
-    """count_flops counts the levels the classifier does not read (TD levels 0-2 of the last
-    column, whose blocks the eager forward runs): more than a trace of the logits alone."""
+def test_flops_count_every_level_a_model_builds():
+    """count_flops counts the levels a full model builds but its classifier does not read
+    (TD levels 0-2 of the last column, which a trace of the logits alone drops as dead
+    code); the classifier builds 9 of the 12 blocks and counts only those."""
     from fvcore.nn import FlopCountAnalysis
 
     from revcolv2.flops import _sdpa_flop
 
-    model = timm.create_model("revcolv2_tiny", num_classes=10).eval()
-    fca = FlopCountAnalysis(model, torch.zeros(1, 3, 64, 64))
+    full = timm.create_model("revcolv2_tiny", num_classes=10, out_levels="all").eval()
+    fca = FlopCountAnalysis(full, torch.zeros(1, 3, 64, 64))
     fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop)
     fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     logits_only = fca.total() / 1e9
-    every_level = count_flops(model, 64)
-    # the last TD column updates levels 3 -> 0: levels 2, 1, 0 (3 of its 4 blocks) are dead
-    # code for the logits; 12 blocks in all, so the full count is about 12/9 of the other
+    every_level = count_flops(full, 64)
+    classifier = count_flops(timm.create_model("revcolv2_tiny", num_classes=10), 64)
     assert every_level > logits_only * 1.2
+    assert classifier == pytest.approx(logits_only, rel=1e-6)
+
+
+@pytest.mark.slow  # builds B and L twice
+@pytest.mark.parametrize("name", sorted(OUR_SIZES))
+def test_the_classifier_is_smaller(name, measured_sizes):
+    """B: 22.4M of 90.0M parameters (L: 66.1M of 319.9M) sit in levels a classifier does not build."""
+    built = count_params(timm.create_model(name, num_classes=1000))
+    params, _ = measured_sizes[name]
+    assert built == pytest.approx(BUILT_PARAMS[name], abs=0.1) and built < params
+
+
+def _timm_scales(model):
+    from timm.optim import param_groups_layer_decay
+
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.5)
+    scales = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    return {n: scales[id(p)] for n, p in model.named_parameters()}
 
 
 def test_group_matcher_drives_timm_layer_decay():
-    from timm.optim import param_groups_layer_decay
+    """With every level built, timm's layer decay is the RevCol rule exactly. A classifier
+    holds no parameter with the largest block id (level 0 of the last TD column), and timm
+    numbers groups consecutively: there, every scale sits one factor of the decay closer to
+    the head (docs/ARCHITECTURE.md); revcolv2.optim keeps the rule's ids."""
+    from revcolv2.layer_decay import lr_scale
+    from revcolv2.optim import param_groups_layer_decay
 
-    model = timm.create_model("revcolv2_tiny", num_classes=4)
-    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.5)
-    scales = {}
-    for g in groups:
-        for p in g["params"]:
-            scales[id(p)] = g["lr_scale"]
-    by_name = {n: scales[id(p)] for n, p in model.named_parameters()}
+    full = timm.create_model("revcolv2_tiny", num_classes=4, out_levels="all")
+    by_name = _timm_scales(full)
+    layout = (full.num_levels, full.blocks_per_level, full.num_bu_columns, full.num_td_columns)
+    assert all(s == lr_scale(n, 0.5, *layout) for n, s in by_name.items())
     assert by_name["head.weight"] == 1.0
-    assert by_name["patch_embed.proj.weight"] == 0.5 ** (model.num_layers() - 1)
+    assert by_name["patch_embed.proj.weight"] == 0.5 ** (full.num_layers() - 1)
     assert by_name["columns.0.levels.0.blocks.0.attn.qkv.weight"] < by_name["columns.2.levels.0.blocks.0.attn.qkv.weight"]
+
+    clf = timm.create_model("revcolv2_tiny", num_classes=4)
+    timm_scales = _timm_scales(clf)
+    ours = {n: g["lr_scale"] for g in param_groups_layer_decay(clf, 0.05, 0.5) for n in g["param_names"]}
+    assert ours == {n: lr_scale(n, 0.5, *layout) for n in ours}  # the rule, ids unchanged by pruning
+    head_id = clf.num_layers() - 1  # the classifier and its norm: scale 1 either way
+    assert all(timm_scales[n] == (1.0 if clf.layer_id(n) == head_id else ours[n] / 0.5) for n in ours)

@@ -30,10 +30,10 @@ LEVELS = 4
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def classifier(num_td_columns=1):
+def classifier(num_td_columns=1, **kwargs):
     torch.manual_seed(0)
     return timm.create_model("revcolv2_tiny", num_classes=5, reversible=False, num_td_columns=num_td_columns,
-                             **TINY).eval()
+                             **TINY, **kwargs).eval()
 
 
 def mim(num_td_columns=1):
@@ -141,10 +141,21 @@ def test_logit_gradients_reach_exactly_the_levels_upstream_of_the_top_level(num_
         assert model.get_parameter(name).grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("num_td_columns", [1, 2])
+def test_the_classifier_builds_exactly_the_levels_upstream_of_the_top_level(num_td_columns):
+    """Derived from the reversible unit alone (``ancestors_of_top_level``), not from the model."""
+    model = classifier(num_td_columns)
+    reach = ancestors_of_top_level(model.num_bu_columns, model.num_td_columns)
+    built = {(j, l) for j in range(len(model.columns)) for l in range(LEVELS)} - set(model.pruned_levels())
+    assert built == reach
+    assert all(any(True for _ in model.columns[j].levels[l].parameters()) == ((j, l) in reach)
+               for j in range(len(model.columns)) for l in range(LEVELS))
+
+
 def test_feature_maps_for_dense_heads_are_the_last_td_columns_levels():
-    """forward_intermediates returns the last TD column's state, level 0 first, and
-    forward_features its top level."""
-    model = classifier()
+    """With every level built (dense heads, features_only), forward_intermediates returns
+    the last TD column's state, level 0 first, and forward_features its top level."""
+    model = classifier(out_levels="all")
     store = {}
     capture(model.columns[-1], store, "td")
     with torch.no_grad():

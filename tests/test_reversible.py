@@ -7,7 +7,7 @@ from revcolv2.model import RevColV2
 
 def _small(**kw):
     cfg = dict(embed_dim=32, num_heads=2, num_classes=7, num_bu_columns=2, num_td_columns=2,
-               blocks_per_level=2, drop_path_rate=0.3)
+               blocks_per_level=2, drop_path_rate=0.3, out_levels="all")  # the loss reads every level
     cfg.update(kw)
     return RevColV2(**cfg)
 

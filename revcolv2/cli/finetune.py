@@ -21,7 +21,7 @@ from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
-from ..classification import ClassificationTrainer, freeze_unused_levels, load_pretrained
+from ..classification import ClassificationTrainer, describe_built_levels, load_pretrained
 from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, pillow_safe_randaugment
 from ..distributed import prepare_data_root
 from ..optim import param_groups_layer_decay
@@ -67,7 +67,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
         batch = o_cfg["batch_size"]
         lr = o_cfg["base_lr"] * batch / 256
-        freeze_unused_levels(model, verbose=info.is_main)  # before the optimizer: no state, no decay for them
+        built = describe_built_levels(model)
+        if info.is_main and built:
+            print(built)
         groups = param_groups_layer_decay(model, o_cfg["weight_decay"], o_cfg["layer_decay"], model.no_weight_decay())
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(o_cfg["betas"]))
 

@@ -104,14 +104,14 @@ class RevColV2Backbone(Backbone):
         self.net = create_revcolv2(
             variant,
             num_classes=0,
+            out_levels="all",  # the pyramid reads every level of the last TD column
+            fc_norm=False,  # the classifier's norm has no use in dense prediction
             window_size=window_size,
             global_attn_indexes=global_attn_indexes,
             drop_path_rate=drop_path_rate,
             reversible=reversible,
             **net_kwargs,
         )
-        # the classifier norm is unused in dense prediction
-        self.net.fc_norm = nn.Identity()
         dim = self.net.embed_dim
         self.to_strides = nn.ModuleList(
             [_upsample(dim, 2), _upsample(dim, 1), nn.Identity(), nn.MaxPool2d(kernel_size=2, stride=2)]

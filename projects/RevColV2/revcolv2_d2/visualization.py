@@ -72,15 +72,19 @@ class LazyPredictor:
         self.augmentations = T.AugmentationList([instantiate(a) for a in mapper.get("augmentations", [])])
         self.input_format = mapper.get("image_format", cfg.model.get("input_format", "BGR"))
 
-    @torch.no_grad()
-    def __call__(self, bgr: np.ndarray) -> Dict:
-        """(H, W, 3) uint8 BGR -> the model's output dict for that image."""
+    def prepare(self, bgr: np.ndarray) -> Dict:
+        """(H, W, 3) uint8 BGR -> the model's input dict: the test resize, the input format."""
         image = bgr[:, :, ::-1] if self.input_format == "RGB" else bgr
         h, w = image.shape[:2]
         aug = T.AugInput(np.ascontiguousarray(image))
         self.augmentations(aug)
         tensor = torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1))).to(self.device)
-        return self.model([{"image": tensor, "height": h, "width": w}])[0]
+        return {"image": tensor, "height": h, "width": w}
+
+    @torch.no_grad()
+    def __call__(self, bgr: np.ndarray) -> Dict:
+        """(H, W, 3) uint8 BGR -> the model's output dict for that image."""
+        return self.model([self.prepare(bgr)])[0]
 
 
 def draw_predictions(rgb: np.ndarray, outputs: Dict, metadata, threshold: float) -> np.ndarray:
