@@ -161,10 +161,10 @@ def test_op_chains_of_a_cpu_trace_use_the_innermost_aten_ops(tmp_path):
 def test_report_replaces_the_current_table_and_keeps_the_old_one_in_the_history(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_common, "machine_description", lambda device: f"a {device} machine")
     path = str(tmp_path / "BENCHMARKS.md")
-    key = bench_common.update_report(path, "Backbone step", "python tools/x.py", "cpu", "| a |\n|---|\n| 1 |")
+    key = bench_common.update_report(path, "Backbone step", "python tools/benchmark_backbone.py", "cpu", "| a |\n|---|\n| 1 |")
     assert key == "Backbone step (CPU)"
-    bench_common.update_report(path, "Backbone step", "python tools/x.py", "cuda", "| a |\n|---|\n| 5 |")
-    bench_common.update_report(path, "Backbone step", "python tools/x.py", "cpu", "| a |\n|---|\n| 2 |")
+    bench_common.update_report(path, "Backbone step", "python tools/benchmark_backbone.py", "cuda", "| a |\n|---|\n| 5 |")
+    bench_common.update_report(path, "Backbone step", "python tools/benchmark_backbone.py", "cpu", "| a |\n|---|\n| 2 |")
     text = open(path).read()
     current, history = text.split(bench_common.HISTORY_HEADING)
     # one current table per benchmark and machine kind, the newest

@@ -21,7 +21,7 @@ It runs, each (row, batch) in a fresh process, bf16 autocast, AdamW, 224x224:
 
 Steps run in that order (the targets first); once ``--budget-s`` is spent the remaining steps
 are skipped and reported as such. Everything lands in ``--out``: each step's log and JSON
-rows, the op-chain tables (``*.chains.txt``) and ``targets.md``.
+rows, the op-chain tables (``<row>.chains.txt``) and the targets table (``"targets.md"``).
 """
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def targets_table(results: Dict[str, Optional[List[Dict]]], device: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="output/gpu-targets", help="folder for logs, rows, op chains and targets.md")
+    ap.add_argument("--out", default="output/gpu-targets", help="folder for the logs, rows, op chains and targets table")
     ap.add_argument("--budget-s", type=float, default=450, help="skip the steps that would start after this")
     ap.add_argument("--steps", default=",".join(s[0] for s in STEPS), help="comma-separated subset of the steps")
     ap.add_argument("--report", nargs="?", const=None, default=False, metavar="PATH",
