@@ -159,14 +159,20 @@ def main() -> None:
     ap.add_argument("--steps", default=",".join(s[0] for s in STEPS), help="comma-separated subset of the steps")
     ap.add_argument("--report", nargs="?", const=None, default=False, metavar="PATH",
                     help="write the targets and the tables to docs/BENCHMARKS.md (or PATH) as the current GPU run")
+    ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
 
     if not torch.cuda.is_available():
         raise SystemExit("benchmark_gpu_targets.py measures GPU targets: no CUDA device is available")
+    if args.smoke:
+        smoke_check()
+        return
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
-    smoke_check()
+    # in its own process, so that this one holds no CUDA context while the rows run
+    if subprocess.run([sys.executable, os.path.abspath(__file__), "--smoke"]).returncode:
+        raise SystemExit("smoke check failed: the engine is broken on this GPU, nothing measured")
     wanted = args.steps.split(",")
     results: Dict[str, Optional[List[Dict]]] = {}
     for name, script, extra in STEPS:
@@ -177,7 +183,7 @@ def main() -> None:
             print(f"[{name}] skipped: {args.budget_s:.0f} s budget spent", flush=True)
             continue
         results[name] = run_step(name, script, extra, args.out, left)
-    device = torch.cuda.get_device_name(0)
+    device = torch.cuda.get_device_name(0)  # no context needed for the name
     table = targets_table(results, device)
     with open(os.path.join(args.out, "targets.md"), "w") as f:
         f.write(table + "\n")
