@@ -33,11 +33,11 @@ BREAKS = [
     # ------------------------------------------------------------------ engine
     Break(
         "engine-backward-f-in-fp32", "revcolv2/reversible.py",
-        "            with self.autocast_ctx():\n                f = col.level_f(l, inp_, cross_, keep, hw)",
-        "            with torch.autocast(self.device_type, enabled=False):\n"
-        "                f = col.level_f(l, inp_, cross_, keep, hw)",
+        "                with self.autocast_ctx():\n                    f = col.level_f(l, inp_, cross_, keep, hw)",
+        "                with torch.autocast(self.device_type, enabled=False):\n"
+        "                    f = col.level_f(l, inp_, cross_, keep, hw)",
         "the backward recomputes F_l outside the forward's autocast (fp32 where the forward ran bf16)",
-        "bf16 parameter gradients of the reversible engine (error vs plain autograd 2.4e-3 -> 8.3e-3)",
+        "bf16 parameter gradients of the reversible engine (error vs plain autograd 9.4e-9 -> 5e-3 to 9e-3)",
         ("tests/test_reversible.py::test_bf16_autocast_reversible_backward_close_to_autograd",),
     ),
     Break(
@@ -59,8 +59,8 @@ BREAKS = [
     # ------------------------------------------------------------------ model wiring
     Break(
         "drop-path-unscaled", "revcolv2/model.py",
-        "keep = (torch.rand(nc, batch, self.blocks_per_column, 2, device=device) < keep_prob).float() / keep_prob",
-        "keep = (torch.rand(nc, batch, self.blocks_per_column, 2, device=device) < keep_prob).float()",
+        "return (torch.rand(nc, batch, self.blocks_per_column, 2, device=device) < keep_prob).float() / keep_prob",
+        "return (torch.rand(nc, batch, self.blocks_per_column, 2, device=device) < keep_prob).float()",
         "kept residual branches scaled by 1 instead of 1/(1-p)",
         "every block's output in training mode with drop path",
         (DROP_PATH,),
@@ -91,8 +91,8 @@ BREAKS = [
     ),
     Break(
         "drop-path-one-draw-per-block", "revcolv2/model.py",
-        "            a = a * keep[:, 0, None, None].to(a.dtype)",
-        "            a = a * keep[:, 1, None, None].to(a.dtype)",
+        "        x = residual_add(x, a, None if keep is None else keep[:, 0])",
+        "        x = residual_add(x, a, None if keep is None else keep[:, 1])",
         "the attention branch uses the MLP branch's draw (both dropped together)",
         "which samples keep a block's attention branch in training",
         (DROP_PATH,),
@@ -123,8 +123,8 @@ BREAKS = [
     ),
     Break(
         "feature-maps-w-h", "revcolv2/model.py",
-        "levels = [t.transpose(1, 2).reshape(t.shape[0], -1, h, w) for t in levels]",
-        "levels = [t.reshape(t.shape[0], h, w, -1).permute(0, 3, 2, 1).reshape(t.shape[0], -1, h, w) for t in levels]",
+        "        return tokens.reshape(tokens.shape[0], hw[0], hw[1], tokens.shape[2]).permute(0, 3, 1, 2)",
+        "        return tokens.reshape(tokens.shape[0], hw[1], hw[0], tokens.shape[2]).permute(0, 3, 2, 1)",
         "NCHW feature maps read the tokens column-major",
         "the detectron2 backbone's feature maps on every input",
         (f"{NON_SQUARE}::test_feature_maps_hold_each_token_at_its_row_and_column",),
