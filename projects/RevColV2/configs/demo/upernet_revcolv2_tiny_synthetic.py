@@ -12,14 +12,13 @@ import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 
 from revcolv2_d2.data.ade20k import PhotometricDistortion, ResizeLongShortScale
-from revcolv2_d2.data.synthetic_ade20k import SYNTHETIC_ADE_CLASSES
 
-from ..ADE20K.upernet_revcolv2_b_160k import dataloader, lr_multiplier, model, optimizer, train
+from ..ADE20K.upernet_revcolv2_b_160k import lr_multiplier, model, optimizer
+from ..common.ade20k_synthetic_demo import dataloader, num_classes, train
 
 embed_dim = 64
 crop_size = 128
 scale = (128, 256)  # (short, long) resize target of the synthetic images (96-208 px)
-num_classes = len(SYNTHETIC_ADE_CLASSES)
 
 model.backbone.variant = "revcolv2_tiny"
 model.backbone.embed_dim = embed_dim
@@ -32,8 +31,6 @@ model.sem_seg_head.norm = "BN"  # one process
 model.crop_size = (crop_size, crop_size)
 model.stride = (85, 85)
 
-dataloader.train.dataset.names = "synthetic_ade_train"
-dataloader.train.mapper.num_classes = num_classes
 dataloader.train.mapper.augmentations = [
     L(ResizeLongShortScale)(min_scale=0.5, max_scale=2.0, target_height=scale[0], target_width=scale[1]),
     L(T.RandomCrop_CategoryAreaConstraint)(
@@ -43,22 +40,14 @@ dataloader.train.mapper.augmentations = [
     L(PhotometricDistortion)(),
 ]
 dataloader.train.total_batch_size = 8
-dataloader.train.num_workers = 1
-dataloader.test.dataset.names = "synthetic_ade_val"
-dataloader.test.mapper.num_classes = num_classes
 dataloader.test.mapper.augmentations = [
     L(ResizeLongShortScale)(min_scale=1.0, max_scale=1.0, target_height=scale[0], target_width=scale[1]),
 ]
-dataloader.test.num_workers = 1
 
 train.output_dir = "output/demo_upernet_synthetic"
-train.device = "cpu"
-train.amp.enabled = False
 train.max_iter = 200
 train.eval_period = 200
 train.checkpointer.period = 200
-train.checkpointer.max_to_keep = 3  # detectron2 keeps 100
-train.log_period = 20
 
 # from scratch: a larger learning rate and no layer decay (it is for pre-trained backbones)
 optimizer.lr = 2e-3
