@@ -17,7 +17,7 @@ CONFIGS = os.path.join(ROOT, "projects", "RevColV2", "configs")
 
 
 def _expand_braces(path: str):
-    """``a_{b,l}_x.py`` -> ``a_b_x.py``, ``a_l_x.py`` (nested braces expanded one by one)."""
+    """Every name a brace pattern stands for: ``x_{b,l}`` -> ``x_b``, ``x_l`` (one brace at a time)."""
     m = re.search(r"\{([^{}]*)\}", path)
     if not m:
         return [path]
