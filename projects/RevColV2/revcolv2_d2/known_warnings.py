@@ -16,8 +16,8 @@ __all__ = ["ignore_known_harmless_warnings", "KNOWN_HARMLESS_WARNINGS"]
 # as ``warnings.filterwarnings`` matches them
 KNOWN_HARMLESS_WARNINGS = (
     # detectron2.modeling.box_regression and fvcore.nn.focal_loss apply @torch.jit.script
-    # when imported; the pinned torch still scripts them and runs them
-    # as usual, and this project never exports TorchScript
+    # when imported; the pinned torch still scripts and runs them as usual, and this
+    # project never exports TorchScript
     (FutureWarning, r"`torch\.jit\.script` is deprecated", r"torch\.jit\._script"),
     # detectron2's anchor generator calls torch.meshgrid without indexing=; the default it
     # gets, "ij", is the indexing it means
