@@ -3,9 +3,10 @@
 The B recipe's code paths (SemSegDatasetMapper with Mask2Former's ADE20K augmentations,
 deformable-attention pixel decoder + masked-attention decoder, Hungarian matching and
 point-sampled losses, clipped layer-decay AdamW, poly schedule, whole-image
-SemSegEvaluator) at a size that trains from scratch on 2 CPU cores: a RevColV2 of width 64
-(2 BU + 1 TD columns, the B layout), a 64-wide head with 2 encoder and 3 decoder layers and
-16 queries, 96x96 crops, batch 4.
+SemSegEvaluator) at a size that trains from scratch on 2 CPU cores: the ``revcolv2_tiny``
+preset (width 192, 2 BU + 1 TD columns, the B layout; the size the pre-training demo
+trains, so its checkpoint loads through ``train.init_checkpoint``), a 64-wide head with 2
+encoder and 3 decoder layers and 16 queries, 96x96 crops, batch 4.
 
     python tools/lazyconfig_train_net.py \
         --config-file projects/RevColV2/configs/demo/mask2former_revcolv2_tiny_synthetic.py
@@ -20,13 +21,10 @@ from revcolv2_d2.data.ade20k import PhotometricDistortion
 from ..ADE20K.mask2former_revcolv2_b_160k import model, optimizer
 from ..common.ade20k_synthetic_demo import dataloader, num_classes, train
 
-embed_dim = 64
 crop_size = 96
 test_size = 128  # short side at test time (the synthetic scenes are 96-208 px)
 
 model.backbone.variant = "revcolv2_tiny"
-model.backbone.embed_dim = embed_dim
-model.backbone.num_heads = 2
 model.backbone.drop_path_rate = 0.0  # from scratch, a few hundred iterations: no regularisation needed
 model.backbone.reversible = False  # same gradients; at this size the saved memory is nothing and the rebuild costs time
 _head = model.sem_seg_head  # (a leading _ keeps it out of the saved config)

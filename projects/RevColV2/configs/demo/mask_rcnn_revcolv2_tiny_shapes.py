@@ -2,11 +2,16 @@
 
 The COCO recipe in miniature, sized to learn on a 2-core CPU in a few minutes: same
 backbone wrapper, FPN and ViTDet-style heads, LSJ at 256 instead of 1024, narrower heads.
-The data (``synthetic_shapes_train`` / ``_val``) is generated under ``$DETECTRON2_DATASETS``
-on first use.
+The backbone is the ``revcolv2_tiny`` preset as it is, the size that
+``configs/pretrain/revcolv2_tiny_demo.yaml`` pre-trains, so that checkpoint loads through
+``train.init_checkpoint`` unchanged. The data (``synthetic_shapes_train`` / ``_val``) is
+generated under ``$DETECTRON2_DATASETS`` on first use.
 
     python tools/lazyconfig_train_net.py \
         --config-file projects/RevColV2/configs/demo/mask_rcnn_revcolv2_tiny_shapes.py
+    python tools/lazyconfig_train_net.py \
+        --config-file projects/RevColV2/configs/demo/mask_rcnn_revcolv2_tiny_shapes.py \
+        train.init_checkpoint=output/pretrain/revcolv2_tiny_demo/checkpoint-0008.pth
 """
 import detectron2.data.transforms as T
 from detectron2 import model_zoo
@@ -23,9 +28,7 @@ channels = 64  # FPN and head width (256 in the COCO configs)
 
 # ---------------------------------------------------------------- model
 bb = model.backbone.bottom_up
-bb.variant = "revcolv2_tiny"
-bb.embed_dim = 128
-bb.num_heads = 4
+bb.variant = "revcolv2_tiny"  # the preset's size: what the pre-training demo trains
 bb.window_size = 0  # 16x16 tokens at 256: global attention everywhere is cheap
 bb.global_attn_indexes = ()
 bb.drop_path_rate = 0.0

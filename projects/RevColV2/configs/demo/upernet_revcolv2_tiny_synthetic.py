@@ -2,8 +2,9 @@
 
 The B recipe's code paths (SemSegDatasetMapper with the ADE20K augmentations, UperNet +
 aux head, layer-decay AdamW, warm-up + poly schedule, sliding-window SemSegEvaluator) at a
-size that trains from scratch on 2 CPU cores: a RevColV2 of width 64 (2 BU + 1 TD columns,
-the B layout), 64-channel head, 128x128 crops, batch 8, 200 iterations.
+size that trains from scratch on 2 CPU cores: the ``revcolv2_tiny`` preset (width 192, 2 BU +
+1 TD columns, the B layout; the size the pre-training demo trains, so its checkpoint loads
+through ``train.init_checkpoint``), 64-channel head, 128x128 crops, batch 8, 200 iterations.
 
     python tools/lazyconfig_train_net.py \
         --config-file projects/RevColV2/configs/demo/upernet_revcolv2_tiny_synthetic.py
@@ -16,13 +17,10 @@ from revcolv2_d2.data.ade20k import PhotometricDistortion, ResizeLongShortScale
 from ..ADE20K.upernet_revcolv2_b_160k import lr_multiplier, model, optimizer
 from ..common.ade20k_synthetic_demo import dataloader, num_classes, train
 
-embed_dim = 64
 crop_size = 128
 scale = (128, 256)  # (short, long) resize target of the synthetic images (96-208 px)
 
 model.backbone.variant = "revcolv2_tiny"
-model.backbone.embed_dim = embed_dim
-model.backbone.num_heads = 2
 model.backbone.drop_path_rate = 0.0  # from scratch, 200 iterations: no regularisation needed
 model.sem_seg_head.num_classes = num_classes
 model.sem_seg_head.channels = 64
