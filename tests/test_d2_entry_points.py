@@ -73,12 +73,15 @@ def test_the_known_harmless_warnings_are_filtered_by_message_and_source(restore_
          "internally at TensorShape.cpp)", UserWarning, "torch.functional"),
         ("pkg_resources is deprecated as an API. See https://setuptools.pypa.io/", UserWarning,
          "detectron2.config.lazy"),
+        ("The given NumPy array is not writable, and PyTorch does not support non-writable tensors.",
+         UserWarning, "detectron2.data.detection_utils"),
     ]
     others = [  # the same modules or messages, but not what is known to be harmless
         ("torch.jit.trace is deprecated", FutureWarning, "torch.jit._script"),
         ("torch.meshgrid: in an upcoming release, it will be required to pass the indexing argument.",
          UserWarning, "revcolv2.model"),
         ("something else", UserWarning, "torch.functional"),
+        ("The given NumPy array is not writable", UserWarning, "revcolv2_d2.data.ade20k"),
     ]
     warnings.simplefilter("always")
     assert all(_shown(*w) for w in known + others)

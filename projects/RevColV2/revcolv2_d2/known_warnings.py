@@ -26,6 +26,10 @@ KNOWN_HARMLESS_WARNINGS = (
     # detectron2.model_zoo imports pkg_resources; requirements.txt pins setuptools < 81,
     # which still ships it (docs/INSTALL.md)
     (UserWarning, r"pkg_resources is deprecated as an API", r"detectron2\.config\.lazy"),
+    # bitmask targets (the demo's ring masks): detectron2's annotations_to_instances wraps
+    # read-only decoded masks with torch.from_numpy only to torch.stack them, which copies;
+    # nothing writes through the wrapper
+    (UserWarning, r"The given NumPy array is not writable", r"detectron2\.data\.detection_utils"),
 )
 
 # Logged, not warned, by torch.fx once per process when detectron2's ROIPooler asks whether
