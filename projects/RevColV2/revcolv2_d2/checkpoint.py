@@ -65,17 +65,16 @@ def convert_revcolv2_state_dict(sd: Dict[str, torch.Tensor], model: torch.nn.Mod
 
 # RevColV2 constructor arguments that make a model's size (the presets' fields)
 SIZE_ARGS = ("embed_dim", "num_heads", "num_bu_columns", "num_td_columns", "num_levels", "blocks_per_level",
-             "patch_size", "mlp_ratio")
+             "patch_size")
 _SIZE_DEFAULTS = {k: inspect.signature(RevColV2).parameters[k].default for k in SIZE_ARGS}
 
 
 def net_size(net: RevColV2) -> Dict[str, Any]:
     """The size arguments a built RevColV2 has."""
-    block = net.columns[0].levels[0].blocks[0]
-    return {"embed_dim": net.embed_dim, "num_heads": block.attn.num_heads, "num_bu_columns": net.num_bu_columns,
+    heads = net.columns[0].levels[0].blocks[0].attn.num_heads
+    return {"embed_dim": net.embed_dim, "num_heads": heads, "num_bu_columns": net.num_bu_columns,
             "num_td_columns": net.num_td_columns, "num_levels": net.num_levels,
-            "blocks_per_level": net.blocks_per_level, "patch_size": net.patch_size,
-            "mlp_ratio": block.mlp.fc1.out_features / net.embed_dim}
+            "blocks_per_level": net.blocks_per_level, "patch_size": net.patch_size}
 
 
 def recipe_size(checkpoint: Any) -> Optional[Dict[str, Any]]:
@@ -111,8 +110,7 @@ def size_overrides(model: torch.nn.Module, size: Dict[str, Any]) -> list:
     parent = path.rpartition(".")[0]  # the RevColV2Backbone that holds it, e.g. backbone.bottom_up
     key = f"model.{parent}" if parent else "model"
     own = net_size(model.get_submodule(path) if path else model)
-    return [f"{key}.{k}={v:g}" if isinstance(v, float) else f"{key}.{k}={v}"
-            for k, v in size.items() if own[k] != v]
+    return [f"{key}.{k}={v}" for k, v in size.items() if own[k] != v]
 
 
 def _grouped(keys) -> str:
@@ -178,12 +176,13 @@ class RevColV2Checkpointer(DetectionCheckpointer):
         """A checkpoint of another RevColV2 size is an error naming a tensor of another shape,
         or the recipe saved in the checkpoint (another ``num_heads`` changes no shape), and
         the config overrides that build the checkpoint's size."""
+        hint = self._size_hint(sd)
         try:
             check_shapes(sd, own, self._source)
         except ValueError as e:
-            raise ValueError(str(e) + self._size_hint(sd)) from None
-        if self._recipe_size is not None and self._size_hint(sd):
-            raise ValueError(f"{self._source}: the checkpoint is for a different model size" + self._size_hint(sd))
+            raise ValueError(str(e) + hint) from None
+        if hint and self._recipe_size is not None:  # e.g. another num_heads: no shape differs
+            raise ValueError(f"{self._source}: the checkpoint is for a different model size{hint}")
 
     def _size_hint(self, sd: Dict[str, Any]) -> str:
         """The checkpoint's RevColV2 size and the overrides that build it; '' when the model
@@ -194,7 +193,7 @@ class RevColV2Checkpointer(DetectionCheckpointer):
         overrides = size_overrides(self.model, size)
         if not overrides:
             return ""
-        shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in size.items())
+        shown = ", ".join(f"{k}={v}" for k, v in size.items())
         hint = (f". The checkpoint holds a RevColV2 with {shown} (from "
                 f"{'the recipe saved in it' if self._recipe_size is not None else 'its tensors'}); "
                 f"to build that size, add the config overrides: {' '.join(overrides)}")
