@@ -75,8 +75,8 @@ train = model_zoo.get_config("common/train.py").train
 train.device = "cpu"
 train.seed = 0  # reproducible demo
 train.output_dir = "output/demo/train"
-# 600 iterations x 4 images = 3 passes over the 800 training images; measured: box AP50 69.6
-# (400 iterations: 56.9), about 510 CPU-seconds (docs/DETECTION.md)
+# 600 iterations x 4 images = 3 passes over the 800 training images; measured: box AP50 63.2
+# (docs/DETECTION.md)
 train.max_iter = 600
 train.checkpointer.period = train.max_iter
 train.checkpointer.max_to_keep = 3  # detectron2 keeps 100
