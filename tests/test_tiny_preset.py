@@ -9,6 +9,7 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 
+from revcolv2.checkpoint import ShapeMismatchError
 from revcolv2.cli.common import build_model
 from revcolv2.config import load_config
 from revcolv2.mim import create_mim_model
@@ -70,6 +71,7 @@ def test_another_size_names_the_overrides_of_this_config_and_they_work(demo, tmp
         load(demo_config(demo), path)
     message = str(e.value)
     assert "patch_embed.proj.weight" in message  # the tensor, as before
+    assert isinstance(e.value, ShapeMismatchError) and e.value.source == str(path) and e.value.from_recipe
     overrides = re.search(r"add the config overrides: (.*)$", message).group(1).split()
     assert overrides == [f"{key}.embed_dim=32", f"{key}.num_heads=2"]
     model = load(demo_config(demo, overrides), path)  # the named overrides are the fix
@@ -89,7 +91,8 @@ def test_without_a_recipe_the_tensors_give_the_width(tmp_path):
     path = tmp_path / "raw.pth"
     torch.manual_seed(0)
     torch.save(create_mim_model("revcolv2_tiny", embed_dim=64, num_heads=2).state_dict(), path)
-    with pytest.raises(ValueError, match=r"backbone\.net\.patch_embed\.proj\.weight.*different model size.*"
-                                         r"from its tensors.*model\.backbone\.embed_dim=64 \(plus num_heads "
-                                         r"as in pre-training"):
+    with pytest.raises(ShapeMismatchError, match=r"backbone\.net\.patch_embed\.proj\.weight.*different model "
+                                                 r"size.*from its tensors.*model\.backbone\.embed_dim=64 \(plus "
+                                                 r"num_heads as in pre-training") as e:
         load(demo_config("upernet_revcolv2_tiny_synthetic.py"), path)
+    assert not e.value.from_recipe  # the tensors do not give the heads: --eval-only also points at the run's config

@@ -30,7 +30,9 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _group_checkpoint_keys, _group_to_str
 
-from revcolv2.checkpoint import PRETRAIN_ONLY_PREFIXES, CheckpointError, check_shapes, load_file, select_weights
+from revcolv2.checkpoint import (
+    PRETRAIN_ONLY_PREFIXES, CheckpointError, ShapeMismatchError, check_shapes, load_file, select_weights,
+)
 from revcolv2.run_dir import (
     LAST_CHECKPOINT_FILE, newest_readable_checkpoint, read_last_checkpoint, remove_stale_temporaries, save_atomic,
     write_last_checkpoint,
@@ -113,6 +115,15 @@ def size_overrides(model: torch.nn.Module, size: Dict[str, Any]) -> list:
     return [f"{key}.{k}={v}" for k, v in size.items() if own[k] != v]
 
 
+class SizeMismatchError(ShapeMismatchError):
+    """A checkpoint of another RevColV2 size. ``from_recipe``: the config overrides in the
+    message come from the recipe saved in the checkpoint, so they build exactly its size."""
+
+    def __init__(self, message: str, source: str, from_recipe: bool):
+        super().__init__(message, source)
+        self.from_recipe = from_recipe
+
+
 def _grouped(keys) -> str:
     """One line per module: ``prefix.{a, b}``, as fvcore prints missing/unused keys."""
     groups = _group_checkpoint_keys(list(keys))
@@ -177,12 +188,14 @@ class RevColV2Checkpointer(DetectionCheckpointer):
         or the recipe saved in the checkpoint (another ``num_heads`` changes no shape), and
         the config overrides that build the checkpoint's size."""
         hint = self._size_hint(sd)
+        from_recipe = bool(hint) and self._recipe_size is not None
         try:
             check_shapes(sd, own, self._source)
-        except ValueError as e:
-            raise ValueError(str(e) + hint) from None
-        if hint and self._recipe_size is not None:  # e.g. another num_heads: no shape differs
-            raise ValueError(f"{self._source}: the checkpoint is for a different model size{hint}")
+        except ShapeMismatchError as e:
+            raise SizeMismatchError(str(e) + hint, e.source, from_recipe) from None
+        if from_recipe:  # e.g. another num_heads: no shape differs
+            raise SizeMismatchError(f"{self._source}: the checkpoint is for a different model size{hint}",
+                                    self._source, from_recipe)
 
     def _size_hint(self, sd: Dict[str, Any]) -> str:
         """The checkpoint's RevColV2 size and the overrides that build it; '' when the model

@@ -341,7 +341,10 @@ def main(args):
 
 def _eval_config_hint(error: ShapeMismatchError, config_file: str) -> str:
     """``--eval-only``: a checkpoint of another model size was most likely trained with
-    overrides; its run saved the resolved config beside it."""
+    overrides; its run saved the resolved config beside it. (A RevColV2 training checkpoint
+    names the exact overrides itself, from the recipe saved in it.)"""
+    if getattr(error, "from_recipe", False):
+        return str(error)
     saved = os.path.join(os.path.dirname(os.path.abspath(error.source)), "config.yaml")
     if os.path.isfile(saved) and os.path.abspath(saved) != os.path.abspath(config_file):
         how = f"evaluate with the config its run saved: --config-file {saved}"
