@@ -37,7 +37,7 @@ from revcolv2.run_dir import (
     LAST_CHECKPOINT_FILE, newest_readable_checkpoint, read_last_checkpoint, remove_stale_temporaries, save_atomic,
     write_last_checkpoint,
 )
-from revcolv2.model import MODEL_CFGS, RevColV2
+from revcolv2.model import MODEL_CFGS, Attention, RevColV2
 
 logger = logging.getLogger("detectron2").getChild(__name__)  # shown by default_setup
 
@@ -73,7 +73,7 @@ _SIZE_DEFAULTS = {k: inspect.signature(RevColV2).parameters[k].default for k in 
 
 def net_size(net: RevColV2) -> Dict[str, Any]:
     """The size arguments a built RevColV2 has."""
-    heads = net.columns[0].levels[0].blocks[0].attn.num_heads
+    heads = next(m.num_heads for m in net.modules() if isinstance(m, Attention))
     return {"embed_dim": net.embed_dim, "num_heads": heads, "num_bu_columns": net.num_bu_columns,
             "num_td_columns": net.num_td_columns, "num_levels": net.num_levels,
             "blocks_per_level": net.blocks_per_level, "patch_size": net.patch_size}
