@@ -10,6 +10,7 @@
   an uninterrupted run would have seen, whatever the number of loader workers.
 - :func:`resolve_data_path`: ``--data-path``, or the built-in dataset of
   :mod:`revcolv2.synthetic_imagenet` when none is given.
+- :func:`datasets_root`: the one location rule of every dataset the project finds by name.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
-from .synthetic_imagenet import ensure_synthetic_imagenet
+from .synthetic_imagenet import SYNTHETIC_NAME, ensure_synthetic_imagenet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -288,15 +289,37 @@ def shard_indices(n: int, rank: int, world_size: int) -> List[int]:
     return list(range(rank, n, world_size))
 
 
+def datasets_root() -> str:
+    """The folder of every dataset the project finds by name: ``$DETECTRON2_DATASETS`` when
+    set, else ``datasets`` in the working directory (detectron2's own rule for COCO and
+    ADE20K). The built-in datasets (``synthetic_imagenet`` here, ``synthetic_shapes`` and
+    ``synthetic_ade`` in ``revcolv2_d2``) are generated there on first use, so a read-only
+    checkout works from any writable working directory."""
+    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+
+
+def make_datasets_folder(folder: str) -> None:
+    """Create ``folder`` for a built-in dataset, or fail saying how to choose a writable one."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot create {os.path.abspath(folder)} for the built-in datasets "
+                               f"({e.strerror}): run from a writable folder or set DETECTRON2_DATASETS "
+                               f"to one") from e
+
+
 def resolve_data_path(data_path: Optional[str]) -> Path:
-    """``--data-path`` if given, else the built-in synthetic dataset (generated once)."""
+    """``--data-path`` if given, else the built-in synthetic dataset, generated once under
+    :func:`datasets_root`."""
     if data_path:
         p = Path(data_path)
         if not (p / "train").is_dir():
             raise FileNotFoundError(f"{p} has no 'train' folder (expected an ImageNet-style layout "
                                     f"{p}/train/<class>/*.jpg and {p}/val/<class>/*.jpg)")
         return p
-    return ensure_synthetic_imagenet()
+    root = datasets_root()
+    make_datasets_folder(root)
+    return ensure_synthetic_imagenet(Path(root) / SYNTHETIC_NAME)
 
 
 def num_workers_default() -> int:

@@ -35,8 +35,9 @@ def unpatchify(x: Tensor, p: int, hw: Tuple[int, int], c: int = 3) -> Tensor:
 
 
 def num_visible(num_tokens: int, mask_ratio: float) -> int:
-    """Patches left visible by ``mask_ratio``; a ratio that leaves none masked (the loss
-    would be 0) or none visible (nothing to reconstruct from) is a ``ValueError``."""
+    """Patches left visible by ``mask_ratio``: round(N * (1 - ratio)). The one masking rule:
+    a ratio outside (0, 1), or one that leaves no patch masked (the loss would be 0) or none
+    visible (nothing to reconstruct from), is a ``ValueError``."""
     if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be a number in (0, 1), got {mask_ratio!r}")
     keep = int(round(num_tokens * (1 - mask_ratio)))
@@ -49,19 +50,32 @@ def num_visible(num_tokens: int, mask_ratio: float) -> int:
 
 
 def random_masking(batch: int, num_tokens: int, mask_ratio: float, device=None, generator=None):
-    """Per-sample random masking by argsort of uniform noise.
+    """Per-sample random masking by argsort of uniform noise; :func:`num_visible` patches stay.
 
     Returns ``ids_keep`` (B, N_visible), sorted ascending so visible tokens keep their
     raster order, and ``mask`` (B, N) with 1 at masked positions.
     """
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    num_keep = max(1, int(round(num_tokens * (1 - mask_ratio))))
+    num_keep = num_visible(num_tokens, mask_ratio)
     noise = torch.rand(batch, num_tokens, device=device, generator=generator)
     ids_keep = noise.argsort(dim=1)[:, :num_keep].sort(dim=1).values
     mask = torch.ones(batch, num_tokens, device=device)
     mask.scatter_(1, ids_keep, 0.0)
     return ids_keep, mask
+
+
+def patch_mean_std(patches: Tensor, eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
+    """Mean and std of each patch over its p*p*3 values, (B, N, 1) each (MAE's ``norm_pix_loss``;
+    ``eps`` keeps flat patches finite)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    std = (patches.var(dim=-1, keepdim=True) + eps) ** 0.5
+    return mean, std
+
+
+def normalize_patches(patches: Tensor) -> Tensor:
+    """(B, N, p*p*3) -> each patch normalised to zero mean and unit variance: the
+    reconstruction target of the normalized-pixel loss."""
+    mean, std = patch_mean_std(patches)
+    return (patches - mean) / std
 
 
 class RevColV2MIM(RevColV2):
@@ -90,11 +104,7 @@ class RevColV2MIM(RevColV2):
 
     def reconstruction_target(self, imgs: Tensor) -> Tensor:
         target = patchify(imgs, self.patch_size)  # (B, N, p*p*3)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
-        return target
+        return normalize_patches(target) if self.norm_pix_loss else target
 
     @staticmethod
     def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
@@ -116,7 +126,6 @@ class RevColV2MIM(RevColV2):
         p = self.patch_size
         n = (h // p) * (w // p)
         if ids_keep is None:
-            num_visible(n, ratio)  # the loss needs masked patches, the encoder visible ones
             ids_keep, mask = random_masking(b, n, ratio, imgs.device, generator)
         else:
             mask = torch.ones(b, n, device=imgs.device).scatter_(1, ids_keep, 0.0)
@@ -133,9 +142,7 @@ class RevColV2MIM(RevColV2):
         visualisation does), so only the structure within a patch is the model's.
         """
         if self.norm_pix_loss:
-            patches = patchify(imgs, self.patch_size)
-            mean = patches.mean(dim=-1, keepdim=True)
-            std = (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+            mean, std = patch_mean_std(patchify(imgs, self.patch_size))
             pred = pred * std + mean
         p = self.patch_size
         return unpatchify(pred.float(), p, (imgs.shape[2] // p, imgs.shape[3] // p), imgs.shape[1])

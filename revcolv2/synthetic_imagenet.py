@@ -1,7 +1,8 @@
 """The built-in dataset used when no ``--data-path`` is given: about 10 classes of
 procedurally drawn shapes and patterns over gradients or ``skimage.data`` photos,
-generated once into ``datasets/synthetic_imagenet/{train,val}`` (an ImageNet-style layout
-that :class:`revcolv2.data.RobustImageFolder` reads)."""
+generated once into ``<datasets>/synthetic_imagenet/{train,val}`` (an ImageNet-style layout
+that :class:`revcolv2.data.RobustImageFolder` reads; ``<datasets>`` is
+:func:`revcolv2.data.datasets_root`: ``$DETECTRON2_DATASETS``, else ``./datasets``)."""
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,7 @@ from .run_dir import remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SYNTHETIC_ROOT = REPO_ROOT / "datasets" / "synthetic_imagenet"
+SYNTHETIC_NAME = "synthetic_imagenet"  # its folder under the datasets root
 
 
 # Classes that differ in local structure (edge orientation, periodicity, curvature), so a
@@ -161,14 +161,14 @@ def generate_synthetic_imagenet(root: os.PathLike, num_classes: int = 10, train_
     return root
 
 
-def ensure_synthetic_imagenet(root: Optional[os.PathLike] = None, **kwargs) -> Path:
-    """The built-in dataset: generated on first use, reused afterwards.
+def ensure_synthetic_imagenet(root: os.PathLike, **kwargs) -> Path:
+    """The built-in dataset in ``root``: generated on first use, reused afterwards.
 
     Generation writes into a temporary sibling folder and renames it into place, so an
     interrupted generation or several processes starting together (DDP ranks) never leave
     a half-written dataset behind.
     """
-    root = Path(root) if root is not None else SYNTHETIC_ROOT
+    root = Path(root)
     if (root / "train").is_dir() and (root / "val").is_dir():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -17,12 +17,17 @@ TRAINING_TOOLS = {"pretrain": "revcolv2.cli.pretrain", "finetune": "revcolv2.cli
                   "lazyconfig_train_net": "revcolv2_d2.train_net", "demo": "revcolv2_d2.demo"}
 
 
+# the detectron2 entry points filter the warnings known to be harmless before importing it
+D2_TOOLS = ("lazyconfig_train_net", "demo", "visualize")
+
+
 @pytest.mark.parametrize("tool", sorted(TRAINING_TOOLS))
 def test_tool_is_a_docstring_an_import_and_main(tool):
     tree = ast.parse((REPO / "tools" / f"{tool}.py").read_text())
     assert ast.get_docstring(tree)
     imports = [n for n in tree.body if isinstance(n, ast.ImportFrom)]
-    assert [n.module for n in imports] == [TRAINING_TOOLS[tool]]
+    first = ["revcolv2_d2.known_warnings"] if tool in D2_TOOLS else []
+    assert [n.module for n in imports] == first + [TRAINING_TOOLS[tool]]
     defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Assign))]
     assert not defs, f"tools/{tool}.py defines {[getattr(d, 'name', '=') for d in defs]}: belongs in the package"
 
@@ -58,6 +63,25 @@ def test_one_parser_with_the_classification_options_where_they_apply():
         training_parser("d", "linear_probe").parse_args(["--config", "c.yaml", "--batch-per-gpu", "0"])
     with pytest.raises(ValueError, match="task must be one of"):
         training_parser("d", "train")
+
+
+@pytest.mark.parametrize("task", ["pretrain", "finetune", "linear_probe"])
+def test_help_names_an_example_config_that_exists(task):
+    text = training_parser("d", task).format_help()
+    named = re.findall(r"configs/\S+?\.yaml", text)
+    assert named and all((REPO / path).is_file() for path in named), named
+
+
+@pytest.mark.parametrize("tool", D2_TOOLS)
+def test_detectron2_tools_filter_the_known_warnings_before_importing_detectron2(tool):
+    """The filter call comes right after its import, before the import that brings in detectron2."""
+    body = [n for n in ast.parse((REPO / "tools" / f"{tool}.py").read_text()).body
+            if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]  # the docstring
+    calls = [i for i, n in enumerate(body) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)
+             and getattr(n.value.func, "id", "") == "ignore_known_harmless_warnings"]
+    package = [i for i, n in enumerate(body) if isinstance(n, ast.ImportFrom) and n.module.startswith("revcolv2_d2.")
+               and n.module != "revcolv2_d2.known_warnings"]
+    assert calls and package and calls[0] < package[0]
 
 
 def test_build_model_follows_the_recipe():

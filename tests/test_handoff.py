@@ -1,7 +1,8 @@
 """Pre-training and fine-tuning feed detection and segmentation: the REAL checkpoints that
 tools/pretrain.py and tools/finetune.py write (optimizer, scheduler, RNG states, EMA) load
 through ``train.init_checkpoint`` of the Mask R-CNN and UperNet demo configs and through
-tools/visualize.py, with a load report that lists the loaded tensors."""
+tools/visualize.py, with a load report that lists the loaded tensors; and the README's
+flow, pre-training demo then detection demo, works with both configs' sizes as written."""
 import os
 import re
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2_helpers import DEMO_CONFIG, TINY_OVERRIDES, make_mini_shapes
+from d2_helpers import DEMO_CONFIG, SMALL_INPUTS, TINY_OVERRIDES, make_mini_shapes, train_net
 from revcolv2.checkpoint import load_file
 from training_helpers import REPO, run_tool, tiny_dataset
 
@@ -98,6 +99,26 @@ def test_train_net_loads_training_checkpoints(checkpoints, datasets, tmp_path):
         assert "backbone.bottom_up.net.columns.0" in log or "backbone.net.columns.0" in log
         metric = "copypaste: Task: bbox" if name == "maskrcnn" else "copypaste: mIoU"
         assert metric in log, log[-4000:]
+
+
+def test_pretraining_demo_then_detection_demo_as_written(datasets, tmp_path):
+    """tools/pretrain.py on configs/pretrain/revcolv2_tiny_demo.yaml, then
+    tools/lazyconfig_train_net.py on the Mask R-CNN demo config with
+    ``train.init_checkpoint=`` that checkpoint: no size override on either side (only the
+    images, batch and schedule are shrunk), and every backbone tensor loads."""
+    data = tiny_dataset(tmp_path / "data", classes=2, train_per_class=4, val_per_class=1)
+    pre_dir = tmp_path / "pretrain"
+    run_tool("pretrain", "--config", REPO / "configs/pretrain/revcolv2_tiny_demo.yaml", "--output-dir", pre_dir,
+             "--data-path", data, "--num-workers", "0", "--device", "cpu", "--opts", "data.input_size=32",
+             "optim.batch_size=4", "train.batch_per_gpu=4", "schedule.epochs=1", "schedule.warmup_epochs=0",
+             "train.vis_images=0")
+    pretrained = pre_dir / "checkpoint-0001.pth"
+    out = tmp_path / "detection"
+    log = train_net(["--config-file", DEMO_CONFIG, *SMALL_INPUTS, "train.max_iter=2", "train.eval_period=2",
+                     f"train.init_checkpoint={pretrained}", f"train.output_dir={out}"], datasets)
+    loaded = int(re.search(r"Loaded (\d+) tensors", log).group(1))
+    assert loaded == _expected_tensors(pretrained, "model"), log[-4000:]
+    assert "copypaste: Task: bbox" in log and (out / "model_final.pth").is_file()
 
 
 def test_visualize_loads_training_checkpoints(checkpoints, datasets, tmp_path, monkeypatch, caplog):

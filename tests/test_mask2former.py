@@ -285,8 +285,29 @@ def test_evaluation_oracle_ground_truth_scores_100_and_shifted_classes_score_low
 def test_head_width_that_does_not_match_the_backbone_is_a_clear_error():
     with pytest.raises(ValueError, match="revcolv2_level_shapes"):
         make_model(head_dim=64)
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match="conv_dim must be a multiple of 32"):
         make_head(conv_dim=48)
+    with pytest.raises(ValueError, match="mask_dim must be positive, got 0"):
+        make_head(mask_dim=0)
+
+
+def test_loss_normaliser_is_the_target_masks_averaged_over_processes(monkeypatch):
+    """The criterion is a subclass of transformers' Mask2FormerLoss (no method patched onto
+    an instance) whose normaliser averages the target-mask count over torch.distributed
+    processes, here a simulated second process that holds 5 masks."""
+    from revcolv2_d2 import mask2former as m2f
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+
+    criterion = make_head().criterion
+    assert isinstance(criterion, Mask2FormerLoss) and "get_num_masks" not in vars(criterion)
+    labels = [torch.tensor([0, 2]), torch.tensor([1])]
+    assert criterion.get_num_masks(labels, torch.device("cpu")).item() == 3.0
+    assert criterion.get_num_masks([torch.tensor([], dtype=torch.long)], torch.device("cpu")).item() == 1.0
+
+    monkeypatch.setattr(m2f.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(m2f.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(m2f.dist, "all_reduce", lambda t: t.add_(5.0))
+    assert criterion.get_num_masks(labels, torch.device("cpu")).item() == 4.0  # (3 + 5) / 2
 
 
 def test_full_model_clipping_bounds_the_global_gradient_norm():

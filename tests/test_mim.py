@@ -2,7 +2,10 @@
 import pytest
 import torch
 
-from revcolv2.mim import RevColV2MIM, create_mim_model, patchify, random_masking, unpatchify
+from revcolv2.mim import (
+    RevColV2MIM, create_mim_model, normalize_patches, num_visible, patch_mean_std, patchify, random_masking,
+    unpatchify,
+)
 from revcolv2.model import RevColV2
 
 
@@ -18,14 +21,37 @@ def tiny_mim(**kwargs) -> RevColV2MIM:
 
 
 def test_random_masking_keeps_the_configured_number_in_raster_order():
-    for ratio, visible in ((0.75, 4), (0.5, 8), (0.0, 16)):
+    for ratio, visible in ((0.75, 4), (0.5, 8), (0.25, 12)):
         ids_keep, mask = random_masking(3, 16, ratio)
-        assert ids_keep.shape == (3, visible)
+        assert ids_keep.shape == (3, visible) and num_visible(16, ratio) == visible
         assert torch.all(ids_keep[:, 1:] > ids_keep[:, :-1])  # ascending, no repeats
         assert torch.all(mask.sum(1) == 16 - visible)
         assert torch.all(mask.gather(1, ids_keep) == 0)
     with pytest.raises(ValueError):
         random_masking(1, 16, 1.0)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.01, 0.97, 1.0, -0.5, True])
+def test_one_masking_rule_for_the_masking_the_model_and_its_construction(ratio):
+    """A ratio that leaves no patch masked or none visible (16 patches: 0.01 rounds to 16
+    visible, 0.97 to 0) is refused alike by random_masking, the forward pass and the
+    constructor, with the same message."""
+    with pytest.raises(ValueError, match="mask_ratio") as direct:
+        random_masking(1, 16, ratio)
+    with pytest.raises(ValueError, match="mask_ratio") as forward:
+        tiny_mim()(torch.randn(1, 3, 32, 32), mask_ratio=ratio)
+    with pytest.raises(ValueError, match="mask_ratio") as built:
+        tiny_mim(img_size=32, mask_ratio=ratio)
+    assert str(direct.value) == str(forward.value) == str(built.value)
+
+
+def test_patch_normalisation_is_one_function_for_target_and_pixels():
+    patches = patchify(torch.rand(2, 3, 32, 32), 8)
+    normed = normalize_patches(patches)
+    mean, std = patch_mean_std(patches)
+    assert torch.allclose(normed * std + mean, patches, atol=1e-6)
+    flat = torch.full((1, 1, 192), 0.5)  # a flat patch stays finite (eps)
+    assert torch.equal(normalize_patches(flat), torch.zeros_like(flat))
 
 
 def test_hand_off_puts_visible_tokens_back_at_their_positions():

@@ -70,7 +70,7 @@ class MAEViT(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, imgs: Tensor) -> Tensor:
-        from revcolv2.mim import RevColV2MIM, patchify, random_masking
+        from revcolv2.mim import RevColV2MIM, normalize_patches, patchify, random_masking
 
         x = self.patch_embed(imgs) + self.pos  # (B, N, D)
         b, n, d = x.shape
@@ -87,9 +87,7 @@ class MAEViT(nn.Module):
         for blk in self.decoder_blocks:
             x = blk(x)
         pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]  # (B, N, p*p*3)
-        target = patchify(imgs, self.patch_size)
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        return RevColV2MIM.masked_mse(pred, (target - mean) / (var + 1e-6) ** 0.5, mask)
+        return RevColV2MIM.masked_mse(pred, normalize_patches(patchify(imgs, self.patch_size)), mask)
 
 
 def build(key: str, variant: str, img_size: int, device: str) -> nn.Module:

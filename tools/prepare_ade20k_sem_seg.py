@@ -67,7 +67,9 @@ def convert_split(root: str, split: str, overwrite: bool = False) -> Tuple[int, 
 
 
 def main(argv: Iterable[str] = None) -> int:
-    default_root = os.path.join(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "ADEChallengeData2016")
+    from revcolv2.data import datasets_root  # the project's one dataset-location rule
+
+    default_root = os.path.join(datasets_root(), "ADEChallengeData2016")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=default_root, help="the ADEChallengeData2016 folder (default: %(default)s)")
     ap.add_argument("--overwrite", action="store_true", help="convert files that already exist again")

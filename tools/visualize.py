@@ -7,7 +7,11 @@
 All options: ``--help``. The code is ``revcolv2_d2.visualization`` (shared with the demo and
 the tests).
 """
-from revcolv2_d2.visualization import main
+from revcolv2_d2.known_warnings import ignore_known_harmless_warnings
+
+ignore_known_harmless_warnings()  # before detectron2 is imported: some are raised at import
+
+from revcolv2_d2.visualization import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,10 @@ from ..distributed import DistInfo, init_distributed
 from ..run_dir import find_resume_checkpoint
 
 TASKS = ("pretrain", "finetune", "linear_probe")
+# the B recipe of each task, named in --help
+EXAMPLE_CONFIGS = {"pretrain": "configs/pretrain/revcolv2_base.yaml",
+                   "finetune": "configs/finetune/revcolv2_base_in1k.yaml",
+                   "linear_probe": "configs/linear_probe/revcolv2_base.yaml"}
 
 # the numbers of a fine-tuning or linear-probing config, checked before anything runs
 CLASSIFICATION_NUMBERS = {
@@ -37,7 +41,7 @@ def training_parser(description: str, task: str) -> argparse.ArgumentParser:
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help=f"YAML recipe, e.g. configs/{task}/revcolv2_base.yaml")
+    p.add_argument("--config", required=True, help=f"YAML recipe, e.g. {EXAMPLE_CONFIGS[task]}")
     p.add_argument("--data-path", default=None, help="ImageNet-style folder with train/<class>/* and val/<class>/*; "
                    "default: the built-in synthetic dataset")
     p.add_argument("--output-dir", default=None, help=f"default: output/{task}/<config name>")

@@ -5,7 +5,10 @@
 - a RevColV2 MIM / classification checkpoint (keys ``patch_embed.*``, ``columns.*``, ...):
   they are renamed to the model's RevColV2 module (e.g. ``backbone.bottom_up.net.``),
   the pre-training / classification-only tensors are dropped, and every key is reported.
-A tensor whose shape differs from the model's is an error naming it (never skipped).
+A tensor whose shape differs from the model's is an error naming it (never skipped), and
+so is a checkpoint whose saved recipe (our training tools store it) names another RevColV2
+size; the error says which config overrides build the checkpoint's size (for example
+``model.backbone.bottom_up.embed_dim=192``).
 
 Files are read without running code from them (``revcolv2.checkpoint.load_file``): ``.pth``
 with ``torch.load(weights_only=True)``, ``.pkl`` (detectron2 model zoo) with a restricted
@@ -17,20 +20,24 @@ readable one.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
-from typing import Any, Dict
+import re
+from typing import Any, Dict, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _group_checkpoint_keys, _group_to_str
 
-from revcolv2.checkpoint import PRETRAIN_ONLY_PREFIXES, CheckpointError, check_shapes, load_file, select_weights
+from revcolv2.checkpoint import (
+    PRETRAIN_ONLY_PREFIXES, CheckpointError, ShapeMismatchError, check_shapes, load_file, select_weights,
+)
 from revcolv2.run_dir import (
     LAST_CHECKPOINT_FILE, newest_readable_checkpoint, read_last_checkpoint, remove_stale_temporaries, save_atomic,
     write_last_checkpoint,
 )
-from revcolv2.model import RevColV2
+from revcolv2.model import MODEL_CFGS, Attention, RevColV2
 
 logger = logging.getLogger("detectron2").getChild(__name__)  # shown by default_setup
 
@@ -58,6 +65,65 @@ def convert_revcolv2_state_dict(sd: Dict[str, torch.Tensor], model: torch.nn.Mod
     return {prefix + k: v for k, v in sd.items() if not k.startswith(_DROPPED_PREFIXES)}
 
 
+# RevColV2 constructor arguments that make a model's size (the presets' fields)
+SIZE_ARGS = ("embed_dim", "num_heads", "num_bu_columns", "num_td_columns", "num_levels", "blocks_per_level",
+             "patch_size")
+_SIZE_DEFAULTS = {k: inspect.signature(RevColV2).parameters[k].default for k in SIZE_ARGS}
+
+
+def net_size(net: RevColV2) -> Dict[str, Any]:
+    """The size arguments a built RevColV2 has."""
+    heads = next(m.num_heads for m in net.modules() if isinstance(m, Attention))
+    return {"embed_dim": net.embed_dim, "num_heads": heads, "num_bu_columns": net.num_bu_columns,
+            "num_td_columns": net.num_td_columns, "num_levels": net.num_levels,
+            "blocks_per_level": net.blocks_per_level, "patch_size": net.patch_size}
+
+
+def recipe_size(checkpoint: Any) -> Optional[Dict[str, Any]]:
+    """The RevColV2 size in the recipe a training checkpoint of ours saved (``config``:
+    ``model.name``, a preset, plus ``model.kwargs``), or None when it holds none."""
+    model = checkpoint.get("config", {}).get("model") if isinstance(checkpoint, dict) else None
+    if not isinstance(model, dict) or model.get("name") not in MODEL_CFGS:
+        return None
+    given = {**MODEL_CFGS[model["name"]], **(model.get("kwargs") or {})}
+    return {k: given.get(k, _SIZE_DEFAULTS[k]) for k in SIZE_ARGS}
+
+
+def tensor_size(sd: Dict[str, Any], prefix: str) -> Dict[str, Any]:
+    """What the weights under ``prefix`` show of a RevColV2's size (the number of heads and
+    the column split are not in the shapes)."""
+    size = {}
+    proj = sd.get(prefix + "patch_embed.proj.weight")
+    if hasattr(proj, "shape") and len(proj.shape) == 4:
+        size.update(embed_dim=int(proj.shape[0]), patch_size=int(proj.shape[-1]))
+    found = [re.match(re.escape(prefix) + r"columns\.\d+\.levels\.(\d+)\.blocks\.(\d+)\.", k) for k in sd]
+    found = [tuple(int(g) for g in m.groups()) for m in found if m]
+    if found:
+        size.update(num_levels=max(l for l, _ in found) + 1, blocks_per_level=max(b for _, b in found) + 1)
+    return size
+
+
+def size_overrides(model: torch.nn.Module, size: Dict[str, Any]) -> list:
+    """The config overrides (``key=value``) that make ``model``'s RevColV2 the given size. The
+    config key of the RevColV2Backbone is its module path under ``model.``, as in the
+    project's configs (``model.backbone.bottom_up`` in Mask R-CNN, ``model.backbone`` in the
+    ADE20K models)."""
+    path = _revcolv2_prefix(model)[:-1]  # the RevColV2 module, e.g. backbone.bottom_up.net
+    parent = path.rpartition(".")[0]  # the RevColV2Backbone that holds it, e.g. backbone.bottom_up
+    key = f"model.{parent}" if parent else "model"
+    own = net_size(model.get_submodule(path) if path else model)
+    return [f"{key}.{k}={v}" for k, v in size.items() if own[k] != v]
+
+
+class SizeMismatchError(ShapeMismatchError):
+    """A checkpoint of another RevColV2 size. ``from_recipe``: the config overrides in the
+    message come from the recipe saved in the checkpoint, so they build exactly its size."""
+
+    def __init__(self, message: str, source: str, from_recipe: bool):
+        super().__init__(message, source)
+        self.from_recipe = from_recipe
+
+
 def _grouped(keys) -> str:
     """One line per module: ``prefix.{a, b}``, as fvcore prints missing/unused keys."""
     groups = _group_checkpoint_keys(list(keys))
@@ -69,6 +135,7 @@ class RevColV2Checkpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **kwargs)
         self.ema = ema
         self._source = "checkpoint"
+        self._recipe_size = None  # the RevColV2 size the loaded checkpoint's recipe names
         if self.save_dir and self.save_to_disk:  # temporary files of a killed checkpoint write
             remove_stale_temporaries(self.save_dir)
 
@@ -77,6 +144,7 @@ class RevColV2Checkpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         self._source = filename
+        self._recipe_size = None
         if filename.endswith(".pkl"):
             loaded = _model_zoo_pickle(load_file(filename), filename)
         elif filename.endswith(".pyth"):  # pycls, as detectron2 reads it
@@ -98,12 +166,13 @@ class RevColV2Checkpointer(DetectionCheckpointer):
                 continue
             if is_revcolv2_state_dict(sd):
                 select_weights(candidate, ema=self.ema, source=filename, log=self.logger.info)
+                self._recipe_size = recipe_size(candidate)
                 return {"model": convert_revcolv2_state_dict(sd, self.model), "__author__": "revcolv2"}
         return loaded
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         own = self.model.state_dict()
-        check_shapes(checkpoint["model"], own, self._source)
+        self._check_size(checkpoint["model"], own)
         loaded = [k for k in checkpoint["model"] if k in own]  # fvcore pops "model" below
         incompatible = super()._load_model(checkpoint)
         # fvcore then logs the missing and unused keys by name (_log_incompatible_keys)
@@ -113,6 +182,37 @@ class RevColV2Checkpointer(DetectionCheckpointer):
             _grouped(loaded),
         )
         return incompatible
+
+    def _check_size(self, sd: Dict[str, Any], own: Dict[str, torch.Tensor]) -> None:
+        """A checkpoint of another RevColV2 size is an error naming a tensor of another shape,
+        or the recipe saved in the checkpoint (another ``num_heads`` changes no shape), and
+        the config overrides that build the checkpoint's size."""
+        hint = self._size_hint(sd)
+        from_recipe = bool(hint) and self._recipe_size is not None
+        try:
+            check_shapes(sd, own, self._source)
+        except ShapeMismatchError as e:
+            raise SizeMismatchError(str(e) + hint, e.source, from_recipe) from None
+        if from_recipe:  # e.g. another num_heads: no shape differs
+            raise SizeMismatchError(f"{self._source}: the checkpoint is for a different model size{hint}",
+                                    self._source, from_recipe)
+
+    def _size_hint(self, sd: Dict[str, Any]) -> str:
+        """The checkpoint's RevColV2 size and the overrides that build it; '' when the model
+        has no RevColV2 or already has that size."""
+        if not any(isinstance(m, RevColV2) for m in self.model.modules()):
+            return ""
+        size = self._recipe_size or tensor_size(sd, _revcolv2_prefix(self.model))
+        overrides = size_overrides(self.model, size)
+        if not overrides:
+            return ""
+        shown = ", ".join(f"{k}={v}" for k, v in size.items())
+        hint = (f". The checkpoint holds a RevColV2 with {shown} (from "
+                f"{'the recipe saved in it' if self._recipe_size is not None else 'its tensors'}); "
+                f"to build that size, add the config overrides: {' '.join(overrides)}")
+        if self._recipe_size is None:
+            hint += " (plus num_heads as in pre-training: the tensors do not show it)"
+        return hint
 
     def get_checkpoint_file(self) -> str:
         """The checkpoint to resume: the one ``last_checkpoint`` names (only a file in

@@ -54,6 +54,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 __all__ = [
     "Mask2FormerHead",
+    "ProcessAveragedMask2FormerLoss",
     "RevColV2Mask2Former",
     "FullModelGradClipAdamW",
     "mask2former_optimizer_params",
@@ -86,6 +87,20 @@ def sem_seg_to_targets(sem_seg: Tensor, ignore_value: int) -> Dict[str, Tensor]:
     classes = classes[classes != ignore_value]
     masks = (sem_seg[None] == classes[:, None, None]).float()
     return {"labels": classes.long(), "masks": masks}
+
+
+class ProcessAveragedMask2FormerLoss(Mask2FormerLoss):
+    """transformers' ``Mask2FormerLoss`` with Mask2Former's loss normaliser: the number of
+    target masks averaged over the ``torch.distributed`` processes (the library averages
+    only over processes started by ``accelerate``, which detectron2 does not use)."""
+
+    def get_num_masks(self, class_labels: List[Tensor], device: torch.device) -> Tensor:
+        """Target masks per process, averaged over processes, at least 1."""
+        num = torch.as_tensor(float(sum(len(c) for c in class_labels)), device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(num)
+            num = num / dist.get_world_size()
+        return num.clamp(min=1.0)
 
 
 class Mask2FormerHead(nn.Module):
@@ -154,8 +169,10 @@ class Mask2FormerHead(nn.Module):
             raise ValueError(f"in_features must go from fine to coarse, got strides {strides}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
-        if conv_dim % 32 or mask_dim < 1:
+        if conv_dim % 32:
             raise ValueError(f"conv_dim must be a multiple of 32 (GroupNorm(32) in the pixel decoder), got {conv_dim}")
+        if mask_dim < 1:
+            raise ValueError(f"mask_dim must be positive, got {mask_dim}")
         if decoder_layers < 1:
             raise ValueError(f"decoder_layers must be at least 1, got {decoder_layers}")
         self.in_features = in_features
@@ -193,8 +210,7 @@ class Mask2FormerHead(nn.Module):
         self.transformer = Mask2FormerTransformerModule(in_features=conv_dim, config=self.config)
         self.class_predictor = nn.Linear(hidden_dim, num_classes + 1)
         self.weight_dict = {"loss_cross_entropy": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
-        self.criterion = Mask2FormerLoss(self.config, weight_dict=self.weight_dict)
-        self.criterion.get_num_masks = self._num_masks  # averaged over processes, as in Mask2Former
+        self.criterion = ProcessAveragedMask2FormerLoss(self.config, weight_dict=self.weight_dict)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -203,15 +219,6 @@ class Mask2FormerHead(nn.Module):
         initializer = Mask2FormerPreTrainedModel(self.config)
         for part in (self.pixel_decoder, self.transformer, self.class_predictor):
             part.apply(initializer._init_weights)
-
-    @staticmethod
-    def _num_masks(class_labels: List[Tensor], device: torch.device) -> Tensor:
-        """Target masks per process, averaged over processes, at least 1 (loss normaliser)."""
-        num = torch.as_tensor(float(sum(len(c) for c in class_labels)), device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(num)
-            num = num / dist.get_world_size()
-        return num.clamp(min=1.0)
 
     def layers(self, features: Dict[str, Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
         """Class logits (B, Q, K + 1) and mask logits (B, Q, H/4, W/4) after every decoder

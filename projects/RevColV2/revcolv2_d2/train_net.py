@@ -25,6 +25,7 @@ And, for reliability:
 - ``last_eval.json`` is strict JSON (a NaN metric is ``null``);
 - ``--num-gpus N`` without CUDA runs N CPU processes (gloo).
 """
+import argparse
 import difflib
 import gc
 import json
@@ -340,7 +341,10 @@ def main(args):
 
 def _eval_config_hint(error: ShapeMismatchError, config_file: str) -> str:
     """``--eval-only``: a checkpoint of another model size was most likely trained with
-    overrides; its run saved the resolved config beside it."""
+    overrides; its run saved the resolved config beside it. (A RevColV2 training checkpoint
+    names the exact overrides itself, from the recipe saved in it.)"""
+    if getattr(error, "from_recipe", False):
+        return str(error)
     saved = os.path.join(os.path.dirname(os.path.abspath(error.source)), "config.yaml")
     if os.path.isfile(saved) and os.path.abspath(saved) != os.path.abspath(config_file):
         how = f"evaluate with the config its run saved: --config-file {saved}"
@@ -349,14 +353,74 @@ def _eval_config_hint(error: ShapeMismatchError, config_file: str) -> str:
     return f"{error}. Was it trained with overrides? Then {how}"
 
 
+# --------------------------------------------------------------------------- command line
+DESCRIPTION = """\
+Train or evaluate a RevColV2 detectron2 LazyConfig: COCO instance segmentation (Mask R-CNN,
+Cascade Mask R-CNN) and ADE20K semantic segmentation (UperNet, Mask2Former), or their tiny
+demo versions, which train on the CPU in minutes on datasets the project generates itself.
+"""
+
+EPILOG = """\
+configs (projects/RevColV2/configs/; a .py config is code: run only those you trust):
+  demo/mask_rcnn_revcolv2_tiny_shapes.py          the demo that `make demo` trains, evaluates and draws
+  demo/upernet_revcolv2_tiny_synthetic.py         UperNet on the built-in ADE20K-style scenes, CPU
+  demo/mask2former_revcolv2_tiny_synthetic.py     Mask2Former on the same scenes, CPU
+  COCO/mask_rcnn_revcolv2_{b,l}_50ep.py, COCO/cascade_mask_rcnn_revcolv2_{b,l}_100ep.py
+  ADE20K/upernet_revcolv2_{b,l}_160k.py, ADE20K/mask2former_revcolv2_{b,l}_160k.py
+  The demo configs use the revcolv2_tiny preset, the size that
+  `tools/pretrain.py --config configs/pretrain/revcolv2_tiny_demo.yaml` pre-trains.
+  Datasets are found in $DETECTRON2_DATASETS (default ./datasets): coco/,
+  ADEChallengeData2016/, and the built-in ones, generated there on first use.
+
+examples:
+  python tools/lazyconfig_train_net.py --config-file projects/RevColV2/configs/demo/mask_rcnn_revcolv2_tiny_shapes.py
+  # from the pre-training demo's checkpoint (RevColV2 MIM or classification checkpoints load as they are)
+  python tools/lazyconfig_train_net.py --config-file projects/RevColV2/configs/demo/mask_rcnn_revcolv2_tiny_shapes.py \\
+      train.init_checkpoint=output/pretrain/revcolv2_tiny_demo/checkpoint-0008.pth
+  python tools/lazyconfig_train_net.py --num-gpus 8 --config-file CFG train.init_checkpoint=MIM.pth
+  python tools/lazyconfig_train_net.py --config-file CFG --resume
+  python tools/lazyconfig_train_net.py --config-file CFG --eval-only train.init_checkpoint=output/model_final.pth
+
+the output folder (train.output_dir):
+  A folder that holds a run is not trained into again by accident: --resume continues it
+  from its last checkpoint (a SIGTERM or Ctrl-C saves one first), --overwrite starts it
+  again from iteration 0, or pick another train.output_dir=DIR. What a run writes there and
+  which files are trusted: docs/OPERATIONS.md.
+"""
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line of ``tools/lazyconfig_train_net.py``: detectron2's options, under
+    their names and defaults (``default_setup`` and ``launch`` read them), with help that
+    describes this project's configs, plus ``--no-ema`` and ``--overwrite``."""
+    p = argparse.ArgumentParser(prog="tools/lazyconfig_train_net.py", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", default="", metavar="FILE",
+                   help="a LazyConfig (.py) from projects/RevColV2/configs/, or a config.yaml that a run saved")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in train.output_dir from its last checkpoint (with --eval-only: "
+                        "evaluate that checkpoint)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="only evaluate train.init_checkpoint on the test set (writes last_eval.json)")
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="processes per machine: one per GPU; without CUDA, CPU processes (gloo)")
+    p.add_argument("--num-machines", type=int, default=1, help="machines in the job")
+    p.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0 .. num-machines - 1")
+    p.add_argument("--dist-url", default=default_argument_parser().get_default("dist_url"),
+                   help="torch.distributed init URL (default: a port derived from your user id)")
+    p.add_argument("--no-ema", action="store_true",
+                   help="from a checkpoint with EMA weights (model_ema), take the raw ones ('model')")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train from iteration 0 in a train.output_dir that holds a run, deleting its "
+                   "checkpoints, metrics.json, last_eval.json and TensorBoard events")
+    p.add_argument("opts", nargs=argparse.REMAINDER, default=None,
+                   help="config overrides key=value, e.g. train.max_iter=100 train.init_checkpoint=MIM.pth; "
+                        "a key the config lacks is an error naming the closest one (+key=value adds a key)")
+    return p
+
+
 def invoke_main(argv=None) -> None:
-    parser = default_argument_parser()
-    parser.add_argument("--no-ema", action="store_true",
-                        help="from a checkpoint with EMA weights (model_ema), take the raw ones ('model')")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="train from iteration 0 in a train.output_dir that holds a run, deleting its "
-                        "checkpoints, metrics.json, last_eval.json and TensorBoard events")
-    args = parser.parse_args(argv)
+    args = argument_parser().parse_args(argv)
     if torch.cuda.is_available() and args.num_gpus > torch.cuda.device_count():
         raise SystemExit(f"--num-gpus {args.num_gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if not torch.cuda.is_available() and args.num_gpus > 1:

@@ -13,32 +13,23 @@ The paper's layer decay replaces Mask2Former's BACKBONE_MULTIPLIER 0.1.
         train.init_checkpoint=output/ade20k_mask2former_revcolv2_b/model_final.pth
 """
 import detectron2.data.transforms as T
-from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
 from revcolv2_d2.data.ade20k import PhotometricDistortion
 from revcolv2_d2.mask2former import FullModelGradClipAdamW, mask2former_optimizer_params
 
-from ..common.ade20k_loader import dataloader, ignore_label
+from ..common.ade20k_160k import dataloader, train
+from ..common.ade20k_loader import ignore_label
 from ..common.mask2former_revcolv2 import model
 
 crop_size = 512  # Base yaml INPUT.CROP.SIZE
 max_size = 2048  # Base yaml INPUT.MAX_SIZE_TRAIN / MAX_SIZE_TEST
 
-# A RevColV2 MIM (or ImageNet fine-tuned) checkpoint of the same size; its keys are mapped
-# to backbone.net.* by the RevColV2Checkpointer. No public weights exist.
-train = model_zoo.get_config("common/train.py").train
-train.init_checkpoint = ""
+# 160k iterations at batch 16 [paper] (Base yaml SOLVER.MAX_ITER, IMS_PER_BATCH), bf16: ../common/ade20k_160k.py
 train.output_dir = "output/ade20k_mask2former_revcolv2_b"
-train.amp.enabled = True  # Base yaml SOLVER.AMP.ENABLED
-train.amp.precision = "bf16"  # or "fp16"; mixed precision is switched off on CPU
-train.ddp.fp16_compression = True
-train.max_iter = 160000  # [paper]; Base yaml SOLVER.MAX_ITER
 train.eval_period = 5000  # Base yaml TEST.EVAL_PERIOD
 train.checkpointer.period = 5000  # detectron2's SOLVER.CHECKPOINT_PERIOD default
-train.checkpointer.max_to_keep = 3  # ours: detectron2 keeps 100; plus model_final.pth
-train.log_period = 50
 
 # Training (Base yaml INPUT, mapper "mask_former_semantic"): short side drawn from
 # 0.5x..2.0x of 512 in steps of 0.1x (256, 307, ..., 1024), long side at most 2048; a
@@ -57,7 +48,6 @@ dataloader.train.mapper.augmentations = [
     L(PhotometricDistortion)(),
     L(T.RandomFlip)(horizontal=True),
 ]
-dataloader.train.total_batch_size = 16  # [paper]; Base yaml SOLVER.IMS_PER_BATCH
 # Test: short side 512, long side at most 2048 (MIN_SIZE_TEST / MAX_SIZE_TEST), whole image.
 dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=crop_size, max_size=max_size)]
 

@@ -17,24 +17,12 @@ from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
 from revcolv2_d2.backbone import revcolv2_optimizer_params
 
-from ..common.ade20k_loader import dataloader
+from ..common.ade20k_160k import dataloader, train
 from ..common.upernet_revcolv2 import model
 
-# A RevColV2 MIM (or ImageNet fine-tuned) checkpoint of the same size; its keys are mapped
-# to backbone.net.* by the RevColV2Checkpointer. No public weights exist.
-train = model_zoo.get_config("common/train.py").train
-train.init_checkpoint = ""
 train.output_dir = "output/ade20k_upernet_revcolv2_b"
-train.amp.enabled = True
-train.amp.precision = "bf16"  # or "fp16"; mixed precision is switched off on CPU
-train.ddp.fp16_compression = True
-train.max_iter = 160000
 train.eval_period = 16000
 train.checkpointer.period = 16000
-train.checkpointer.max_to_keep = 3  # detectron2 keeps 100; plus model_final.pth
-train.log_period = 50
-
-dataloader.train.total_batch_size = 16
 
 # linear warm-up over 1500 iterations from 1e-6x, then poly (power 1) decay to 0 over the
 # remaining 158,500 iterations (mmsegmentation's LinearLR + PolyLR)

@@ -3,9 +3,10 @@
 The B recipe's code paths (SemSegDatasetMapper with Mask2Former's ADE20K augmentations,
 deformable-attention pixel decoder + masked-attention decoder, Hungarian matching and
 point-sampled losses, clipped layer-decay AdamW, poly schedule, whole-image
-SemSegEvaluator) at a size that trains from scratch on 2 CPU cores: a RevColV2 of width 64
-(2 BU + 1 TD columns, the B layout), a 64-wide head with 2 encoder and 3 decoder layers and
-16 queries, 96x96 crops, batch 4.
+SemSegEvaluator) at a size that trains from scratch on 2 CPU cores: the ``revcolv2_tiny``
+preset (width 192, 2 BU + 1 TD columns, the B layout; the size the pre-training demo
+trains, so its checkpoint loads through ``train.init_checkpoint``), a 64-wide head with 2
+encoder and 3 decoder layers and 16 queries, 96x96 crops, batch 4.
 
     python tools/lazyconfig_train_net.py \
         --config-file projects/RevColV2/configs/demo/mask2former_revcolv2_tiny_synthetic.py
@@ -16,18 +17,14 @@ from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
 from revcolv2_d2.data.ade20k import PhotometricDistortion
-from revcolv2_d2.data.synthetic_ade20k import SYNTHETIC_ADE_CLASSES
 
-from ..ADE20K.mask2former_revcolv2_b_160k import dataloader, model, optimizer, train
+from ..ADE20K.mask2former_revcolv2_b_160k import model, optimizer
+from ..common.ade20k_synthetic_demo import dataloader, num_classes, train
 
-embed_dim = 64
 crop_size = 96
 test_size = 128  # short side at test time (the synthetic scenes are 96-208 px)
-num_classes = len(SYNTHETIC_ADE_CLASSES)
 
 model.backbone.variant = "revcolv2_tiny"
-model.backbone.embed_dim = embed_dim
-model.backbone.num_heads = 2
 model.backbone.drop_path_rate = 0.0  # from scratch, a few hundred iterations: no regularisation needed
 model.backbone.reversible = False  # same gradients; at this size the saved memory is nothing and the rebuild costs time
 _head = model.sem_seg_head  # (a leading _ keeps it out of the saved config)
@@ -42,8 +39,6 @@ _head.dim_feedforward = 256
 _head.train_num_points = 576  # the 24x24 mask logits of a 96 crop
 
 # Mask2Former's augmentations scaled to the 96-208 px synthetic scenes (short side 48-192)
-dataloader.train.dataset.names = "synthetic_ade_train"
-dataloader.train.mapper.num_classes = num_classes
 dataloader.train.mapper.augmentations = [
     L(T.ResizeShortestEdge)(
         short_edge_length=[int(x * 0.1 * crop_size) for x in range(5, 21)], max_size=4 * crop_size,
@@ -56,19 +51,12 @@ dataloader.train.mapper.augmentations = [
     L(T.RandomFlip)(horizontal=True),
 ]
 dataloader.train.total_batch_size = 4
-dataloader.train.num_workers = 1
-dataloader.test.dataset.names = "synthetic_ade_val"
-dataloader.test.mapper.num_classes = num_classes
 dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=test_size, max_size=4 * test_size)]
-dataloader.test.num_workers = 1
 
 train.output_dir = "output/demo_mask2former_synthetic"
-train.device = "cpu"
-train.amp.enabled = False
 train.max_iter = 400
 train.eval_period = 400
 train.checkpointer.period = 400
-train.log_period = 20
 
 # from scratch: a larger learning rate, a short warm-up and no layer decay (it is for
 # pre-trained backbones)

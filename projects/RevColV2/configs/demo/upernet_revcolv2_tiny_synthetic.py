@@ -2,8 +2,9 @@
 
 The B recipe's code paths (SemSegDatasetMapper with the ADE20K augmentations, UperNet +
 aux head, layer-decay AdamW, warm-up + poly schedule, sliding-window SemSegEvaluator) at a
-size that trains from scratch on 2 CPU cores: a RevColV2 of width 64 (2 BU + 1 TD columns,
-the B layout), 64-channel head, 128x128 crops, batch 8, 200 iterations.
+size that trains from scratch on 2 CPU cores: the ``revcolv2_tiny`` preset (width 192, 2 BU +
+1 TD columns, the B layout; the size the pre-training demo trains, so its checkpoint loads
+through ``train.init_checkpoint``), 64-channel head, 128x128 crops, batch 8, 200 iterations.
 
     python tools/lazyconfig_train_net.py \
         --config-file projects/RevColV2/configs/demo/upernet_revcolv2_tiny_synthetic.py
@@ -12,18 +13,14 @@ import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 
 from revcolv2_d2.data.ade20k import PhotometricDistortion, ResizeLongShortScale
-from revcolv2_d2.data.synthetic_ade20k import SYNTHETIC_ADE_CLASSES
 
-from ..ADE20K.upernet_revcolv2_b_160k import dataloader, lr_multiplier, model, optimizer, train
+from ..ADE20K.upernet_revcolv2_b_160k import lr_multiplier, model, optimizer
+from ..common.ade20k_synthetic_demo import dataloader, num_classes, train
 
-embed_dim = 64
 crop_size = 128
 scale = (128, 256)  # (short, long) resize target of the synthetic images (96-208 px)
-num_classes = len(SYNTHETIC_ADE_CLASSES)
 
 model.backbone.variant = "revcolv2_tiny"
-model.backbone.embed_dim = embed_dim
-model.backbone.num_heads = 2
 model.backbone.drop_path_rate = 0.0  # from scratch, 200 iterations: no regularisation needed
 model.sem_seg_head.num_classes = num_classes
 model.sem_seg_head.channels = 64
@@ -32,8 +29,6 @@ model.sem_seg_head.norm = "BN"  # one process
 model.crop_size = (crop_size, crop_size)
 model.stride = (85, 85)
 
-dataloader.train.dataset.names = "synthetic_ade_train"
-dataloader.train.mapper.num_classes = num_classes
 dataloader.train.mapper.augmentations = [
     L(ResizeLongShortScale)(min_scale=0.5, max_scale=2.0, target_height=scale[0], target_width=scale[1]),
     L(T.RandomCrop_CategoryAreaConstraint)(
@@ -43,22 +38,14 @@ dataloader.train.mapper.augmentations = [
     L(PhotometricDistortion)(),
 ]
 dataloader.train.total_batch_size = 8
-dataloader.train.num_workers = 1
-dataloader.test.dataset.names = "synthetic_ade_val"
-dataloader.test.mapper.num_classes = num_classes
 dataloader.test.mapper.augmentations = [
     L(ResizeLongShortScale)(min_scale=1.0, max_scale=1.0, target_height=scale[0], target_width=scale[1]),
 ]
-dataloader.test.num_workers = 1
 
 train.output_dir = "output/demo_upernet_synthetic"
-train.device = "cpu"
-train.amp.enabled = False
 train.max_iter = 200
 train.eval_period = 200
 train.checkpointer.period = 200
-train.checkpointer.max_to_keep = 3  # detectron2 keeps 100
-train.log_period = 20
 
 # from scratch: a larger learning rate and no layer decay (it is for pre-trained backbones)
 optimizer.lr = 2e-3

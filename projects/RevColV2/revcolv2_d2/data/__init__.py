@@ -1,14 +1,11 @@
 """Dataset registration for the RevColV2 detectron2 project.
 
 COCO 2017 and ADE20K (``coco_2017_*``, ``ade20k_sem_seg_*``) are registered by detectron2
-itself from ``$DETECTRON2_DATASETS`` (default ``./datasets``). This package adds the
-built-in synthetic datasets that the demos and tests generate on first use.
+itself from ``$DETECTRON2_DATASETS`` (default ``./datasets``, in the working directory). This
+package adds the built-in synthetic datasets that the demos and tests generate on first use
+under the same folder, :func:`revcolv2.data.datasets_root`.
 """
-import os
-
-
-def datasets_root() -> str:
-    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+from revcolv2.data import datasets_root
 
 
 def register_all(root: str = None) -> None:

@@ -33,6 +33,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_sem_seg
 from PIL import Image
 
+from revcolv2.data import make_datasets_folder
 from revcolv2.run_dir import remove_stale_temporaries
 
 from .ade20k import IGNORE_LABEL
@@ -155,7 +156,7 @@ def ensure_synthetic_ade(root: str) -> str:
     base = os.path.join(root, "synthetic_ade")
     if _is_current(root):
         return base
-    os.makedirs(root, exist_ok=True)
+    make_datasets_folder(root)
     remove_stale_temporaries(root, prefix=".synthetic_ade_")  # what killed generations left behind
     tmp = tempfile.mkdtemp(prefix=f".synthetic_ade_{os.getpid()}_", dir=root)
     try:

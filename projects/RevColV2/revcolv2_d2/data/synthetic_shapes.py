@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 
+from revcolv2.data import make_datasets_folder
 from revcolv2.run_dir import remove_stale_temporaries
 
 from .coco_checks import CocoInputError, register_checked_coco_instances
@@ -250,7 +251,7 @@ def ensure_synthetic_shapes(root: str, splits: Dict[str, Tuple[int, int]] = SPLI
     if all(_is_current(synthetic_shapes_paths(root, s)[1]) for s in splits):
         return base
     _refuse_foreign(base, [synthetic_shapes_paths(root, s)[1] for s in splits])
-    os.makedirs(root, exist_ok=True)
+    make_datasets_folder(root)
     remove_stale_temporaries(root, prefix=".synthetic_shapes_")  # what killed generations left behind
     tmp = tempfile.mkdtemp(prefix=f".synthetic_shapes_{os.getpid()}_", dir=root)
     try:
