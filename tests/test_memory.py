@@ -134,7 +134,10 @@ def test_traffic_counts_an_out_tensor_once_as_written():
 
 def test_reversible_moves_less_non_gemm_traffic_than_checkpointed_timm_vit():
     """The engine's element-wise work per image (rebuilds, alpha updates and their gradients)
-    stays below what timm's per-block checkpointing adds to a ViT of the same width."""
+    and its kernel count stay well below those of timm's per-block checkpointing on a ViT of
+    the same width: at most 0.80x the non-GEMM bytes and 0.85x the ops (the engine's CPU
+    targets, met by RevColV2-B at 224x224 too, ``tools/benchmark_backbone.py --device cpu``).
+    Measured here: 0.69x and 0.83x (engine v2: 0.90x and 0.91x)."""
     from revcolv2.memory import traffic_per_image
 
     def per_image(model):
@@ -151,5 +154,5 @@ def test_reversible_moves_less_non_gemm_traffic_than_checkpointed_timm_vit():
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=64, drop_path_rate=0.1).train()
     vit.set_grad_checkpointing(True)
     r, v = per_image(rev), per_image(vit)
-    assert r["non_gemm_bytes"] < v["non_gemm_bytes"]
-    assert r["ops"] < v["ops"]
+    assert r["non_gemm_bytes"] <= 0.80 * v["non_gemm_bytes"], (r, v)
+    assert r["ops"] <= 0.85 * v["ops"], (r, v)
