@@ -26,7 +26,7 @@ Rows (``--rows``; ``--compile`` adds the ``-compiled`` ones):
   rev-compiled                                    reversible, model.compile_levels()
 
     python tools/benchmark_backbone.py --variant revcolv2_tiny --batch-sizes 2    # quick CPU check
-    python tools/benchmark_backbone.py --device cpu --report                       # CPU, appends the table
+    python tools/benchmark_backbone.py --device cpu --report                       # CPU, writes the current CPU table
     python tools/benchmark_backbone.py --device cuda --batch-sizes 128,512 --compile
     python tools/benchmark_backbone.py --device cuda --batch-sizes 128 --profile-dir runs/profile  # where time goes
 """

@@ -19,7 +19,7 @@ pyramid, the part that differs. Each model runs in its own subprocess.
 
     python tools/benchmark_detection.py                      # CUDA: 1024x1024, batch 2, bf16
     python tools/benchmark_detection.py --device cpu         # CPU: 256x256, batch 2, fp32
-    python tools/benchmark_detection.py --device cpu --report  # ... and append the table to docs/BENCHMARKS.md
+    python tools/benchmark_detection.py --device cpu --report  # ... and write it as the current table of docs/BENCHMARKS.md
 
 Targets on a GPU: training step <= 1.2x ViTDet-B's time, reversible peak memory <= ViTDet-B's,
 inference >= 0.8x ViTDet-B's img/s.

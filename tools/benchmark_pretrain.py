@@ -20,7 +20,7 @@ Rows (``--rows``; ``--compile`` adds the ``-compiled`` ones):
   rev-compiled                                     reversible, model.compile_levels()
 
     python tools/benchmark_pretrain.py --variant revcolv2_tiny --batch-sizes 2     # quick CPU check
-    python tools/benchmark_pretrain.py --device cpu --report                        # CPU, appends the table
+    python tools/benchmark_pretrain.py --device cpu --report                        # CPU, writes the current CPU table
     python tools/benchmark_pretrain.py --device cuda --batch-sizes 256 --compile
 """
 from functools import partial

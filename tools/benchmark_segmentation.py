@@ -23,7 +23,7 @@ runs in its own subprocess.
 
     python tools/benchmark_segmentation.py                      # CUDA: batch 8, bf16
     python tools/benchmark_segmentation.py --device cpu         # CPU: batch 2, fp32 (UperNet's BN needs 2)
-    python tools/benchmark_segmentation.py --device cpu --report  # ... and append the table to docs/BENCHMARKS.md
+    python tools/benchmark_segmentation.py --device cpu --report  # ... and write it as the current table of docs/BENCHMARKS.md
 
 Target on a GPU: Mask2Former's training step <= 2.0x UperNet's.
 """
