@@ -581,6 +581,9 @@ class RevColV2(nn.Module):
             order: column by column, levels in the column's update order) is not listed in
             ``global_attn_indexes``.
         reversible: train with the reversible engine (activations rebuilt in backward).
+        keep_last_graph: with ``reversible``, the forward's last level update keeps its graph
+            for the backward instead of rebuilding it there (one level evaluation fewer per
+            step; the graph waits while the heads run, see ``docs/ARCHITECTURE.md``).
         head_init_scale: multiplies the initial classifier weights (0.001 in fine-tuning).
         global_pool: 'avg', 'max', 'avgmax' or '' (no pooling).
         out_levels: the levels of the last column the model computes: 'top' (the default:
@@ -615,6 +618,7 @@ class RevColV2(nn.Module):
         global_attn_indexes: Sequence[int] = (),
         alpha_init: float = 0.5,
         reversible: bool = True,
+        keep_last_graph: bool = True,
         head_init_scale: float = 1.0,
         drop_rate: float = 0.0,
         global_pool: str = "avg",
@@ -637,7 +641,7 @@ class RevColV2(nn.Module):
         self.reversible = reversible
         # reversible training: the forward's last update keeps its graph instead of
         # rebuilding it at once in backward (revcolv2.reversible, keep_last_graph)
-        self.keep_last_graph = True
+        self.keep_last_graph = keep_last_graph
         self.drop_path_rate = drop_path_rate
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
