@@ -28,10 +28,11 @@ Design (one autograd node per (column, level) update):
 - **The last update keeps its graph** (``keep_last_graph``): its backward is the first to
   run, so evaluating its ``F_l`` again there would only rebuild, at once, the graph the
   forward just dropped. Its forward builds the graph instead and its backward uses it: one
-  block evaluation fewer per level of the last update, and no higher peak, since that
-  graph lives only until the backward reaches it (after the head's, whose activations are
-  small). A caller whose heads hold large activations while the backbone's graph waits
-  (detection) can turn it off.
+  evaluation of that level fewer per step. The graph lives from the end of the forward
+  until the backward reaches it, after the head's; that raises the activation peak only
+  where the end of the forward is the peak (not for RevColV2-B at 224x224). A caller whose
+  heads hold large activations while the backbone's graph waits (detection) can turn it
+  off.
 
 Replayed exactly in the rebuild: drop path (per-sample scales drawn once per forward and
 passed in), autocast (state recorded at forward, re-entered in backward) and dtypes (a
