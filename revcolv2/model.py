@@ -220,7 +220,7 @@ def residual_add(x: Tensor, branch: Tensor, scale: Optional[Tensor] = None) -> T
     """
     if scale is None:
         return x + branch
-    scale = scale.view(-1, 1, 1)
+    scale = scale.view(-1, 1, 1).to(x.dtype)  # the result keeps the state's dtype (a no-op in float32)
     if torch.jit.is_scripting() or torch.compiler.is_compiling():
         return torch.addcmul(x, branch, scale)
     return _ScaledResidual.apply(x, branch, scale)

@@ -137,3 +137,25 @@ def test_embedding_tokens_are_contiguous_in_float32_and_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tokens, _, _ = model.embed(x)
     assert tokens.is_contiguous() and tokens.dtype == torch.float32
+
+
+@pytest.mark.parametrize("state_dtype,branch_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                                      (torch.float64, torch.float64)])
+def test_residual_add_keeps_dtypes_and_scales_each_sample(state_dtype, branch_dtype):
+    """``x + branch * scale`` (drop path): the result has the state's dtype, the branch's
+    gradient the branch's dtype, and a dropped sample's branch gets no gradient."""
+    from revcolv2.model import residual_add
+
+    x = torch.randn(3, 4, 5, dtype=state_dtype, requires_grad=True)
+    branch = torch.randn(3, 4, 5, dtype=branch_dtype, requires_grad=True)
+    scale = torch.tensor([0.0, 1.25, 1.0])  # float32, as the drop-path draws are
+    out = residual_add(x, branch, scale)
+    assert out.dtype == state_dtype
+    expected = x.double() + branch.double() * scale.double().view(-1, 1, 1)
+    assert torch.allclose(out.double(), expected, rtol=1e-2 if state_dtype == torch.bfloat16 else 1e-6)
+    g = torch.randn_like(out)
+    out.backward(g)
+    assert x.grad.dtype == state_dtype and torch.equal(x.grad, g)
+    assert branch.grad.dtype == branch_dtype
+    assert torch.all(branch.grad[0] == 0)
+    assert torch.allclose(branch.grad[1].double(), 1.25 * g[1].double(), rtol=1e-2)
