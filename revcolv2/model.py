@@ -421,7 +421,8 @@ class Column(nn.Module):
         alphas = self.alphas
         if alphas is None:
             raise RuntimeError("the first column has no alpha: it has no previous column")
-        return alphas.abs().clamp(min=self.alpha_min).copysign(alphas)
+        magnitude = alphas.abs().clamp(min=self.alpha_min)
+        return torch.where(alphas >= 0, magnitude, -magnitude)  # (not copysign: ONNX has no signbit)
 
     def alpha(self, l: int) -> Tensor:
         """alpha_l, clamped as in :meth:`alpha_values`."""
