@@ -173,3 +173,23 @@ def test_report_replaces_the_current_table_and_keeps_the_old_one_in_the_history(
     # the replaced run is kept, whole, below
     assert history.count("### Backbone step (CPU)") == 1 and "| 1 |" in history
     assert text.count("<!-- report: Backbone step (CPU) -->") == 1
+
+
+def test_gpu_targets_table_judges_speed_and_memory_from_the_measured_rows():
+    targets = _tool("benchmark_gpu_targets")
+    rows = {"backbone-b": [
+        {"key": "rev", "batch": 128, "img/s": 2600.0, "peak GiB": 2.80},
+        {"key": "vit-ckpt", "batch": 128, "img/s": 2000.0, "peak GiB": 2.86},
+        {"key": "rev", "batch": 512, "img/s": 2700.0, "peak GiB": 8.50},  # faster, but more memory
+        {"key": "vit-ckpt", "batch": 512, "img/s": 2000.0, "peak GiB": 8.28},
+        {"key": "plain", "batch": 128, "img/s": 2900.0, "peak GiB": 7.0},
+        {"key": "vit", "batch": 128, "img/s": 2400.0, "peak GiB": 9.5},
+    ], "pretrain-b": [{"key": "rev", "batch": 256, "error": "out of memory"}, {"key": "mae", "batch": 256}]}
+    lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in targets.targets_table(rows, "card").splitlines()[2:]}
+    verdict = {k.split(" (")[0] + (" 512" if "512" in k else ""): ln.rsplit("|", 2)[-2].strip()
+               for k, ln in lines.items()}
+    assert verdict["reversible RevColV2-B >= 1.30x ViT-B+ckpt, memory <= it"] == "met"  # 1.30x, 0.98x memory
+    assert verdict["reversible RevColV2-B >= 1.30x ViT-B+ckpt, memory <= it 512"] == "missed"  # 1.35x, 1.03x
+    assert verdict["plain RevColV2-B >= 1.25x ViT-B"] == "missed"  # 1.21x
+    assert verdict["MIM reversible >= 1.0x MAE, memory <= 0.4x MAE"] == "-"  # a failed row is not measured
+    assert "not measured" in lines["compiled plain RevColV2-B >= 1.30x compiled ViT-B (batch 128)"]
