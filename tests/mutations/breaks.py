@@ -54,7 +54,7 @@ BREAKS = [
         "                c = col.cross_level(l)\n                if c is not None and False:\n                    want.add(c)",
         "levels_to_run forgets that a level reads the previous column's cross level",
         "the classifier's forward (a level it needs is not computed)",
-        ("tests/test_engine_grads.py::test_forward_skips_dead_levels_with_identical_logits",),
+        ("tests/test_engine_grads.py::test_classifier_builds_only_what_reaches_its_head_with_identical_logits",),
     ),
     # ------------------------------------------------------------------ model wiring
     Break(
