@@ -116,7 +116,8 @@ def load_file(path: "os.PathLike | str", mmap: bool = False) -> Any:
 
     Raises ``FileNotFoundError`` or :class:`CheckpointError`, both naming ``path``, for a
     missing, empty, truncated or corrupt file, or one that holds anything but tensors,
-    numbers, strings, plain containers and numpy arrays. ``mmap=True`` maps the tensors
+    numbers, strings, plain containers and numpy arrays, or whose top level is not a dict
+    (a checkpoint always is). ``mmap=True`` maps the tensors
     instead of reading them (a cheap check that a ``.pth`` file is whole).
     """
     path = os.fspath(path)
@@ -127,13 +128,14 @@ def load_file(path: "os.PathLike | str", mmap: bool = False) -> Any:
     try:
         if path.endswith(".pkl"):
             with open(path, "rb") as f:
-                return RestrictedUnpickler(f, encoding="latin1").load()
-        if mmap:
-            import zipfile
+                loaded = RestrictedUnpickler(f, encoding="latin1").load()
+        else:
+            if mmap:
+                import zipfile
 
-            mmap = zipfile.is_zipfile(path)  # torch maps only its zip format; a truncated one is no zip
-        with torch.serialization.safe_globals(_torch_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+                mmap = zipfile.is_zipfile(path)  # torch maps only its zip format; a truncated one is no zip
+            with torch.serialization.safe_globals(_torch_safe_globals()):
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if _is_refusal(e):
             raise CheckpointError(
@@ -148,6 +150,11 @@ def load_file(path: "os.PathLike | str", mmap: bool = False) -> Any:
             f"{path} is not a readable checkpoint (truncated, corrupt, or not a PyTorch/pickle file): "
             f"{type(e).__name__}: {_describe(e)}"
         ) from None
+    if not isinstance(loaded, Mapping):
+        # every checkpoint this reads (ours, timm's, detectron2's .pth and .pkl) is a dict; a few
+        # bytes of junk can still be a valid pickle of a number or a string
+        raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(loaded).__name__}, not a dict")
+    return loaded
 
 
 # --------------------------------------------------------------------------- which weights

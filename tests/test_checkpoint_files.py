@@ -41,6 +41,11 @@ def _bad_files(folder, good_pth, good_pkl):
         files[f"text{suffix}"].write_text("model: not a checkpoint\n")
         files[f"empty{suffix}"] = folder / f"empty{suffix}"
         files[f"empty{suffix}"].write_bytes(b"")
+        # a valid pickle of a number: what 1 in about 3000 files of random bytes also is
+        files[f"number{suffix}"] = folder / f"number{suffix}"
+        files[f"number{suffix}"].write_bytes(pickle.dumps(7))
+    torch.save(7, folder / "number_torch.pth")
+    files["number_torch.pth"] = folder / "number_torch.pth"
     for name, good in (("truncated.pth", good_pth), ("truncated.pkl", good_pkl)):
         files[name] = folder / name
         files[name].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
