@@ -68,6 +68,7 @@ def test_recipe_values(size):
 
 
 @pytest.mark.parametrize("size", ["b", "l"])
+@pytest.mark.slow
 def test_builds_with_a_tiny_backbone_and_layer_decay_groups(size):
     cfg = tiny(load(ADE[size][0]))
     model = instantiate(cfg.model)

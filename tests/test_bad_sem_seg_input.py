@@ -75,6 +75,7 @@ def prepare(root) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, PREPARE, "--root", str(root)], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_prepare_script_shifts_labels_and_maps_other_to_255(tmp_path):
     label = np.array([[0, 1, 150]], np.uint8).repeat(20, 0).repeat(10, 1)  # 20x30
     _fake_release(tmp_path, label)
@@ -93,16 +94,19 @@ def _one_line_error(proc) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_prepare_script_rejects_values_above_150(tmp_path):
     _fake_release(tmp_path, np.full((20, 30), 151, np.uint8))
     assert re.search(r"a\.png: value 151 above the 150 ADE20K classes", _one_line_error(prepare(tmp_path)))
 
 
+@pytest.mark.slow
 def test_prepare_script_rejects_a_label_of_another_size(tmp_path):
     _fake_release(tmp_path, np.ones((20, 31), np.uint8))
     assert re.search(r"a\.png: label is 31x20 but .*a\.jpg is 30x20", _one_line_error(prepare(tmp_path)))
 
 
+@pytest.mark.slow
 def test_prepare_script_names_an_unreadable_label(tmp_path):
     _fake_release(tmp_path, np.ones((20, 30), np.uint8))
     (tmp_path / "annotations" / "training" / "a.png").write_bytes(b"\x89PNG but cut short")

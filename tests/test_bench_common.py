@@ -50,6 +50,7 @@ class _Entered:
         self.inside = False
 
 
+@pytest.mark.slow
 def test_train_and_infer_figures_on_cpu(tiny_mask_rcnn):
     model = tiny_mask_rcnn
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

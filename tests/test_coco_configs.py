@@ -110,6 +110,7 @@ def _assert_layer_decay(scales, layout):
     assert scales[net_prefix + "patch_embed.proj.weight"][0] == pytest.approx(decay ** top)
 
 
+@pytest.mark.slow
 def test_demo_config_builds_and_trains_on_the_built_in_data(tmp_path):
     """The demo config (width shrunk, 128 px): its train mapper on the built-in data, one
     optimizer step, and every loss term and the backbone, FPN and heads all move."""

@@ -52,6 +52,7 @@ def test_fpn_on_top_pads_to_square_and_matches_its_output_shape():
         assert t.shape == (2, spec[name].channels, 128 // spec[name].stride, 128 // spec[name].stride)
 
 
+@pytest.mark.slow
 def test_reversible_and_plain_give_the_same_gradients():
     bb = tiny_backbone(reversible=True).double().train()
     x = torch.randn(1, 3, 64, 96, dtype=torch.float64)

@@ -79,6 +79,7 @@ def _tiny(mim: bool, out_levels: str = "top"):
 
 
 @pytest.mark.parametrize("mim,max_copies", [(False, 0), (True, 1)])
+@pytest.mark.slow
 def test_a_reversible_step_copies_no_state_and_no_layer_norm_input(mim, max_copies):
     """One bf16 reversible training step of revcolv2_tiny (224x224, batch 2): every LayerNorm
     reads contiguous inputs and gradients (0 internal copies, 0 of 75 calls before the

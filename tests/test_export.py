@@ -38,6 +38,7 @@ def _mim_checkpoint():
     return mim, {"model": mim.state_dict(), "epoch": 3, "config": {"model": {"name": "revcolv2_tiny", "kwargs": SMALL}}}
 
 
+@pytest.mark.slow
 def test_mim_checkpoint_round_trip(tmp_path, capsys):
     mim, ckpt = _mim_checkpoint()
     export_to_folder(ckpt, str(tmp_path))  # preset and sizes from the recorded config

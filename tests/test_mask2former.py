@@ -60,6 +60,7 @@ def batch(n=2, h=64, w=96, seed=0, empty=()):
     return out
 
 
+@pytest.mark.slow
 def test_forward_shapes_and_every_parameter_gets_a_gradient():
     model = make_model().train()
     inputs = batch()
@@ -136,6 +137,7 @@ def test_the_padding_of_a_smaller_image_is_no_class_in_its_targets():
     assert torch.equal(t["masks"], expected)
 
 
+@pytest.mark.slow
 def test_images_without_labelled_pixels_train_with_a_counted_warning(caplog):
     model = make_model().train()
     with caplog.at_level(logging.WARNING, logger="revcolv2_d2.mask2former"):

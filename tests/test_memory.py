@@ -82,6 +82,7 @@ def _rebuilt_last(nb, nt):
     return model
 
 
+@pytest.mark.slow
 def test_reversible_backward_peak_is_constant_in_columns():
     """The peak includes the backward (which saved-tensor counts cannot see). Reversible: about
     31 level tensors per image with 2 TD columns whatever the number of BU columns (one
@@ -132,6 +133,7 @@ def test_traffic_counts_an_out_tensor_once_as_written():
     assert t["ops"] == 2
 
 
+@pytest.mark.slow
 def test_reversible_moves_less_non_gemm_traffic_than_checkpointed_timm_vit():
     """The engine's element-wise work per image (rebuilds, alpha updates and their gradients)
     and its kernel count stay well below those of timm's per-block checkpointing on a ViT of

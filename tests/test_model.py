@@ -19,6 +19,7 @@ def test_unknown_model_name_is_a_clear_error():
 
 
 @pytest.mark.parametrize("reversible", [True, False])
+@pytest.mark.slow
 def test_tiny_every_parameter_gets_a_gradient(reversible):
     torch.manual_seed(0)
     model = timm.create_model("revcolv2_tiny", num_classes=10, drop_path_rate=0.1, reversible=reversible)
@@ -35,6 +36,7 @@ def test_tiny_every_parameter_gets_a_gradient(reversible):
 
 
 @pytest.mark.parametrize("size", [(224, 224), (160, 320)])
+@pytest.mark.slow
 def test_input_sizes(size):
     model = timm.create_model("revcolv2_tiny", num_classes=5).eval()
     with torch.no_grad():
@@ -133,6 +135,7 @@ def test_sizes_against_the_paper(name, measured_sizes):
     assert abs(gflops - paper_gflops) / paper_gflops < 0.05
 
 
+@pytest.mark.slow
 def test_flops_count_every_level_a_model_builds():
     """count_flops counts the levels a full model builds but its classifier does not read
     (TD levels 0-2 of the last column, which a trace of the logits alone drops as dead

@@ -36,6 +36,7 @@ def _max_rel_err(a, b):
 
 
 @pytest.mark.parametrize("window_size", [0, 3])
+@pytest.mark.slow
 def test_reversible_gradients_match_autograd_float64(window_size):
     torch.manual_seed(0)
     model = _small(window_size=window_size, global_attn_indexes=(1, 6)).double().train()
@@ -50,6 +51,7 @@ def test_reversible_gradients_match_autograd_float64(window_size):
     assert _max_rel_err(gx_r, gx_p) < 1e-8
 
 
+@pytest.mark.slow
 def test_drop_path_is_really_random_and_replayed():
     """Two seeds give different gradients: the masks matter, so matching above is meaningful."""
     torch.manual_seed(0)
@@ -61,6 +63,7 @@ def test_drop_path_is_really_random_and_replayed():
     assert max(diffs) > 1e-3
 
 
+@pytest.mark.slow
 def test_inverting_columns_recovers_earlier_states():
     torch.manual_seed(0)
     model = _small(num_bu_columns=3, num_td_columns=2).double().eval()
@@ -79,6 +82,7 @@ def test_inverting_columns_recovers_earlier_states():
                 assert (a - b).abs().max().item() < 1e-10
 
 
+@pytest.mark.slow
 def test_bf16_autocast_reversible_backward_close_to_autograd():
     """bf16 keeps 8 mantissa bits (unit roundoff 2**-9 ~ 2e-3). Both modes run the same bf16
     kernels on fp32 column states of the same (contiguous) layout (docs/ARCHITECTURE.md,

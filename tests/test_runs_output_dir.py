@@ -60,6 +60,7 @@ def test_overwrite_starts_again_from_step_0(data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("pointer", ["missing", "dangling"])
+@pytest.mark.slow
 def test_resume_auto_finds_the_newest_checkpoint_without_a_pointer(data, tmp_path, capsys, pointer):
     pretrain(data, tmp_path, "schedule.epochs=3", extra=("--stop-at-step", "6"))  # epoch 1 + 2 steps
     if pointer == "missing":

@@ -24,6 +24,9 @@ from revcolv2.model import MODEL_CFGS
 PRESETS = timm.list_models("revcolv2_*")
 SIZE = 32  # 2x2 tokens
 TINY = "revcolv2_tiny"
+# the unit run checks the contract on revcolv2_tiny (real weights); the larger presets (on the
+# meta device) take seconds per case and run with the slow tests
+PRESET_PARAMS = [pytest.param(n, marks=() if n == TINY else pytest.mark.slow) for n in PRESETS]
 
 
 def _device(name: str):
@@ -51,7 +54,7 @@ def test_every_preset_is_registered_and_covered():
     assert set(PRESETS) == set(MODEL_CFGS)
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_forward_at_a_small_size(name):
     model = _create(name, num_classes=7).eval()
     with torch.no_grad():
@@ -74,7 +77,7 @@ BUILDS = {
 
 
 @pytest.mark.parametrize("build", list(BUILDS))
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_every_parameter_gets_a_gradient(name, build):
     """timm's test_model_backward: one training step, then every parameter has a .grad
     (and DDP with find_unused_parameters=False works, tests/test_engine_ddp.py)."""
@@ -87,7 +90,7 @@ def test_every_parameter_gets_a_gradient(name, build):
         assert outs[0].shape == (2, 7)
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_the_classifier_builds_what_reaches_its_head(name):
     """Levels that cannot reach the top level are not built: levels 0-2 of the last TD column
     (and levels 0-1 of the one before in large, 2 TD columns). Features builds all."""
@@ -105,7 +108,7 @@ def test_the_classifier_builds_what_reaches_its_head(name):
 
 
 # ----------------------------------------------------------------- torch.fx and TorchScript
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_fx_trace_forward_and_backward(name):
     """timm's test_model_forward_fx / test_model_backward_fx: symbolic tracing in eval and
     train mode; the traced module gives the eager outputs and trains every parameter."""
@@ -125,7 +128,7 @@ def test_fx_trace_forward_and_backward(name):
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_torchscript(name):
     """timm's test_model_forward_torchscript (and the fx + script variant) in eval mode."""
     with warnings.catch_warnings():
@@ -146,7 +149,7 @@ def test_torchscript(name):
 
 
 # ----------------------------------------------------------------- features_only
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_features_only_in_every_mode(name):
     """'getter' (default), 'hook' and 'fx' give the same four level maps of the last column;
     'list' / 'dict' are refused at creation."""
@@ -173,7 +176,7 @@ def test_features_only_in_every_mode(name):
             _create(name, features_only=True, feature_cls=cls)
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_features_only_out_indices_builds_only_what_they_need(name):
     torch.manual_seed(0)
     picked = _create(name, features_only=True, out_indices=(1, 3)).eval()
@@ -193,7 +196,7 @@ def test_features_only_out_indices_builds_only_what_they_need(name):
 
 
 # ----------------------------------------------------------------- forward_intermediates
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_forward_intermediates(name):
     """timm's test_model_forward_intermediates on the default model (a classifier): the
     newest value of every level; ``feature_info`` names its column."""
@@ -240,7 +243,7 @@ def test_stop_early_runs_fewer_levels_with_the_same_values():
 
 
 # ----------------------------------------------------------------- pooling and classifier
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_every_global_pool(name):
     model = _create(name, num_classes=0).eval()
     dim = MODEL_CFGS[name]["embed_dim"]
@@ -265,7 +268,7 @@ def test_every_global_pool(name):
             model.reset_classifier(0, global_pool=pool)
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_reset_classifier(name):
     model = _create(name, num_classes=5).eval()
     dim = MODEL_CFGS[name]["embed_dim"]
@@ -277,7 +280,7 @@ def test_reset_classifier(name):
     assert model.forward_head(tokens).shape == (2, dim)  # pre-logits
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_set_grad_checkpointing(name):
     model = _create(name, num_classes=3)
     model.set_grad_checkpointing(False)
@@ -296,7 +299,7 @@ def test_set_grad_checkpointing(name):
         assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_group_matcher(name):
     model = _create(name, num_classes=3)
     names = [n for n, _ in model.named_parameters()]
@@ -313,7 +316,7 @@ def test_group_matcher(name):
     assert all(n.startswith(f"columns.{j}.") for j in range(len(model.columns)) for n in coarse[j + 1])
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_pretrained_cfg(name):
     model = _create(name)
     cfg = model.pretrained_cfg

@@ -36,6 +36,7 @@ def batch(n=2, h=64, w=96, seed=0):
     return out
 
 
+@pytest.mark.slow
 def test_training_returns_losses_and_gradients_reach_every_parameter():
     model = make_model().train()
     losses = model(batch())

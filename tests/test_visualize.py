@@ -46,6 +46,7 @@ def test_ground_truth_is_drawn(datasets_env, tmp_path):
             assert frac > 0.01, r["file_name"]  # boxes, masks and labels cover part of the image
 
 
+@pytest.mark.slow
 def test_predictions_are_drawn_on_images_and_folders(datasets_env, tmp_path):
     val_dir = os.path.join(datasets_env, "synthetic_shapes", "val")
     first = sorted(os.listdir(val_dir))[0]
@@ -59,6 +60,7 @@ def test_predictions_are_drawn_on_images_and_folders(datasets_env, tmp_path):
     assert _changed_fraction(out, cv2.imread(os.path.join(val_dir, first))) > 0.01
 
 
+@pytest.mark.slow
 def test_video_in_video_out(datasets_env, tmp_path):
     val_dir = os.path.join(datasets_env, "synthetic_shapes", "val")
     video = str(tmp_path / "clip.mp4")

@@ -5,6 +5,7 @@ import os
 
 import cv2
 import numpy as np
+import pytest
 
 from revcolv2_d2 import visualization as visualize
 from d2_helpers import DEMO_CONFIG, TINY_OVERRIDES
@@ -18,6 +19,7 @@ def test_output_names_are_distinct_and_keep_the_folders():
     assert visualize.output_names(["p/q/r.png", "p/s.png"]) == [os.path.join("q", "r.png"), "s.png"]
 
 
+@pytest.mark.slow
 def test_three_inputs_named_x_give_three_pictures(tmp_path, caplog):
     images = {"a/x.jpg": 40, "a/x.png": 120, "b/x.jpg": 200}  # three different grey levels
     for rel, grey in images.items():
