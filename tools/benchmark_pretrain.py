@@ -121,8 +121,8 @@ def worker(args) -> dict:
 
 
 def main():
-    from bench_common import (ANALYSIS_COLUMNS, PROFILE_COLUMNS, markdown_table, print_and_report, print_op_chains,
-                              profile_args, run_step_workers, step_benchmark_start, worker_args, write_rows_json)
+    from bench_common import (print_and_report, print_op_chains, profile_args, run_step_workers,
+                              step_benchmark_start, worker_args, write_rows_json)
 
     start = step_benchmark_start(__doc__, ROWS, ["mae", "plain", "rev"], "256", worker)
     if start is None:
@@ -133,11 +133,27 @@ def main():
              + profile_args(args, k, b, batches[0]))
             for b in batches for k in keys if b == batches[0] or args.all_batches or k == "rev"]
     rows = run_step_workers(__file__, jobs, worker_args(args), args.worker_timeout, "benchmark_pretrain")
+    table = summarize(rows, args.variant, cuda)
+    precision = "bf16 autocast" if cuda else "fp32 timing, bf16-autocast analysis columns"
+    body = (f"MIM pre-training step (mask 0.75, forward + masked MSE + backward + AdamW), "
+            f"{args.img_size}x{args.img_size}, {precision}, no drop path, {args.warmup} warm-up + {args.iters} "
+            f"timed steps, one process per row and batch. On CPU \"speed vs MAE\" compares host CPU seconds per "
+            f"step.\n\n{table}\n")
+    print_and_report(__file__, table, "", args.report, f"MIM pre-training step: {args.variant} vs MAE ViT-B/16",
+                     args.device, body)
+    print_op_chains(args.profile_dir, rows)
+    write_rows_json(args.json, rows)
+
+
+def summarize(rows, variant: str, cuda: bool) -> str:
+    """Markdown table with speed (and on CUDA memory) relative to MAE at the same batch."""
+    from bench_common import ANALYSIS_COLUMNS, PROFILE_COLUMNS, markdown_table
+
     by = {(r["key"], r["batch"]): r for r in rows}
     for r in rows:
-        r["model"] = ROWS[r["key"]].replace("RevColV2", args.variant)
-        if args.variant in MAE_OF:
-            r["model"] = r["model"].replace("MAE ViT-B/16", f"MAE ViT ({args.variant} width)")
+        r["model"] = ROWS[r["key"]].replace("RevColV2", variant)
+        if variant in MAE_OF:
+            r["model"] = r["model"].replace("MAE ViT-B/16", f"MAE ViT ({variant} width)")
         mae = by.get(("mae-compiled" if r["key"].endswith("-compiled") else "mae", r["batch"]))
         if "error" in r or not mae or "error" in mae:
             continue
@@ -149,16 +165,7 @@ def main():
     cols += ["peak GiB", "memory vs MAE"] if cuda else ["peak RSS (MB)"]
     cols += ANALYSIS_COLUMNS + PROFILE_COLUMNS + ["params (M)", "error"]
     cols = [c for c in cols if c == "model" or any(c in r for r in rows)]
-    table = markdown_table(rows, cols)
-    precision = "bf16 autocast" if cuda else "fp32 timing, bf16-autocast analysis columns"
-    body = (f"MIM pre-training step (mask 0.75, forward + masked MSE + backward + AdamW), "
-            f"{args.img_size}x{args.img_size}, {precision}, no drop path, {args.warmup} warm-up + {args.iters} "
-            f"timed steps, one process per row and batch. On CPU \"speed vs MAE\" compares host CPU seconds per "
-            f"step.\n\n{table}\n")
-    print_and_report(__file__, table, "", args.report, f"MIM pre-training step: {args.variant} vs MAE ViT-B/16",
-                     args.device, body)
-    print_op_chains(args.profile_dir, rows)
-    write_rows_json(args.json, rows)
+    return markdown_table(rows, cols)
 
 
 if __name__ == "__main__":
