@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Every GPU target of the reversible engine, measured in one command (about 7 minutes on
-one H200), with the op chains that show where the time goes.
+"""Every GPU target of the reversible engine, measured in one command (``--budget-s``, 450 s
+by default, bounds it; not yet run on a GPU), with the op chains that show where the time goes.
 
     python tools/benchmark_gpu_targets.py --out runs/gpu-targets            # prints the targets
     python tools/benchmark_gpu_targets.py --out runs/gpu-targets --report   # ... and docs/BENCHMARKS.md
