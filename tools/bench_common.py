@@ -256,6 +256,19 @@ def profile_args(args: argparse.Namespace, key: str, batch: int, first_batch: in
     return ["--profile-dir", args.profile_dir]
 
 
+def finish_step_benchmark(script: str, args: argparse.Namespace, rows: List[Dict], table: str, title: str,
+                          step: str, drop_path: str, extra: str = "") -> None:
+    """The end of a training-step benchmark: print its table (with ``--report``, write it to
+    docs/BENCHMARKS.md, described by ``step``, ``drop_path`` and ``extra``), then the op chains
+    of ``--profile-dir`` and the rows of ``--json``."""
+    precision = "bf16 autocast" if args.device.startswith("cuda") else "fp32 timing, bf16-autocast analysis columns"
+    body = (f"{step}, {args.img_size}x{args.img_size}, {precision}, {drop_path}, {args.warmup} warm-up + "
+            f"{args.iters} timed steps, one process per row and batch.{extra}\n\n{table}\n")
+    print_and_report(script, table, "", args.report, title, args.device, body)
+    print_op_chains(args.profile_dir, rows)
+    write_rows_json(args.json, rows)
+
+
 def write_rows_json(path: Optional[str], rows: List[Dict]) -> None:
     """``--json PATH``: the measured rows, for a script that checks targets across benchmarks."""
     if path:

@@ -86,8 +86,8 @@ def worker(args) -> dict:
 
 
 def main():
-    from bench_common import (print_and_report, print_op_chains, profile_args, run_step_workers,
-                              step_benchmark_start, worker_args, write_rows_json)
+    from bench_common import (finish_step_benchmark, profile_args, run_step_workers, step_benchmark_start,
+                              worker_args)
 
     start = step_benchmark_start(__doc__, ROWS, ["vit", "vit-ckpt", "plain", "rev"], "128,512", worker)
     if start is None:
@@ -101,15 +101,9 @@ def main():
             for b in batches for k in keys
             if b == batches[0] or args.all_batches or (k in MEMORY_SAVING and not k.endswith("-compiled"))]
     rows = run_step_workers(__file__, jobs, worker_args(args), args.worker_timeout, "benchmark_backbone")
-    table = summarize(rows, args.variant, cuda)
-    precision = "bf16 autocast" if cuda else "fp32 timing, bf16-autocast analysis columns"
-    body = (f"Classification training step (forward + CE + backward + AdamW), {args.img_size}x{args.img_size}, "
-            f"{precision}, drop path {DROP_PATH}, {args.warmup} warm-up + {args.iters} timed steps, one process per "
-            f"row and batch.\n\n{table}\n")
-    print_and_report(__file__, table, "", args.report, f"Backbone training step: {args.variant} vs ViT-B/16",
-                     args.device, body)
-    print_op_chains(args.profile_dir, rows)
-    write_rows_json(args.json, rows)
+    finish_step_benchmark(__file__, args, rows, summarize(rows, args.variant, cuda),
+                          f"Backbone training step: {args.variant} vs ViT-B/16",
+                          "Classification training step (forward + CE + backward + AdamW)", f"drop path {DROP_PATH}")
 
 
 def summarize(rows, variant: str, cuda: bool) -> str:

@@ -121,8 +121,8 @@ def worker(args) -> dict:
 
 
 def main():
-    from bench_common import (print_and_report, print_op_chains, profile_args, run_step_workers,
-                              step_benchmark_start, worker_args, write_rows_json)
+    from bench_common import (finish_step_benchmark, profile_args, run_step_workers, step_benchmark_start,
+                              worker_args)
 
     start = step_benchmark_start(__doc__, ROWS, ["mae", "plain", "rev"], "256", worker)
     if start is None:
@@ -133,16 +133,10 @@ def main():
              + profile_args(args, k, b, batches[0]))
             for b in batches for k in keys if b == batches[0] or args.all_batches or k == "rev"]
     rows = run_step_workers(__file__, jobs, worker_args(args), args.worker_timeout, "benchmark_pretrain")
-    table = summarize(rows, args.variant, cuda)
-    precision = "bf16 autocast" if cuda else "fp32 timing, bf16-autocast analysis columns"
-    body = (f"MIM pre-training step (mask 0.75, forward + masked MSE + backward + AdamW), "
-            f"{args.img_size}x{args.img_size}, {precision}, no drop path, {args.warmup} warm-up + {args.iters} "
-            f"timed steps, one process per row and batch. On CPU \"speed vs MAE\" compares host CPU seconds per "
-            f"step.\n\n{table}\n")
-    print_and_report(__file__, table, "", args.report, f"MIM pre-training step: {args.variant} vs MAE ViT-B/16",
-                     args.device, body)
-    print_op_chains(args.profile_dir, rows)
-    write_rows_json(args.json, rows)
+    finish_step_benchmark(__file__, args, rows, summarize(rows, args.variant, cuda),
+                          f"MIM pre-training step: {args.variant} vs MAE ViT-B/16",
+                          "MIM pre-training step (mask 0.75, forward + masked MSE + backward + AdamW)", "no drop path",
+                          ' On CPU "speed vs MAE" compares host CPU seconds per step.')
 
 
 def summarize(rows, variant: str, cuda: bool) -> str:
