@@ -357,7 +357,7 @@ class Column(nn.Module):
     :meth:`in_level` (which level of this column feeds level ``l``; None: the source tokens)
     and :meth:`cross_level` (which level of the previous column feeds it). Forward,
     inversion and the reversible engine's backward all go through the per-level
-    :meth:`step` (``c_l = alpha_l * c_l(prev) + F_l(in, cross)``) and its inverse
+    :meth:`step_from` (``c_l = alpha_l * c_l(prev) + F_l(in, cross)``) and its inverse
     :meth:`unstep`.
 
     ``keep`` (B, L * blocks_per_level, 2) holds drop-path scales in execution order.
@@ -456,18 +456,9 @@ class Column(nn.Module):
         assert alpha is not None  # (a previous value always comes with its alpha; refines the type for TorchScript)
         return torch.addcmul(f, alpha, prev_l)
 
-    def step(self, l: int, inp: Tensor, cross: Optional[Tensor], prev_l: Optional[Tensor],
-             keep: Optional[Tensor], hw: Optional[Tuple[int, int]], alpha: Optional[Tensor] = None) -> Tensor:
-        """New value of level ``l``: ``alpha_l * prev_l + F_l(inp, cross)`` (``alpha``: this
-        level's row of :meth:`alpha_values`, computed here when not given)."""
-        f = self.level_f(l, inp, cross, keep, hw)
-        if prev_l is not None and alpha is None:
-            alpha = self.alpha(l)
-        return self.step_from(f, prev_l, alpha)
-
     @staticmethod
     def unstep(new_l: Tensor, f: Tensor, alpha: Tensor) -> Tensor:
-        """Inverse of :meth:`step` given F: ``prev_l = (new_l - f) / alpha_l``."""
+        """Inverse of :meth:`step_from`: ``prev_l = (new_l - f) / alpha_l``."""
         return (new_l - f) / alpha
 
     # ----------------------------------------------------------------- whole column
@@ -501,7 +492,7 @@ class Column(nn.Module):
                 prev_l = prev[l]
             if alphas is not None:
                 alpha = alphas[l]
-            new[l] = self.step(l, inp, cross, prev_l, keep, hw, alpha)
+            new[l] = self.step_from(self.level_f(l, inp, cross, keep, hw), prev_l, alpha)
         return new
 
     def inverse(self, source: Tensor, new: State, keep: Optional[Tensor], hw) -> State:
