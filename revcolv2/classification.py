@@ -17,7 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import (
-    PRETRAIN_ONLY_PREFIXES, CheckpointError, LoadReport, check_shapes, load_checkpoint, load_file, select_weights,
+    PRETRAIN_ONLY_PREFIXES,
+    CheckpointError,
+    LoadReport,
+    check_shapes,
+    load_checkpoint,
+    load_file,
+    select_weights,
     strip_ddp_prefix,
 )
 from .evaluation import evaluate

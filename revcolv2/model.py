@@ -26,11 +26,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from timm.layers import global_pool_nlc
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from torch import Tensor, nn
 
 from .checkpoint import PRETRAIN_ONLY_PREFIXES, unwrap_state_dict
 from .layer_decay import layer_id, num_layers

@@ -25,7 +25,6 @@ import yaml
 from .checkpoint import CheckpointError, load_file
 from .distributed import DistInfo, barrier
 
-
 _EPOCH_CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pth$")
 _RESUME_POINT = re.compile(r"^checkpoint-(\d+|last)\.pth$")
 LOG_FILE = "log.jsonl"

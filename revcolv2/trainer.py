@@ -32,7 +32,13 @@ from .distributed import DistInfo, agree_on_signal, all_reduce_sum, barrier
 from .optim import build_scheduler
 from .rng import gather_rng_states, seed_everything, set_rng_state
 from .run_dir import (
-    LOG_FILE, json_line, prune_checkpoints, remove_stale_temporaries, save_atomic, trim_log, write_last_checkpoint,
+    LOG_FILE,
+    json_line,
+    prune_checkpoints,
+    remove_stale_temporaries,
+    save_atomic,
+    trim_log,
+    write_last_checkpoint,
 )
 from .signals import TrainingInterrupted, ignore_stop_signals
 

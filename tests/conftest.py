@@ -1,6 +1,5 @@
 """Fixtures shared by the test modules."""
 import pytest
-
 from training_helpers import one_thread
 
 

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from d2_helpers import ROOT, assert_overlays_drawn, copy_val_images, train_demo, train_metrics, train_net
 from PIL import Image
 
-from d2_helpers import ROOT, assert_overlays_drawn, copy_val_images, train_demo, train_metrics, train_net
 from revcolv2_d2 import visualization as visualize  # tools/visualize.py's code, in this process
 from revcolv2_d2.data.synthetic_ade20k import make_scene
 

@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 import pytest
+from d2_helpers import MINI_SPLITS, ROOT
 from detectron2.data import DatasetCatalog
 
-from d2_helpers import MINI_SPLITS, ROOT
 from revcolv2_d2.data.coco_checks import (
     CheckedDatasetMapper,
     CocoInputError,

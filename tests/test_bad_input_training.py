@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
+from revcolv2.config import check_number
 from revcolv2.data import load_rgb
 from revcolv2.mim import create_mim_model
-from revcolv2.config import check_number
-from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
 PRETRAIN = REPO / "configs" / "pretrain" / "revcolv2_tiny_demo.yaml"
 FINETUNE = REPO / "configs" / "finetune" / "revcolv2_tiny_demo.yaml"

@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-
 from d2_helpers import DEMO_CONFIG, ROOT, TINY_OVERRIDES
 
 

@@ -8,13 +8,13 @@ import sys
 import pytest
 import timm
 import torch
+from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
 import revcolv2  # noqa: F401
 from revcolv2.checkpoint import CheckpointError, load_checkpoint, load_file
 from revcolv2.classification import load_pretrained
-from revcolv2.synthetic_imagenet import ensure_synthetic_imagenet
 from revcolv2.run_dir import find_resume_checkpoint, remove_stale_temporaries, save_atomic, write_last_checkpoint
-from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
+from revcolv2.synthetic_imagenet import ensure_synthetic_imagenet
 
 TINY = dict(embed_dim=32, num_heads=2, patch_size=8)
 

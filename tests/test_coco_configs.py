@@ -5,14 +5,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from d2_helpers import DEMO_CONFIG, ROOT, TRAIN_NET, run_tool
 from detectron2.config import LazyConfig, instantiate
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
 
 from revcolv2.layer_decay import layer_id, max_layer_id
 from revcolv2.model import MODEL_CFGS
-
-from d2_helpers import DEMO_CONFIG, ROOT, TRAIN_NET, run_tool
 
 COCO_DIR = os.path.join(ROOT, "projects", "RevColV2", "configs", "COCO")
 COCO_TRAIN_IMAGES = 118287
@@ -114,10 +113,10 @@ def _assert_layer_decay(scales, layout):
 def test_demo_config_builds_and_trains_on_the_built_in_data(tmp_path):
     """The demo config (width shrunk, 128 px): its train mapper on the built-in data, one
     optimizer step, and every loss term and the backbone, FPN and heads all move."""
+    from d2_helpers import TINY_OVERRIDES, make_mini_shapes
     from detectron2.data.datasets import load_coco_json
     from detectron2.utils.events import EventStorage
 
-    from d2_helpers import TINY_OVERRIDES, make_mini_shapes
     from revcolv2_d2.data.synthetic_shapes import synthetic_shapes_paths
 
     cfg = LazyConfig.load(DEMO_CONFIG)

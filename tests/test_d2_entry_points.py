@@ -10,7 +10,6 @@ import sys
 import warnings
 
 import pytest
-
 from d2_helpers import ROOT
 
 CONFIGS = os.path.join(ROOT, "projects", "RevColV2", "configs")

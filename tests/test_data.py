@@ -1,7 +1,6 @@
 """Data: bad files in an image folder, the built-in synthetic dataset, resumable sampling."""
 import io
 import random
-import shutil
 import warnings
 from pathlib import Path
 
@@ -10,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms
+from training_helpers import REPO, TINY_MODEL, one_thread, tiny_dataset
 
 from revcolv2.data import EpochSampler, RobustImageFolder, SeededSamples, UnreadableImageError, load_rgb, shard_indices
 from revcolv2.synthetic_imagenet import ensure_synthetic_imagenet, generate_synthetic_imagenet
-from training_helpers import REPO, TINY_MODEL, one_thread, tiny_dataset
 
 TO_TENSOR = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
 

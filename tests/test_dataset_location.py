@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from training_helpers import REPO
 
 import revcolv2.data
 from revcolv2 import synthetic_imagenet
 from revcolv2.data import datasets_root, resolve_data_path
-from training_helpers import REPO
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ import torch
 
 from revcolv2.model import LEVEL_RECOMPILE_LIMIT, RevColV2, allow_level_recompiles
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 

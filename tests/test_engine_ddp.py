@@ -9,9 +9,9 @@ import os
 import socket
 
 import pytest
+import timm
 import torch
 import torch.distributed as dist
-import timm
 import torch.multiprocessing as mp
 
 import revcolv2  # noqa: F401  (registers the presets)

@@ -6,7 +6,6 @@ from revcolv2.mim import RevColV2MIM
 from revcolv2.model import Block, RevColV2
 from revcolv2.reversible import run_buffer_of
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 

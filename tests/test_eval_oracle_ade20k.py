@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from detectron2.data.datasets.builtin import register_all_ade20k
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import Backbone
+from eval_oracle_helpers import builtin_names_on, config_loader_and_evaluator, load_config
 from PIL import Image
 from torch import nn
-
-from eval_oracle_helpers import builtin_names_on, load_config, config_loader_and_evaluator
 
 CONFIG = "ADE20K/upernet_revcolv2_b_160k.py"
 TINY = ["model.backbone.embed_dim=32", "model.backbone.num_heads=2", "model.sem_seg_head.channels=16",

@@ -26,11 +26,10 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.data.datasets.builtin import _PREDEFINED_SPLITS_COCO
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES, _get_builtin_metadata
 from detectron2.evaluation import inference_on_dataset
-from detectron2.structures import BoxMode, Boxes, Instances, PolygonMasks
+from detectron2.structures import Boxes, BoxMode, Instances, PolygonMasks
+from eval_oracle_helpers import builtin_names_on, config_loader_and_evaluator, load_config
 from PIL import Image
 from torch import nn
-
-from eval_oracle_helpers import builtin_names_on, config_loader_and_evaluator, load_config
 
 CONFIG = "COCO/mask_rcnn_revcolv2_b_50ep.py"
 TINY = ["model.backbone.bottom_up.embed_dim=32", "model.backbone.bottom_up.num_heads=2"]

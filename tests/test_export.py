@@ -187,10 +187,10 @@ def test_onnx_through_the_cli(tmp_path):
 def test_traced_mask_rcnn_demo_model_equals_eager(tmp_path):
     """tools/export.py --format torchscript on the demo config: traced on one image of its
     test dataset, equal to the eager model on three; the file then runs on its own."""
+    from d2_helpers import DEMO_CONFIG, make_mini_shapes, run_tool
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import instantiate
 
-    from d2_helpers import DEMO_CONFIG, make_mini_shapes, run_tool
     from revcolv2_d2.safe_config import load_lazy_config
     from revcolv2_d2.visualization import LazyPredictor, read_bgr
 

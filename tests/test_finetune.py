@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
 import revcolv2  # noqa: F401
 from revcolv2.checkpoint import PRETRAIN_ONLY_PREFIXES
 from revcolv2.classification import LinearProbe, load_pretrained
 from revcolv2.mim import create_mim_model
 from revcolv2.optim import param_groups_layer_decay
-from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
 TINY = dict(embed_dim=32, num_heads=2, patch_size=8)
 

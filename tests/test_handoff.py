@@ -10,11 +10,11 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from d2_helpers import DEMO_CONFIG, SMALL_INPUTS, TINY_OVERRIDES, make_mini_shapes, train_net
-from revcolv2.checkpoint import load_file
+from PIL import Image
 from training_helpers import REPO, run_tool, tiny_dataset
+
+from revcolv2.checkpoint import load_file
 
 pytestmark = pytest.mark.slow
 

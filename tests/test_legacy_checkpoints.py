@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from training_helpers import REPO, run_tool, tiny_dataset
 
 import revcolv2
 from revcolv2.checkpoint import load_file
 from revcolv2.mim import create_mim_model
-from training_helpers import REPO, run_tool, tiny_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pre_v2"
 SIZE = dict(embed_dim=16, num_heads=2, patch_size=8)

@@ -297,8 +297,9 @@ def test_loss_normaliser_is_the_target_masks_averaged_over_processes(monkeypatch
     """The criterion is a subclass of transformers' Mask2FormerLoss (no method patched onto
     an instance) whose normaliser averages the target-mask count over torch.distributed
     processes, here a simulated second process that holds 5 masks."""
-    from revcolv2_d2 import mask2former as m2f
     from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+
+    from revcolv2_d2 import mask2former as m2f
 
     criterion = make_head().criterion
     assert isinstance(criterion, Mask2FormerLoss) and "get_num_masks" not in vars(criterion)

@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 import pytest
-
 from d2_helpers import ROOT, assert_overlays_drawn, copy_val_images, train_demo, train_metrics, train_net
+
 from revcolv2_d2 import visualization as visualize  # what tools/visualize.py runs, in this process
 
 DEMO = os.path.join(ROOT, "projects", "RevColV2", "configs", "demo", "mask2former_revcolv2_tiny_synthetic.py")

@@ -7,7 +7,6 @@ import revcolv2  # noqa: F401
 from revcolv2.memory import LiveBytes, activation_peak_per_image
 from revcolv2.model import RevColV2
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 

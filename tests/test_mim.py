@@ -3,11 +3,16 @@ import pytest
 import torch
 
 from revcolv2.mim import (
-    RevColV2MIM, create_mim_model, normalize_patches, num_visible, patch_mean_std, patchify, random_masking,
+    RevColV2MIM,
+    create_mim_model,
+    normalize_patches,
+    num_visible,
+    patch_mean_std,
+    patchify,
+    random_masking,
     unpatchify,
 )
 from revcolv2.model import RevColV2
-
 
 TINY = dict(embed_dim=32, num_heads=2, patch_size=8)
 

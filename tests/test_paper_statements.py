@@ -21,7 +21,6 @@ import revcolv2  # noqa: F401  (registers the presets)
 from revcolv2.classification import LinearProbe
 from revcolv2.mim import create_mim_model, random_masking
 
-
 # 2 BU + 2 TD columns: with two TD columns, some TD levels cannot reach the classifier
 TINY = dict(embed_dim=32, num_heads=2, patch_size=8)
 LEVELS = 4

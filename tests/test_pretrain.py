@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-
 from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
 pytestmark = pytest.mark.slow  # end to end: tools/pretrain.py runs

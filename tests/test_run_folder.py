@@ -6,16 +6,21 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-
-from revcolv2.run_dir import (
-    DiskFullError, RunExistsError, RunFolderError, RunInUseError, check_output_dir, locked_run_dir, save_atomic,
-)
 from d2_helpers import DEMO_CONFIG, ROOT, TINY_OVERRIDES
 from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
+
+from revcolv2.run_dir import (
+    DiskFullError,
+    RunExistsError,
+    RunFolderError,
+    RunInUseError,
+    check_output_dir,
+    locked_run_dir,
+    save_atomic,
+)
 
 PRETRAIN = REPO / "configs" / "pretrain" / "revcolv2_tiny_demo.yaml"
 
@@ -179,7 +184,8 @@ def test_a_dangling_symlink_as_output_dir_is_one_line(data, tmp_path):
 
 @pytest.mark.slow  # subprocesses
 def test_a_second_train_net_run_is_refused_in_one_line_and_changes_nothing(tmp_path):
-    from d2_helpers import TRAIN_NET, make_mini_shapes, train_net as train_net_process
+    from d2_helpers import TRAIN_NET, make_mini_shapes
+    from d2_helpers import train_net as train_net_process
 
     datasets = tmp_path / "datasets"
     make_mini_shapes(str(datasets))

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from revcolv2.run_dir import prune_checkpoints, read_best, RunExistsError
-from revcolv2_d2.demo import main as demo_main
 from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
+
+from revcolv2.run_dir import RunExistsError, prune_checkpoints, read_best
+from revcolv2_d2.demo import main as demo_main
 
 PRETRAIN = REPO / "configs" / "pretrain" / "revcolv2_tiny_demo.yaml"
 FINETUNE = REPO / "configs" / "finetune" / "revcolv2_tiny_demo.yaml"

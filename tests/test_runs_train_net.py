@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-
 from d2_helpers import DEMO_CONFIG, ROOT, TINY_OVERRIDES, TRAIN_NET, make_mini_shapes, run_tool
 
 

@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from d2_helpers import DEMO_CONFIG
 from PIL import Image
+from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
 import revcolv2  # noqa: F401
 from revcolv2.checkpoint import CheckpointError, load_checkpoint, load_file
 from revcolv2.classification import evaluate_checkpoint, load_pretrained
 from revcolv2.distributed import DistInfo
 from revcolv2.run_dir import find_resume_checkpoint, read_last_checkpoint
-from d2_helpers import DEMO_CONFIG
-from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
 TINY = dict(embed_dim=32, num_heads=2, patch_size=8)
 D2_TINY = ["model.backbone.bottom_up.embed_dim=32", "model.backbone.bottom_up.num_heads=2"]

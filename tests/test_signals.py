@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
 CONFIG = REPO / "configs" / "pretrain" / "revcolv2_tiny_demo.yaml"

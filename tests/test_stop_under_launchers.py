@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from d2_helpers import DEMO_CONFIG, ROOT, TINY_OVERRIDES, TRAIN_NET, make_mini_shapes, run_tool
 from training_helpers import REPO, TINY_MODEL, tiny_dataset
 

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
+from training_helpers import REPO
 
 from revcolv2.checkpoint import ShapeMismatchError
 from revcolv2.cli.common import build_model
@@ -15,7 +16,6 @@ from revcolv2.config import load_config
 from revcolv2.mim import create_mim_model
 from revcolv2_d2.checkpoint import RevColV2Checkpointer
 from revcolv2_d2.train_net import apply_overrides
-from training_helpers import REPO
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

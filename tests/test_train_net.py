@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-
 from d2_helpers import DEMO_CONFIG, TINY_OVERRIDES, TRAIN_NET, make_mini_shapes, run_tool
 
 pytestmark = pytest.mark.slow  # the training tool in subprocesses

@@ -6,12 +6,11 @@ import logging
 
 import pytest
 import torch
+from d2_helpers import DEMO_CONFIG, TINY_OVERRIDES
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser
 from omegaconf import OmegaConf
-
-from d2_helpers import DEMO_CONFIG, TINY_OVERRIDES
 
 
 class _NanEvaluator:

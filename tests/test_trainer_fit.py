@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
+from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
 from revcolv2.distributed import DistInfo
 from revcolv2.run_dir import trim_log
 from revcolv2.trainer import Trainer
-from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
 PRETRAIN = REPO / "configs" / "pretrain" / "revcolv2_tiny_demo.yaml"
 

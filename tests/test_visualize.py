@@ -6,12 +6,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from d2_helpers import DEMO_CONFIG, TINY_OVERRIDES, make_mini_shapes
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from revcolv2_d2 import visualization as visualize
-
-from d2_helpers import DEMO_CONFIG, TINY_OVERRIDES, make_mini_shapes
-
 
 # an untrained model: keep its 5 best detections, whatever their score, so something is drawn
 KEEP_FEW = ["model.roi_heads.box_predictor.test_score_thresh=0.0",

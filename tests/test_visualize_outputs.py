@@ -6,9 +6,9 @@ import os
 import cv2
 import numpy as np
 import pytest
+from d2_helpers import DEMO_CONFIG, TINY_OVERRIDES
 
 from revcolv2_d2 import visualization as visualize
-from d2_helpers import DEMO_CONFIG, TINY_OVERRIDES
 
 
 def test_output_names_are_distinct_and_keep_the_folders():

@@ -6,12 +6,12 @@ import glob
 import os
 
 import pytest
+from d2_helpers import DEMO_CONFIG, ROOT
 from detectron2.config import LazyConfig
 from omegaconf import OmegaConf
 from PIL import Image
 
 from revcolv2_d2.safe_config import UnsafeConfigError, load_lazy_config
-from d2_helpers import DEMO_CONFIG, ROOT
 
 SHIPPED = sorted(glob.glob(os.path.join(ROOT, "projects", "RevColV2", "configs", "**", "*.py"), recursive=True))
 

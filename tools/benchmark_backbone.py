@@ -86,8 +86,7 @@ def worker(args) -> dict:
 
 
 def main():
-    from bench_common import (finish_step_benchmark, profile_args, run_step_workers, step_benchmark_start,
-                              worker_args)
+    from bench_common import finish_step_benchmark, profile_args, run_step_workers, step_benchmark_start, worker_args
 
     start = step_benchmark_start(__doc__, ROWS, ["vit", "vit-ckpt", "plain", "rev"], "128,512", worker)
     if start is None:

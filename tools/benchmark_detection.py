@@ -111,8 +111,14 @@ def main():
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
 
-    from bench_common import (CPU_RATIO_NOTE, add_ratio_columns, markdown_table, print_and_report, run_workers,
-                              write_rows_json)
+    from bench_common import (
+        CPU_RATIO_NOTE,
+        add_ratio_columns,
+        markdown_table,
+        print_and_report,
+        run_workers,
+        write_rows_json,
+    )
 
     rows = run_workers(__file__, MODELS, ["--batch", args.batch, "--size", args.size,
                                           "--warmup", args.warmup, "--iters", args.iters,

@@ -78,6 +78,7 @@ def build_model(cfg: dict, task: str, num_classes: Optional[int] = None) -> nn.M
     import timm
 
     import revcolv2  # noqa: F401  (registers the models with timm)
+
     from ..mim import create_mim_model
 
     m, size, kwargs = cfg["model"], cfg["data"]["input_size"], cfg["model"].get("kwargs") or {}

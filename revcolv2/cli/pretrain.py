@@ -28,7 +28,6 @@ from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, num_workers_d
 from ..distributed import init_distributed, prepare_data_root
 from ..rng import seed_everything
 from ..run_dir import claim_output_dir, find_resume_checkpoint, write_config
-from ..mim import RevColV2MIM
 from ..trainer import Trainer
 from ..visualization import reconstruction_grid
 from .common import build_model, training_parser

@@ -31,13 +31,22 @@ from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _group_checkpoint_keys, _group_to_str
 
 from revcolv2.checkpoint import (
-    PRETRAIN_ONLY_PREFIXES, CheckpointError, ShapeMismatchError, check_shapes, load_file, select_weights,
-)
-from revcolv2.run_dir import (
-    LAST_CHECKPOINT_FILE, newest_readable_checkpoint, read_last_checkpoint, remove_stale_temporaries, save_atomic,
-    write_last_checkpoint,
+    PRETRAIN_ONLY_PREFIXES,
+    CheckpointError,
+    ShapeMismatchError,
+    check_shapes,
+    load_file,
+    select_weights,
 )
 from revcolv2.model import MODEL_CFGS, Attention, RevColV2
+from revcolv2.run_dir import (
+    LAST_CHECKPOINT_FILE,
+    newest_readable_checkpoint,
+    read_last_checkpoint,
+    remove_stale_temporaries,
+    save_atomic,
+    write_last_checkpoint,
+)
 
 logger = logging.getLogger("detectron2").getChild(__name__)  # shown by default_setup
 

@@ -36,8 +36,8 @@ import signal
 import sys
 from contextlib import contextmanager
 
+import detectron2.data.build as d2_build
 import torch
-
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
@@ -49,19 +49,19 @@ from detectron2.engine import (
     launch,
 )
 from detectron2.engine.defaults import create_ddp_model
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.multiprocessing import ProcessExitedException
+from torch.nn.parallel import DistributedDataParallel
 
-import detectron2.data.build as d2_build
 from revcolv2.checkpoint import ShapeMismatchError
 from revcolv2.run_dir import RunLayout, claim_output_dir, json_compatible, split_json_lines
 from revcolv2.signals import TrainingInterrupted, ignore_stop_signals
+
 from .checkpoint import RevColV2Checkpointer
-from .safe_config import load_lazy_config
 from .data import register_all
+from .safe_config import load_lazy_config
 
 logger = logging.getLogger("detectron2")
 
