@@ -35,7 +35,7 @@ def test_tool_is_a_docstring_an_import_and_main(tool):
 def test_nothing_edits_sys_path():
     pattern = re.compile(r"sys\.path\.(insert|append|extend)\(|sys\.path\s*=|sys\.path\s*\+=")
     found = []
-    for folder in ("revcolv2", "projects", "tools", "tests"):
+    for folder in ("revcolv2", "revcolv2_bench", "projects", "tools", "tests"):
         for path in (REPO / folder).rglob("*.py"):
             for i, line in enumerate(path.read_text().splitlines(), 1):
                 if pattern.search(line) and "pattern" not in line:

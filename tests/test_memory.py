@@ -4,8 +4,8 @@ import timm
 import torch
 
 import revcolv2  # noqa: F401
-from revcolv2.memory import LiveBytes, activation_peak_per_image
 from revcolv2.model import RevColV2
+from revcolv2_bench.memory import LiveBytes, activation_peak_per_image
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -105,7 +105,7 @@ def test_reversible_backward_peak_is_constant_in_columns():
 
 # ----------------------------------------------------------------------------- memory traffic
 def test_traffic_counts_bytes_read_and_written_per_image_and_skips_views():
-    from revcolv2.memory import traffic_per_image
+    from revcolv2_bench.memory import traffic_per_image
 
     w = torch.randn(100, 100)
 
@@ -121,7 +121,7 @@ def test_traffic_counts_bytes_read_and_written_per_image_and_skips_views():
 
 
 def test_traffic_counts_an_out_tensor_once_as_written():
-    from revcolv2.memory import traffic_per_image
+    from revcolv2_bench.memory import traffic_per_image
 
     def step(batch):
         x = torch.randn(batch, 100)  # writes 400 bytes per image
@@ -140,7 +140,7 @@ def test_reversible_moves_less_non_gemm_traffic_than_checkpointed_timm_vit():
     the same width: at most 0.80x the non-GEMM bytes and 0.85x the ops (the engine's CPU
     targets, met by RevColV2-B at 224x224 too, ``tools/benchmark_backbone.py --device cpu``).
     Measured here: 0.69x and 0.83x (engine v2: 0.90x and 0.91x)."""
-    from revcolv2.memory import traffic_per_image
+    from revcolv2_bench.memory import traffic_per_image
 
     def per_image(model):
         def step(batch):

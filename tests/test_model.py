@@ -4,8 +4,8 @@ import timm
 import torch
 
 import revcolv2  # noqa: F401  (registers the presets)
-from revcolv2.flops import count_flops, count_params
 from revcolv2.model import RevColV2, sincos_pos_embed_2d
+from revcolv2_bench.flops import count_flops, count_params
 
 
 def test_presets_are_registered_with_timm():
@@ -142,7 +142,7 @@ def test_flops_count_every_level_a_model_builds():
     code); the classifier builds 9 of the 12 blocks and counts only those."""
     from fvcore.nn import FlopCountAnalysis
 
-    from revcolv2.flops import _sdpa_flop
+    from revcolv2_bench.flops import _sdpa_flop
 
     full = timm.create_model("revcolv2_tiny", num_classes=10, out_levels="all").eval()
     fca = FlopCountAnalysis(full, torch.zeros(1, 3, 64, 64))

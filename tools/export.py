@@ -61,7 +61,8 @@ def _torchscript(args) -> None:
 
 def main(argv: Optional[List[str]] = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a .pth checkpoint of tools/pretrain.py, finetune.py, linear_probe.py or detectron2")
+    p.add_argument("checkpoint",
+                   help="a .pth checkpoint of tools/pretrain.py, finetune.py, linear_probe.py or detectron2")
     p.add_argument("--output", required=True,
                    help="timm: a folder for config.json + model.safetensors; onnx: the .onnx file; "
                         "torchscript: a folder for model.ts")

@@ -20,8 +20,8 @@ import json
 import timm
 
 import revcolv2  # noqa: F401
-from revcolv2.flops import count_flops, count_params
 from revcolv2.model import MODEL_CFGS
+from revcolv2_bench.flops import count_flops, count_params
 
 # supplementary Table 5 of the paper, where it gives a size
 PAPER = {"revcolv2_base": (88.0, 19.0), "revcolv2_large": (327.0, 67.0)}

@@ -1,25 +1,20 @@
-"""tools/bench_common: its measurement of detectron2 models (what benchmark_detection.py and
-benchmark_segmentation.py report), on the tiny demo Mask R-CNN on the CPU, and how the
-step benchmarks' ``--profile-dir`` sorts kernels by kind."""
-import importlib.util
-import os
+"""The benchmark package ``revcolv2_bench``: its measurement of detectron2 models (what
+benchmark_detection.py and benchmark_segmentation.py report), on the tiny demo Mask R-CNN on
+the CPU, how the step benchmarks' ``--profile-dir`` sorts kernels by kind, the report editor
+the GPU targets' verdicts, and that the tools are only entry points."""
+import ast
+from pathlib import Path
 
 import pytest
 import torch
-from d2_helpers import DEMO_CONFIG, ROOT, TINY_OVERRIDES
+from d2_helpers import DEMO_CONFIG, TINY_OVERRIDES
 
+from revcolv2_bench import gpu_targets, profiling, report
+from revcolv2_bench.detection import synthetic_batch
+from revcolv2_bench.detectron2_runs import detectron2_train_infer
 
-def _tool(name):
-    """A module of tools/ (scripts, not a package), loaded from its file."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_common = _tool("bench_common")
-synthetic_batch = _tool("benchmark_detection").synthetic_batch
 SIZE = 64
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +56,7 @@ def test_train_and_infer_figures_on_cpu(tiny_mask_rcnn):
         seen.append(step_seconds)
         return {"extra": 1}
 
-    out = bench_common.detectron2_train_infer(
+    out = detectron2_train_infer(
         model, opt, synthetic_batch(1, SIZE, "cpu", with_targets=True), synthetic_batch(1, SIZE, "cpu", False),
         "cpu", warmup=0, iters=1, record_forward=recorder, after_training=after_training, infer_cpu_digits=3)
 
@@ -80,18 +75,19 @@ def test_ratio_columns_use_cpu_time_on_cpu_and_wall_time_on_cuda():
              "train peak GPU mem (GiB)": 3.0, "fwd+bwd adds (MB)": 30.0},
             {"train s/step": 2.0, "train CPU-s/step": 2.0, "infer img/s": 1.0, "infer img/CPU-s": 4.0,
              "train peak GPU mem (GiB)": 1.5, "fwd+bwd adds (MB)": 10.0}]
-    cols = bench_common.add_ratio_columns(rows, rows[1], "Ref", cuda=False)
+    cols = report.add_ratio_columns(rows, rows[1], "Ref", cuda=False)
     assert cols == ("train CPU-s/step", "infer img/CPU-s", "fwd+bwd adds (MB)")
     assert (rows[0]["train time vs Ref"], rows[0]["train memory vs Ref"], rows[0]["infer vs Ref"]) == \
         ("2.00x", "3.00x", "0.25x")
     assert rows[1]["train time vs Ref"] == rows[1]["infer vs Ref"] == "1.00x"
-    bench_common.add_ratio_columns(rows, rows[1], "Ref", cuda=True)
+    report.add_ratio_columns(rows, rows[1], "Ref", cuda=True)
     assert (rows[0]["train time vs Ref"], rows[0]["train memory vs Ref"], rows[0]["infer vs Ref"]) == \
         ("0.50x", "2.00x", "2.00x")
 
 
 @pytest.mark.parametrize("name,kind", [
-    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas", "GEMM"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel"
+     "__5x_cublas", "GEMM"),
     ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "GEMM"),
     ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>(Params)", "GEMM"),
     ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64, 128>>(Params)",
@@ -107,7 +103,7 @@ def test_ratio_columns_use_cpu_time_on_cpu_and_wall_time_on_cuda():
 ])
 def test_profiled_kernels_are_sorted_by_kind(name, kind):
     """``--profile-dir`` splits a step's kernel time into GEMM / attention / other by name."""
-    assert bench_common.kernel_kind(name) == kind
+    assert profiling.kernel_kind(name) == kind
 
 
 def _op(tid, ts, dur, name):
@@ -117,10 +113,14 @@ def _op(tid, ts, dur, name):
 def test_op_chains_attribute_cuda_kernels_to_the_ops_that_launched_them():
     """Each kernel is charged to the CPU ops enclosing its launch (matched by correlation id),
     innermost ``depth`` of them, outermost first; rows are per step and largest first."""
-    launch = lambda tid, ts, corr: {"cat": "cuda_runtime", "ph": "X", "tid": tid, "ts": ts, "dur": 1,
-                                    "name": "cudaLaunchKernel", "args": {"correlation": corr}}
-    kernel = lambda corr, dur, name: {"cat": "kernel", "ph": "X", "tid": 7, "ts": 1000 + corr, "dur": dur,
-                                      "name": name, "args": {"correlation": corr}}
+    def launch(tid, ts, corr):
+        return {"cat": "cuda_runtime", "ph": "X", "tid": tid, "ts": ts, "dur": 1, "name": "cudaLaunchKernel",
+                "args": {"correlation": corr}}
+
+    def kernel(corr, dur, name):
+        return {"cat": "kernel", "ph": "X", "tid": 7, "ts": 1000 + corr, "dur": dur, "name": name,
+                "args": {"correlation": corr}}
+
     events = [
         _op(1, 0, 100, "_LevelStep"), _op(1, 10, 40, "aten::layer_norm"), _op(1, 12, 30, "aten::native_layer_norm"),
         launch(1, 20, 1), kernel(1, 3000, "vectorized_layer_norm_kernel<float>"),
@@ -130,11 +130,11 @@ def test_op_chains_attribute_cuda_kernels_to_the_ops_that_launched_them():
         launch(1, 220, 3), kernel(3, 1000, "vectorized_layer_norm_kernel<float>"),
         _op(2, 0, 50, "aten::add"), launch(2, 5, 4), kernel(4, 500, "elementwise_kernel"),
     ]
-    rows = bench_common.op_chains({"traceEvents": events}, steps=2, depth=2)
+    rows = profiling.op_chains({"traceEvents": events}, steps=2, depth=2)
     assert rows == [(4.0, 0, "GEMM", "_LevelStep > aten::linear"),
                     (2.0, 1, "other", "aten::layer_norm > aten::native_layer_norm"),
                     (0.25, 0, "other", "aten::add")]
-    text = bench_common.format_op_chains(rows, top=2)
+    text = profiling.format_op_chains(rows, top=2)
     assert "kernel ms/step 6.25" in text and "aten::add" not in text
 
 
@@ -150,7 +150,7 @@ def test_op_chains_of_a_cpu_trace_use_the_innermost_aten_ops(tmp_path):
     import json
 
     with open(path) as f:
-        rows = bench_common.op_chains(json.load(f), steps=2)
+        rows = profiling.op_chains(json.load(f), steps=2)
     chains = {chain: (n, kind) for _, n, kind, chain in rows}
     mm = [c for c in chains if c.endswith("aten::mm")]
     norm = [c for c in chains if c.endswith("aten::native_layer_norm")]
@@ -159,14 +159,15 @@ def test_op_chains_of_a_cpu_trace_use_the_innermost_aten_ops(tmp_path):
 
 
 def test_report_replaces_the_current_table_and_keeps_the_old_one_in_the_history(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench_common, "machine_description", lambda device: f"a {device} machine")
+    monkeypatch.setattr(report, "machine_description", lambda device: f"a {device} machine")
     path = str(tmp_path / "BENCHMARKS.md")
-    key = bench_common.update_report(path, "Backbone step", "python tools/benchmark_backbone.py", "cpu", "| a |\n|---|\n| 1 |")
+    command = "python tools/benchmark_backbone.py"
+    key = report.update_report(path, "Backbone step", command, "cpu", "| a |\n|---|\n| 1 |")
     assert key == "Backbone step (CPU)"
-    bench_common.update_report(path, "Backbone step", "python tools/benchmark_backbone.py", "cuda", "| a |\n|---|\n| 5 |")
-    bench_common.update_report(path, "Backbone step", "python tools/benchmark_backbone.py", "cpu", "| a |\n|---|\n| 2 |")
+    report.update_report(path, "Backbone step", command, "cuda", "| a |\n|---|\n| 5 |")
+    report.update_report(path, "Backbone step", command, "cpu", "| a |\n|---|\n| 2 |")
     text = open(path).read()
-    current, history = text.split(bench_common.HISTORY_HEADING)
+    current, history = text.split(report.HISTORY_HEADING)
     # one current table per benchmark and machine kind, the newest
     assert current.count("### Backbone step (CPU)") == 1 and current.count("### Backbone step (GPU)") == 1
     assert "| 2 |" in current and "| 1 |" not in current and "| 5 |" in current
@@ -176,7 +177,6 @@ def test_report_replaces_the_current_table_and_keeps_the_old_one_in_the_history(
 
 
 def test_gpu_targets_table_judges_speed_and_memory_from_the_measured_rows():
-    targets = _tool("benchmark_gpu_targets")
     rows = {"backbone-b": [
         {"key": "rev", "batch": 128, "img/s": 2600.0, "peak GiB": 2.80},
         {"key": "vit-ckpt", "batch": 128, "img/s": 2000.0, "peak GiB": 2.86},
@@ -185,7 +185,7 @@ def test_gpu_targets_table_judges_speed_and_memory_from_the_measured_rows():
         {"key": "plain", "batch": 128, "img/s": 2900.0, "peak GiB": 7.0},
         {"key": "vit", "batch": 128, "img/s": 2400.0, "peak GiB": 9.5},
     ], "pretrain-b": [{"key": "rev", "batch": 256, "error": "out of memory"}, {"key": "mae", "batch": 256}]}
-    lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in targets.targets_table(rows, "card").splitlines()[2:]}
+    lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in gpu_targets.targets_table(rows, "card").splitlines()[2:]}
     verdict = {k.split(" (")[0] + (" 512" if "512" in k else ""): ln.rsplit("|", 2)[-2].strip()
                for k, ln in lines.items()}
     assert verdict["reversible RevColV2-B >= 1.30x ViT-B+ckpt, memory <= it"] == "met"  # 1.30x, 0.98x memory
@@ -193,3 +193,25 @@ def test_gpu_targets_table_judges_speed_and_memory_from_the_measured_rows():
     assert verdict["plain RevColV2-B >= 1.25x ViT-B"] == "missed"  # 1.21x
     assert verdict["MIM reversible >= 1.0x MAE, memory <= 0.4x MAE"] == "-"  # a failed row is not measured
     assert "not measured" in lines["compiled plain RevColV2-B >= 1.30x compiled ViT-B (batch 128)"]
+
+
+BENCHMARK_TOOLS = {"benchmark_backbone": "backbone", "benchmark_pretrain": "pretrain",
+                   "benchmark_detection": "detection", "benchmark_segmentation": "segmentation",
+                   "benchmark_gpu_targets": "gpu_targets"}
+
+
+@pytest.mark.parametrize("tool", sorted(BENCHMARK_TOOLS))
+def test_benchmark_tool_is_a_docstring_an_import_and_main(tool):
+    """The code of a benchmark is in the package; its tool names the usage and calls ``main``."""
+    tree = ast.parse((REPO / "tools" / f"{tool}.py").read_text())
+    assert f"python tools/{tool}.py" in ast.get_docstring(tree)
+    imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert [(n.module, [a.name for a in n.names]) for n in imports] == [
+        (f"revcolv2_bench.{BENCHMARK_TOOLS[tool]}", ["main"])]
+    defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Assign))]
+    assert not defs, f"tools/{tool}.py defines {[getattr(d, 'name', '=') for d in defs]}: belongs in the package"
+
+
+def test_no_tool_is_longer_than_150_lines():
+    long = {p.name: n for p in (REPO / "tools").glob("*.py") if (n := len(p.read_text().splitlines())) > 150}
+    assert not long, f"tools/ holds entry points; move the code of {long} into a package"
