@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -46,17 +45,6 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
-
-
-def prepare_data_root(data_path: Optional[str], info: DistInfo) -> Path:
-    """``--data-path``, or the built-in dataset: the main process generates it once while
-    the others wait, then every process resolves the same folder."""
-    from .data import resolve_data_path  # here: the run folder's helpers import this module, and data's generator those
-
-    if info.is_main:
-        resolve_data_path(data_path)
-    barrier(info)
-    return resolve_data_path(data_path)
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -7,8 +7,9 @@ that resume a run *exactly* (model, optimizer, scaler, schedule position, every 
 state, mid-epoch position). Everything else (model, loss, end-of-epoch evaluation) lives in
 the entry points.
 
-Configs, output folders, distributed set-up, RNG states and optimizer groups live in
-``config``, ``run_dir``, ``distributed``, ``rng`` and ``optim``.
+Configs, distributed set-up, RNG states, optimizer groups, checkpoint files and the metrics
+log live in ``config``, ``distributed``, ``rng``, ``optim``, ``atomic_io`` /
+``run_checkpoints`` and ``metrics_log``.
 """
 from __future__ import annotations
 
@@ -26,20 +27,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .amp import amp_dtype, autocast
+from .atomic_io import remove_stale_temporaries, save_atomic
 from .checkpoint import CheckpointError, load_file
 from .data import EpochSampler, SeededSamples
 from .distributed import DistInfo, agree_on_signal, all_reduce_sum, barrier
+from .metrics_log import LOG_FILE, json_line, trim_log
 from .optim import build_scheduler
 from .rng import gather_rng_states, seed_everything, set_rng_state
-from .run_dir import (
-    LOG_FILE,
-    json_line,
-    prune_checkpoints,
-    remove_stale_temporaries,
-    save_atomic,
-    trim_log,
-    write_last_checkpoint,
-)
+from .run_checkpoints import prune_checkpoints, write_last_checkpoint
 from .signals import TrainingInterrupted, ignore_stop_signals
 
 

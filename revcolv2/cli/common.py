@@ -14,7 +14,7 @@ from torchvision.datasets import ImageFolder
 from ..config import load_config, nonneg_int, positive_int, validate_config
 from ..data import RobustImageFolder, check_same_classes, num_workers_default
 from ..distributed import DistInfo, init_distributed
-from ..run_dir import find_resume_checkpoint
+from ..run_checkpoints import find_resume_checkpoint
 
 TASKS = ("pretrain", "finetune", "linear_probe")
 # the B recipe of each task, named in --help

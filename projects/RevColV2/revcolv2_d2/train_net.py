@@ -56,7 +56,8 @@ from torch.multiprocessing import ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel
 
 from revcolv2.checkpoint import ShapeMismatchError
-from revcolv2.run_dir import RunLayout, claim_output_dir, json_compatible, split_json_lines
+from revcolv2.metrics_log import json_compatible, split_json_lines
+from revcolv2.run_dir import RunLayout, claim_output_dir
 from revcolv2.signals import TrainingInterrupted, ignore_stop_signals
 
 from .checkpoint import RevColV2Checkpointer
@@ -202,7 +203,7 @@ d2_build.worker_init_reset_seed = _worker_init
 def trim_metrics(output_dir: str, start_iter: int) -> int:
     """Drop the ``metrics.json`` records of iterations >= ``start_iter`` (a resume repeats
     them), and malformed records with a warning naming the file and their lines
-    (:func:`revcolv2.run_dir.split_json_lines`). Rewritten in place: detectron2's writer may
+    (:func:`revcolv2.metrics_log.split_json_lines`). Rewritten in place: detectron2's writer may
     already hold the file open for appending. Returns how many records were dropped."""
     path = os.path.join(output_dir, "metrics.json")
     if not os.path.isfile(path):
@@ -210,7 +211,7 @@ def trim_metrics(output_dir: str, start_iter: int) -> int:
     lines = split_json_lines(path, "iteration", lambda it: it < start_iter, log=logger.warning)
     if lines.past or lines.malformed:
         with open(path, "r+") as f:
-            f.write("".join(line + "\n" for line in lines.kept))
+            f.write("".join(line + "\n" for line in lines.included))
             f.truncate()
     return lines.past
 
