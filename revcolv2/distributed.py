@@ -51,13 +51,3 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(t)
     return t
-
-
-def agree_on_signal(signum: int, info: DistInfo) -> int:
-    """The highest stop-signal number any rank saw (0: none), on every rank: an all-reduce
-    (MAX), so a signal seen by one rank stops all of them at the same step."""
-    if not info.enabled:
-        return signum
-    flag = torch.tensor([float(signum)], device=info.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
