@@ -2,6 +2,7 @@
 (config values and argparse types), and the resolved config written beside a run."""
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import os
@@ -106,8 +107,6 @@ def validate_config(cfg: dict, spec: Dict[str, str]) -> dict:
 
 
 def _whole_number_at_least(text: str, minimum: int) -> int:
-    import argparse
-
     try:
         value = int(text)
     except ValueError:
