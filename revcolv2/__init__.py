@@ -6,10 +6,9 @@ Importing this package registers ``revcolv2_tiny``, ``revcolv2_base`` and
 from .checkpoint import load_checkpoint
 from .layer_decay import layer_id, lr_factor_func, lr_scale, num_layers
 from .model import MODEL_CFGS, RevColV2, create_revcolv2, revcolv2_base, revcolv2_large, revcolv2_tiny
-from .run_dir import save_atomic
 
 __all__ = [
     "MODEL_CFGS", "RevColV2", "create_revcolv2", "layer_id", "load_checkpoint", "lr_factor_func", "lr_scale",
-    "num_layers", "revcolv2_base", "revcolv2_large", "revcolv2_tiny", "save_atomic",
+    "num_layers", "revcolv2_base", "revcolv2_large", "revcolv2_tiny",
 ]
 __version__ = "0.1.0"

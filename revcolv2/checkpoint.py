@@ -15,8 +15,8 @@ One rule for which weights a checkpoint provides (:func:`select_weights`): the E
 (``model_ema``) where the checkpoint has them, unless the caller asks for the raw ones
 (``ema=False``, ``--no-ema`` on the command line); the choice is printed.
 
-Writing checkpoints and finding the one to resume (atomic saves, the ``last_checkpoint``
-pointer, leftovers of killed writes) belong to the run folder: :mod:`revcolv2.run_dir`.
+Writing checkpoints atomically is :mod:`revcolv2.atomic_io`'s job; the ``last_checkpoint``
+pointer and finding the checkpoint to resume are :mod:`revcolv2.run_checkpoints`'.
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from .atomic_io import save_atomic
 from .checkpoint import (
     PRETRAIN_ONLY_PREFIXES,
     CheckpointError,
@@ -27,7 +28,7 @@ from .checkpoint import (
     strip_ddp_prefix,
 )
 from .evaluation import evaluate
-from .run_dir import read_best, save_atomic
+from .run_checkpoints import read_best
 from .trainer import Trainer
 
 # Present in a classifier, absent from a MIM checkpoint (the MIM model has no classifier).

@@ -1,13 +1,17 @@
-"""YAML run configs: ``_base_`` merging, ``key.sub=value`` overrides and number checks
-(config values and argparse types)."""
+"""YAML run configs: ``_base_`` merging, ``key.sub=value`` overrides, number checks
+(config values and argparse types), and the resolved config written beside a run."""
 from __future__ import annotations
 
+import argparse
 import copy
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
 import yaml
+
+from .distributed import DistInfo
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -103,8 +107,6 @@ def validate_config(cfg: dict, spec: Dict[str, str]) -> dict:
 
 
 def _whole_number_at_least(text: str, minimum: int) -> int:
-    import argparse
-
     try:
         value = int(text)
     except ValueError:
@@ -122,3 +124,12 @@ def positive_int(text: str) -> int:
 def nonneg_int(text: str) -> int:
     """argparse ``type`` for an integer >= 0."""
     return _whole_number_at_least(text, 0)
+
+
+# --------------------------------------------------------------------------- the run's copy
+def write_config(cfg: dict, output_dir: str, info: DistInfo) -> None:
+    """Write the resolved ``cfg`` as ``config.yaml`` in ``output_dir`` (on the main process only)."""
+    if info.is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)

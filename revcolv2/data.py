@@ -9,7 +9,8 @@
   (seed, epoch). A run resumed in the middle of an epoch therefore sees exactly the batches
   an uninterrupted run would have seen, whatever the number of loader workers.
 - :func:`resolve_data_path`: ``--data-path``, or the built-in dataset of
-  :mod:`revcolv2.synthetic_imagenet` when none is given.
+  :mod:`revcolv2.synthetic_imagenet` when none is given; :func:`prepare_data_root`: the
+  same for every process of a distributed run, generated once by the main process.
 - :func:`datasets_root`: the one location rule of every dataset the project finds by name.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
+from .distributed import DistInfo, barrier
 from .synthetic_imagenet import SYNTHETIC_NAME, ensure_synthetic_imagenet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -320,6 +322,15 @@ def resolve_data_path(data_path: Optional[str]) -> Path:
     root = datasets_root()
     make_datasets_folder(root)
     return ensure_synthetic_imagenet(Path(root) / SYNTHETIC_NAME)
+
+
+def prepare_data_root(data_path: Optional[str], info: DistInfo) -> Path:
+    """``--data-path``, or the built-in dataset: the main process generates it once while
+    the others wait, then every process resolves the same folder."""
+    if info.is_main:
+        resolve_data_path(data_path)
+    barrier(info)
+    return resolve_data_path(data_path)
 
 
 def num_workers_default() -> int:

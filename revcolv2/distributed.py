@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -48,28 +47,7 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def prepare_data_root(data_path: Optional[str], info: DistInfo) -> Path:
-    """``--data-path``, or the built-in dataset: the main process generates it once while
-    the others wait, then every process resolves the same folder."""
-    from .data import resolve_data_path  # here: the run folder's helpers import this module, and data's generator those
-
-    if info.is_main:
-        resolve_data_path(data_path)
-    barrier(info)
-    return resolve_data_path(data_path)
-
-
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(t)
     return t
-
-
-def agree_on_signal(signum: int, info: DistInfo) -> int:
-    """The highest stop-signal number any rank saw (0: none), on every rank: an all-reduce
-    (MAX), so a signal seen by one rank stops all of them at the same step."""
-    if not info.enabled:
-        return signum
-    flag = torch.tensor([float(signum)], device=info.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())

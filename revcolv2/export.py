@@ -37,9 +37,9 @@ import torch
 from timm.models._hub import save_for_hf
 from torch import nn
 
+from .atomic_io import follow_umask
 from .checkpoint import PRETRAIN_ONLY_PREFIXES, load_checkpoint, load_file, select_weights
 from .model import RevColV2, create_revcolv2
-from .run_dir import follow_umask
 
 __all__ = ["backbone_state_dict", "export_to_folder", "export_onnx", "model_from_checkpoint", "LOAD_NOTE"]
 

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .run_dir import remove_stale_temporaries
+from .atomic_io import remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 

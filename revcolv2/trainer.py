@@ -7,17 +7,17 @@ that resume a run *exactly* (model, optimizer, scaler, schedule position, every 
 state, mid-epoch position). Everything else (model, loss, end-of-epoch evaluation) lives in
 the entry points.
 
-Configs, output folders, distributed set-up, RNG states and optimizer groups live in
-``config``, ``run_dir``, ``distributed``, ``rng`` and ``optim``.
+Configs, distributed set-up, RNG states, optimizer groups, checkpoint files, the metrics log
+and the stop-signal policy live in ``config``, ``distributed``, ``rng``, ``optim``,
+``atomic_io`` / ``run_checkpoints``, ``metrics_log`` and ``signals``.
 """
 from __future__ import annotations
 
 import gc
 import math
 import os
-import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -26,21 +26,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .amp import amp_dtype, autocast
+from .atomic_io import remove_stale_temporaries, save_atomic
 from .checkpoint import CheckpointError, load_file
 from .data import EpochSampler, SeededSamples
-from .distributed import DistInfo, agree_on_signal, all_reduce_sum, barrier
+from .distributed import DistInfo, all_reduce_sum, barrier
+from .metrics_log import LOG_FILE, json_line, trim_log
 from .optim import build_scheduler
 from .rng import gather_rng_states, seed_everything, set_rng_state
-from .run_dir import (
-    LOG_FILE,
-    json_line,
-    prune_checkpoints,
-    remove_stale_temporaries,
-    save_atomic,
-    trim_log,
-    write_last_checkpoint,
-)
-from .signals import TrainingInterrupted, ignore_stop_signals
+from .run_checkpoints import prune_checkpoints, write_last_checkpoint
+from .signals import StopSignals, TrainingInterrupted, agree_on_signal, ignore_stop_signals
 
 
 class TensorBoard:
@@ -158,7 +152,7 @@ class Trainer:
         self.step_in_epoch = 0  # updates done in the epoch in progress
         self.history: Dict[int, float] = {}  # step -> training loss of that update (this rank)
         self._epoch_losses: List[float] = []
-        self._stop_requested = 0  # the signal number once one arrived
+        self._signals = StopSignals(self._announce_stop)  # .signum: the first stop signal, once one arrived
         if info.is_main:  # temporary files of a killed checkpoint write
             remove_stale_temporaries(output_dir)
         self.tb = TensorBoard(os.path.join(output_dir, "tb"), info.is_main)
@@ -247,19 +241,16 @@ class Trainer:
                   f"({self.step_in_epoch}/{self.steps_per_epoch} of the epoch)")
 
     # ----------------------------------------------------------------- loop
-    def _request_stop(self, signum, frame) -> None:
-        if self._stop_requested:  # second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        self._stop_requested = int(signum)
+    def _announce_stop(self, signum: int) -> None:
         if self.info.is_main:
             print(f"\nsignal {signum}: saving a checkpoint after this step, then stopping "
                   "(press Ctrl-C again to abort without saving)")
 
     def _should_stop(self, stop_at_step: Optional[int]) -> bool:
-        """Whether to stop after this step. Every rank must stop at the same step: the ranks
-        agree by an all-reduce (MAX) of the signal number, so a signal seen by one rank
-        stops all of them, and every rank then knows which signal it was."""
-        signum = agree_on_signal(self._stop_requested, self.info)
+        """Whether to stop after this step. Every rank must stop at the same step: they agree
+        on the signal (:func:`~revcolv2.signals.agree_on_signal`), so a signal seen by one
+        rank stops all of them, and every rank then knows which signal it was."""
+        signum = agree_on_signal(self._signals.signum, self.info.device)
         self._stop_signal = signum
         return bool(signum) or (stop_at_step is not None and self.step >= stop_at_step)
 
@@ -322,7 +313,7 @@ class Trainer:
         self._stop_signal = 0
         self._loader = self.build_loader()
         try:
-            with self._stop_signals_caught():
+            with self._signals:  # SIGINT / SIGTERM: stop after this step; the old handlers come back
                 while self.epoch < self.epochs:
                     if self._train_epoch(stop_at_step, clock):
                         self.save("checkpoint-last.pth")
@@ -372,22 +363,6 @@ class Trainer:
             dropped = trim_log(os.path.join(self.output_dir, LOG_FILE), self.step)
             if dropped:
                 print(f"{LOG_FILE}: dropped {dropped} record(s) past step {self.step}, which this run repeats")
-
-    @contextmanager
-    def _stop_signals_caught(self):
-        """SIGINT / SIGTERM request a stop after the current step (main thread only: Python
-        delivers signals there); the previous handlers come back however fit ends."""
-        import threading
-
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                handlers[sig] = signal.signal(sig, self._request_stop)
-        try:
-            yield
-        finally:
-            for sig, h in handlers.items():
-                signal.signal(sig, h)
 
     def _train_epoch(self, stop_at_step: Optional[int], clock: "_Clock") -> bool:
         """The remaining steps of the epoch in progress; True when a stop (a signal or

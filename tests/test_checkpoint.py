@@ -3,8 +3,8 @@ import timm
 import torch
 
 import revcolv2  # noqa: F401
+from revcolv2.atomic_io import save_atomic
 from revcolv2.checkpoint import load_checkpoint
-from revcolv2.run_dir import save_atomic
 
 
 def test_roundtrip_and_report(tmp_path):

@@ -1,5 +1,6 @@
 """Corrupt and partial files: every "not a checkpoint" file is an error naming it; --resume
 auto falls back past a truncated newest checkpoint; leftovers of killed writes are removed."""
+import errno
 import os
 import pickle
 import subprocess
@@ -11,9 +12,10 @@ import torch
 from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
 import revcolv2  # noqa: F401
+from revcolv2.atomic_io import remove_stale_temporaries, save_atomic
 from revcolv2.checkpoint import CheckpointError, load_checkpoint, load_file
 from revcolv2.classification import load_pretrained
-from revcolv2.run_dir import find_resume_checkpoint, remove_stale_temporaries, save_atomic, write_last_checkpoint
+from revcolv2.run_checkpoints import find_resume_checkpoint, write_last_checkpoint
 from revcolv2.synthetic_imagenet import ensure_synthetic_imagenet
 
 TINY = dict(embed_dim=32, num_heads=2, patch_size=8)
@@ -159,6 +161,29 @@ def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
     removed = remove_stale_temporaries(tmp_path)
     assert sorted(os.path.basename(p) for p in removed) == sorted([f".tmp_{dead}_x.pth", ".tmp_legacyname.pth"])
     assert live.exists() and (tmp_path / "checkpoint-0001.pth").exists()
+
+
+def test_small_files_are_replaced_whole_through_a_temporary_file_of_their_own(tmp_path, monkeypatch):
+    from revcolv2.atomic_io import DiskFullError, write_text_atomic
+
+    path = tmp_path / "last_checkpoint"
+    path.write_text("checkpoint-0001.pth")
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(os.path.basename(src)), real_replace(src, dst)))
+    write_text_atomic(str(path), "checkpoint-0002.pth")
+    write_last_checkpoint(str(tmp_path), "checkpoint-0003.pth")
+    assert path.read_text() == "checkpoint-0003.pth" and os.listdir(tmp_path) == ["last_checkpoint"]
+    assert len(set(renamed)) == 2 and all(n.startswith(f".tmp_{os.getpid()}_") for n in renamed), renamed
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(DiskFullError, match=f"ENOSPC.*{path}") as e:
+        write_text_atomic(str(path), "checkpoint-0004.pth")
+    assert "\n" not in str(e.value) and e.value.code != 0
+    assert path.read_text() == "checkpoint-0003.pth" and os.listdir(tmp_path) == ["last_checkpoint"]
 
 
 def test_killed_synthetic_generation_is_removed(tmp_path):

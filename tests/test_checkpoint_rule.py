@@ -10,10 +10,10 @@ import timm
 import torch
 
 import revcolv2  # noqa: F401
+from revcolv2.atomic_io import save_atomic
 from revcolv2.checkpoint import load_checkpoint, load_file
 from revcolv2.classification import load_pretrained
 from revcolv2.rng import rng_state, set_rng_state
-from revcolv2.run_dir import save_atomic
 
 TINY = dict(embed_dim=32, num_heads=2, patch_size=8)
 

@@ -12,14 +12,13 @@ import torch
 from d2_helpers import DEMO_CONFIG, ROOT, TINY_OVERRIDES
 from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
+from revcolv2.atomic_io import DiskFullError, save_atomic
 from revcolv2.run_dir import (
-    DiskFullError,
     RunExistsError,
     RunFolderError,
     RunInUseError,
     check_output_dir,
     locked_run_dir,
-    save_atomic,
 )
 
 PRETRAIN = REPO / "configs" / "pretrain" / "revcolv2_tiny_demo.yaml"
@@ -118,7 +117,7 @@ def test_checkpoints_follow_the_umask(tmp_path, umask):
         torch.save({"w": torch.zeros(2)}, reference)  # what torch.save to a path gives
     finally:
         os.umask(old)
-    for name in ("a.pth", "model_0000001.pth"):
+    for name in ("a.pth", "model_0000001.pth", "last_checkpoint"):  # the pointer: written atomically too
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask == \
             stat.S_IMODE(os.stat(reference).st_mode), name
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
-from revcolv2.run_dir import RunExistsError, prune_checkpoints, read_best
+from revcolv2.run_checkpoints import prune_checkpoints, read_best
+from revcolv2.run_dir import RunExistsError
 from revcolv2_d2.demo import main as demo_main
 
 PRETRAIN = REPO / "configs" / "pretrain" / "revcolv2_tiny_demo.yaml"

@@ -24,7 +24,7 @@ import revcolv2  # noqa: F401
 from revcolv2.checkpoint import CheckpointError, load_checkpoint, load_file
 from revcolv2.classification import evaluate_checkpoint, load_pretrained
 from revcolv2.distributed import DistInfo
-from revcolv2.run_dir import find_resume_checkpoint, read_last_checkpoint
+from revcolv2.run_checkpoints import find_resume_checkpoint, read_last_checkpoint
 
 TINY = dict(embed_dim=32, num_heads=2, patch_size=8)
 D2_TINY = ["model.backbone.bottom_up.embed_dim=32", "model.backbone.bottom_up.num_heads=2"]

@@ -1,6 +1,8 @@
 """Signals as schedulers send them: SIGTERM / SIGINT to the whole process group of a run with
 DataLoader workers. The run writes one consistent checkpoint, exits 143 / 130, and
-``--resume auto`` continues it to the same losses as an uninterrupted run."""
+``--resume auto`` continues it to the same losses as an uninterrupted run. Then the pieces of
+the one stop-signal policy (revcolv2/signals.py): the handlers, the workers, the agreement
+of the processes, the exit statuses of training processes and launchers."""
 import json
 import os
 import signal
@@ -83,3 +85,110 @@ def test_sigint_to_the_group_exits_130_with_a_checkpoint(data, tmp_path):
     assert "Traceback" not in output, output
     pointer = (tmp_path / "last_checkpoint").read_text()
     assert torch.load(tmp_path / pointer, map_location="cpu", weights_only=False)["step"] >= 4
+
+
+# ----------------------------------------------------------------------------- the policy, piece by piece
+def test_the_first_signal_is_noted_and_announced_a_second_aborts_and_the_old_handlers_come_back():
+    from revcolv2.signals import StopSignals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    announced = []
+    with StopSignals(announced.append) as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.signum == signal.SIGTERM and announced == [signal.SIGTERM]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signals.signum == signal.SIGTERM and announced == [signal.SIGTERM]  # the first one counts
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_handlers_are_set_from_the_main_thread_only():
+    import threading
+
+    from revcolv2.signals import StopSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+    errors = []
+
+    def elsewhere():
+        try:
+            with StopSignals():
+                assert signal.getsignal(signal.SIGTERM) is before
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert not errors and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_loader_workers_ignore_stop_signals():
+    from revcolv2.signals import ignore_stop_signals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ignore_stop_signals(3)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def test_a_single_process_agrees_with_itself():
+    from revcolv2.signals import agree_on_signal
+
+    assert agree_on_signal(0) == 0 and agree_on_signal(15, torch.device("cpu")) == 15
+
+
+def _agree(rank, port, seen, out):
+    import torch.distributed as dist
+
+    from revcolv2.signals import agree_on_signal
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.save([agree_on_signal(s) for s in seen[rank]], f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes
+def test_every_process_stops_on_the_highest_signal_any_of_them_saw(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    seen = [[0, 15, 0, 2], [0, 0, 2, 15]]  # rank 0 saw SIGTERM after step 1, rank 1 SIGINT after step 2
+    mp.spawn(_agree, args=(port, seen, str(tmp_path / "agreed")), nprocs=2)
+    agreed = [torch.load(tmp_path / f"agreed.{rank}") for rank in (0, 1)]
+    assert agreed == [[0, 15, 2, 15]] * 2
+
+
+def test_a_training_process_stopped_by_a_signal_exits_128_plus_the_signal():
+    from revcolv2.signals import TrainingInterrupted, stop_signal_of
+
+    for signum, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        e = TrainingInterrupted(signum, step=7)
+        assert isinstance(e, SystemExit) and e.code == status and e.step == 7
+        assert stop_signal_of(status) == signum
+    assert [stop_signal_of(s) for s in (0, 1, 137, -15)] == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("status, exit_status, line", [
+    (143, 143, "run: stopped by signal 15, saved; continue"),
+    (130, 130, "run: stopped by signal 2, saved; continue"),
+    (-9, 137, "run: training process 1 was killed by signal 9"),
+    (1, 1, "run: training process 1 exited with status 1 (its message is above)"),
+])
+def test_a_launcher_exits_like_its_training_process_with_one_line(capsys, status, exit_status, line):
+    from revcolv2.signals import exit_launcher
+
+    with pytest.raises(SystemExit) as e:
+        exit_launcher("run", status, ", saved; continue", "training process 1")
+    assert e.value.code == exit_status
+    assert capsys.readouterr().err == line + "\n"

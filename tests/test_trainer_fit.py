@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
 from revcolv2.distributed import DistInfo
-from revcolv2.run_dir import trim_log
+from revcolv2.metrics_log import trim_log
 from revcolv2.trainer import Trainer
 
 PRETRAIN = REPO / "configs" / "pretrain" / "revcolv2_tiny_demo.yaml"

@@ -8,13 +8,17 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import timm
 from torch import nn
 from torchvision.datasets import ImageFolder
 
+from ..amp import autocast
+from ..classification import evaluate_checkpoint
 from ..config import load_config, nonneg_int, positive_int, validate_config
 from ..data import RobustImageFolder, check_same_classes, num_workers_default
 from ..distributed import DistInfo, init_distributed
-from ..run_dir import find_resume_checkpoint
+from ..mim import create_mim_model  # its import of revcolv2.model registers the presets with timm
+from ..run_checkpoints import find_resume_checkpoint
 
 TASKS = ("pretrain", "finetune", "linear_probe")
 # the B recipe of each task, named in --help
@@ -75,12 +79,6 @@ def build_model(cfg: dict, task: str, num_classes: Optional[int] = None) -> nn.M
     - ``finetune``: a classifier with ``num_classes`` outputs, drop path, head init scale;
     - ``linear_probe``: the headless, non-reversible backbone the probe sits on.
     """
-    import timm
-
-    import revcolv2  # noqa: F401  (registers the models with timm)
-
-    from ..mim import create_mim_model
-
     m, size, kwargs = cfg["model"], cfg["data"]["input_size"], cfg["model"].get("kwargs") or {}
     if task == "pretrain":
         return create_mim_model(
@@ -118,9 +116,6 @@ def evaluate_only(model: nn.Module, args: argparse.Namespace, cfg: dict, out_dir
     """``--eval``: top-1/top-5 of the ``--resume`` checkpoint (a path, or ``auto`` for the latest
     in ``out_dir``) on ``val_set``, with its EMA weights unless ``--no-ema``; in bf16 when the
     recipe trains in bf16, else fp32."""
-    from ..amp import autocast
-    from ..classification import evaluate_checkpoint
-
     ckpt = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
     if ckpt is None:
         raise SystemExit("--eval needs a checkpoint: --resume PATH (or auto with an existing run)")

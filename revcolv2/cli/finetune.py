@@ -22,11 +22,11 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
 from ..classification import ClassificationTrainer, describe_built_levels, load_pretrained
-from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, pillow_safe_randaugment
-from ..distributed import prepare_data_root
+from ..config import write_config
+from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, pillow_safe_randaugment, prepare_data_root
 from ..optim import param_groups_layer_decay
 from ..rng import seed_everything
-from ..run_dir import claim_output_dir, write_config
+from ..run_dir import claim_output_dir
 from .common import build_model, checked_train_split, evaluate_only, resume_and_fit, start_classification
 
 

@@ -17,10 +17,10 @@ from timm.data import create_transform
 from timm.optim import Lars
 
 from ..classification import ClassificationTrainer, LinearProbe, load_pretrained
-from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder
-from ..distributed import prepare_data_root
+from ..config import write_config
+from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, prepare_data_root
 from ..rng import seed_everything
-from ..run_dir import claim_output_dir, write_config
+from ..run_dir import claim_output_dir
 from .common import build_model, checked_train_split, evaluate_only, resume_and_fit, start_classification
 
 

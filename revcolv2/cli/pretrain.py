@@ -23,11 +23,12 @@ from timm.optim import param_groups_weight_decay
 from torchvision import transforms
 from torchvision.utils import save_image
 
-from ..config import load_config, validate_config
-from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, num_workers_default
-from ..distributed import init_distributed, prepare_data_root
+from ..config import load_config, validate_config, write_config
+from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, num_workers_default, prepare_data_root
+from ..distributed import init_distributed
 from ..rng import seed_everything
-from ..run_dir import claim_output_dir, find_resume_checkpoint, write_config
+from ..run_checkpoints import find_resume_checkpoint
+from ..run_dir import claim_output_dir
 from ..trainer import Trainer
 from ..visualization import reconstruction_grid
 from .common import build_model, training_parser

@@ -14,34 +14,29 @@ before it kills them: raise it when a checkpoint takes longer to write.
 """
 from __future__ import annotations
 
-import signal
-import sys
 from typing import List, Optional
 
-STOP_STATUSES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main as torchrun
+
+from ..signals import end_launcher, exit_launcher, stop_signal_of
+
+# what the launcher's one line adds after "stopped by signal N"
+_STOPPED = ("; the training processes save checkpoint-last.pth before they exit (see their last lines): "
+            "continue with --resume auto")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
-
     try:
         torchrun(argv)
-    except SignalException as e:
-        _stopped(128 + int(e.sigval), f"signal {int(e.sigval)}")
+    except SignalException as e:  # the agent itself was signalled
+        end_launcher("torchrun", 128 + int(e.sigval), f"stopped by signal {int(e.sigval)}{_STOPPED}")
     except ChildFailedError as e:
         codes = {failure.exitcode for failure in e.failures.values()}
-        if len(codes) == 1 and codes <= set(STOP_STATUSES):  # the processes were signalled, not the agent
-            code = codes.pop()
-            _stopped(code, f"signal {code - 128} to the training processes")
+        if len(codes) == 1 and stop_signal_of(next(iter(codes))):  # the processes were signalled, not the agent
+            exit_launcher("torchrun", codes.pop(), " to the training processes" + _STOPPED)
         raise
-
-
-def _stopped(code: int, why: str) -> None:
-    print(f"torchrun: stopped by {why}; the training processes save checkpoint-last.pth before they exit "
-          "(see their last lines): continue with --resume auto", file=sys.stderr, flush=True)
-    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _group_checkpoint_keys, _group_to_str
 
+from revcolv2.atomic_io import remove_stale_temporaries, save_atomic
 from revcolv2.checkpoint import (
     PRETRAIN_ONLY_PREFIXES,
     CheckpointError,
@@ -39,12 +40,10 @@ from revcolv2.checkpoint import (
     select_weights,
 )
 from revcolv2.model import MODEL_CFGS, Attention, RevColV2
-from revcolv2.run_dir import (
+from revcolv2.run_checkpoints import (
     LAST_CHECKPOINT_FILE,
     newest_readable_checkpoint,
     read_last_checkpoint,
-    remove_stale_temporaries,
-    save_atomic,
     write_last_checkpoint,
 )
 

@@ -32,11 +32,8 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
-from contextlib import contextmanager
 
-import detectron2.data.build as d2_build
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
@@ -56,8 +53,9 @@ from torch.multiprocessing import ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel
 
 from revcolv2.checkpoint import ShapeMismatchError
-from revcolv2.run_dir import RunLayout, claim_output_dir, json_compatible, split_json_lines
-from revcolv2.signals import TrainingInterrupted, ignore_stop_signals
+from revcolv2.metrics_log import json_compatible, split_json_lines
+from revcolv2.run_dir import RunLayout, claim_output_dir
+from revcolv2.signals import StopSignals, TrainingInterrupted, agree_on_signal, end_launcher, exit_launcher
 
 from .checkpoint import RevColV2Checkpointer
 from .data import register_all
@@ -141,31 +139,21 @@ class StopOnSignal(hooks.HookBase):
     """SIGTERM / SIGINT: finish the current iteration, write ``model_<iter>.pth`` (with the
     trainer state, so ``--resume`` continues from the next iteration), then exit 128 + signal.
 
-    All processes agree on the stop (a gather of the signal number after every iteration),
-    so they stop at the same iteration and the checkpoint is consistent. A second signal
-    aborts at once.
+    The project's one stop-signal policy (:mod:`revcolv2.signals`): all processes agree on
+    the stop after every iteration (an all-reduce of the signal number), so they stop at the
+    same iteration and the checkpoint is consistent; a second signal aborts at once.
     """
 
     def __init__(self, checkpointer):
         self.checkpointer = checkpointer
-        self.signum = 0
-        self._previous = {}
-
-    def _handler(self, signum, frame):
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = int(signum)
-        logger.warning("signal %d: saving a checkpoint after this iteration, then stopping", signum)
+        self.signals = StopSignals(lambda signum: logger.warning(
+            "signal %d: saving a checkpoint after this iteration, then stopping", signum))
 
     def before_train(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handler)
+        self.signals.install()
 
     def after_step(self):
-        signum = max(comm.all_gather(self.signum)) if comm.get_world_size() > 1 else self.signum
+        signum = agree_on_signal(self.signals.signum)
         if not signum:
             return
         iteration = self.trainer.iter
@@ -176,9 +164,7 @@ class StopOnSignal(hooks.HookBase):
         raise TrainingInterrupted(signum, iteration)
 
     def after_train(self):
-        for sig, h in self._previous.items():
-            signal.signal(sig, h)
-        self._previous = {}
+        self.signals.restore()
         # end the loader workers here, however training ended: they ignore SIGTERM, so the
         # SIGTERM that multiprocessing sends its daemon children at exit would not end them
         # and the process would wait for them forever
@@ -186,23 +172,11 @@ class StopOnSignal(hooks.HookBase):
         gc.collect()
 
 
-def _worker_init(worker_id: int) -> None:
-    """Training loader workers: detectron2's per-worker seed, and SIGINT / SIGTERM ignored,
-    so a signal to the process group leaves the stop (and its checkpoint) to the trainer."""
-    ignore_stop_signals()
-    _D2_WORKER_INIT(worker_id)
-
-
-# build_detection_train_loader hard-codes its worker_init_fn; wrap the function it names
-_D2_WORKER_INIT = d2_build.worker_init_reset_seed
-d2_build.worker_init_reset_seed = _worker_init
-
-
 # --------------------------------------------------------------------------- logs, processes
 def trim_metrics(output_dir: str, start_iter: int) -> int:
     """Drop the ``metrics.json`` records of iterations >= ``start_iter`` (a resume repeats
     them), and malformed records with a warning naming the file and their lines
-    (:func:`revcolv2.run_dir.split_json_lines`). Rewritten in place: detectron2's writer may
+    (:func:`revcolv2.metrics_log.split_json_lines`). Rewritten in place: detectron2's writer may
     already hold the file open for appending. Returns how many records were dropped."""
     path = os.path.join(output_dir, "metrics.json")
     if not os.path.isfile(path):
@@ -210,7 +184,7 @@ def trim_metrics(output_dir: str, start_iter: int) -> int:
     lines = split_json_lines(path, "iteration", lambda it: it < start_iter, log=logger.warning)
     if lines.past or lines.malformed:
         with open(path, "r+") as f:
-            f.write("".join(line + "\n" for line in lines.kept))
+            f.write("".join(line + "\n" for line in lines.included))
             f.truncate()
     return lines.past
 
@@ -457,47 +431,16 @@ def launch_and_wait(args) -> None:
                   args=(args,))
     if args.num_gpus * args.num_machines == 1:
         return launch(main, args.num_gpus, **kwargs)
-    with _launcher_signals(args.num_gpus):
+    # the first signal is the training processes' to handle (it reaches them through the
+    # process group): the launcher notes it and waits for them
+    with StopSignals(lambda signum: print(f"signal {signum}: the {args.num_gpus} training processes save a "
+                                          "checkpoint, then stop", file=sys.stderr, flush=True)):
         try:
             launch(main, args.num_gpus, **kwargs)
-        except ProcessExitedException as e:
-            _exit_like(e)
+        except ProcessExitedException as e:  # the status of the first process to end
+            exit_launcher("lazyconfig_train_net", e.exit_code,
+                          " with a checkpoint in train.output_dir; continue with --resume",
+                          f"training process {e.error_index}")
         except KeyboardInterrupt:
-            print("lazyconfig_train_net: a second signal: aborted without saving", file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
-
-
-@contextmanager
-def _launcher_signals(num_processes: int):
-    """SIGINT / SIGTERM in the launcher: note the first (its processes handle it), raise
-    ``KeyboardInterrupt`` on a second; the previous handlers come back afterwards."""
-    seen = []
-
-    def note(signum, frame):
-        seen.append(signum)
-        if len(seen) > 1:
-            raise KeyboardInterrupt
-        print(f"signal {signum}: the {num_processes} training processes save a checkpoint, then stop",
-              file=sys.stderr, flush=True)
-
-    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _exit_like(error: ProcessExitedException) -> None:
-    """Exit the launcher with the status of its first process to end, and one line."""
-    code = error.exit_code
-    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-        line = (f"stopped by signal {code - 128} with a checkpoint in train.output_dir; continue with --resume")
-    elif code < 0:
-        line = f"training process {error.error_index} was killed by signal {-code}"
-        code = 128 - code
-    else:
-        line = f"training process {error.error_index} exited with status {code} (its message is above)"
-    print(f"lazyconfig_train_net: {line}", file=sys.stderr, flush=True)
-    raise SystemExit(code) from None
+            end_launcher("lazyconfig_train_net", 130, "a second signal: aborted without saving")
 

@@ -13,12 +13,13 @@ Datasets: ``$DETECTRON2_DATASETS/ADEChallengeData2016`` with ``annotations_detec
 """
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
-from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 from detectron2.evaluation import SemSegEvaluator
 from omegaconf import OmegaConf
 
 from revcolv2_d2.data.ade20k import PhotometricDistortion, ResizeLongShortScale, SemSegDatasetMapper
+from revcolv2_d2.data.loader import build_train_loader
 
 num_classes = len(ADE20K_SEM_SEG_CATEGORIES)  # 150
 ignore_label = 255
@@ -29,7 +30,8 @@ single_category_max_area = 0.75
 
 dataloader = OmegaConf.create()
 
-dataloader.train = L(build_detection_train_loader)(
+# detectron2's build_detection_train_loader, with workers that ignore stop signals
+dataloader.train = L(build_train_loader)(
     dataset=L(get_detection_dataset_dicts)(names="ade20k_sem_seg_train"),
     mapper=L(SemSegDatasetMapper)(
         is_train=True,

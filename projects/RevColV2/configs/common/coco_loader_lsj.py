@@ -4,17 +4,21 @@ Training: random flip, resize by a random factor in [0.1, 2.0] of 1024x1024, cro
 most 1024x1024 (boxes recomputed from the cropped masks); the model pads to a 1024 square
 (the FPN's ``square_pad``). Test: longest side 1024. Evaluation: COCOEvaluator on
 ``coco_2017_val``. The mappers name a missing or unreadable image file in their error.
+The training loader is detectron2's, built by ``revcolv2_d2.data.loader.build_train_loader``
+so that its workers ignore stop signals (the trainer saves a checkpoint first).
 """
 import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
 from revcolv2_d2.data.coco_checks import CheckedDatasetMapper
+from revcolv2_d2.data.loader import build_train_loader
 
 image_size = 1024
 lsj_scale = (0.1, 2.0)  # paper: large-scale jitter scale range (docs/TRAINING.md)
 
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
+dataloader.train._target_ = build_train_loader  # detectron2's loader, workers ignoring stop signals
 dataloader.train.mapper._target_ = CheckedDatasetMapper
 dataloader.train.mapper.augmentations = [
     L(T.RandomFlip)(horizontal=True),  # flip first, as ViTDet

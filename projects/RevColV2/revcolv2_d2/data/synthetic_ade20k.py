@@ -33,8 +33,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_sem_seg
 from PIL import Image
 
+from revcolv2.atomic_io import remove_stale_temporaries
 from revcolv2.data import make_datasets_folder
-from revcolv2.run_dir import remove_stale_temporaries
 
 from .ade20k import IGNORE_LABEL
 

@@ -31,8 +31,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 
+from revcolv2.atomic_io import remove_stale_temporaries
 from revcolv2.data import make_datasets_folder
-from revcolv2.run_dir import remove_stale_temporaries
 
 from .coco_checks import CocoInputError, register_checked_coco_instances
 
