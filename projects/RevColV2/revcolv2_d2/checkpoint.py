@@ -38,7 +38,8 @@ from revcolv2.checkpoint import (
     load_file,
     select_weights,
 )
-from revcolv2.model import MODEL_CFGS, Attention, RevColV2
+from revcolv2.layers import Attention
+from revcolv2.model import MODEL_CFGS, RevColV2
 from revcolv2.run_dir import (
     LAST_CHECKPOINT_FILE,
     newest_readable_checkpoint,
