@@ -73,9 +73,6 @@ MODEL_CFGS: Dict[str, dict] = {
 
 _logger = logging.getLogger(__name__)
 
-ALPHA_MIN = 1e-3  # |alpha| is kept at least this large so the inverse stays well defined
-
-
 class Block(nn.Module):
     """Pre-norm ViT block; global attention, or windowed attention when ``window_size > 0``.
 
@@ -176,7 +173,7 @@ class Column(nn.Module):
         self.alphas = nn.Parameter(torch.full((n, dim), alpha_init)) if has_prev else None
         self.order = update_order(direction, n)
         self.blocks_per_level = len(levels[0].blocks)
-        self.alpha_min = ALPHA_MIN  # an attribute, as TorchScript reads no global floats
+        self.alpha_min = 1e-3  # |alpha| >= this keeps the inverse well defined (an attribute: TorchScript)
 
     def in_level(self, l: int) -> Optional[int]:
         """Level of this column that feeds level ``l`` (None: the source tokens)."""
@@ -188,8 +185,8 @@ class Column(nn.Module):
 
     # ----------------------------------------------------------------- one level
     def alpha_values(self) -> Tensor:
-        """Every level's alpha (L, D), magnitude clamped to at least ALPHA_MIN, sign kept
-        (+ALPHA_MIN at 0). A run computes them once per column and indexes a level's row."""
+        """Every level's alpha (L, D), magnitude clamped to at least ``alpha_min``, sign kept
+        (+alpha_min at 0). A run computes them once per column and indexes a level's row."""
         alphas = self.alphas
         if alphas is None:
             raise RuntimeError("the first column has no alpha: it has no previous column")
@@ -306,7 +303,6 @@ class RevColV2(nn.Module):
         fc_norm: LayerNorm after pooling (False: none, as in feature extractors).
     """
 
-    __jit_unused_properties__ = ["bu_columns", "td_columns"]
     __jit_ignored_attributes__ = ["plan"]
 
     def __init__(
@@ -361,9 +357,7 @@ class RevColV2(nn.Module):
         total_blocks = plan.num_columns * self.blocks_per_column
         global_set = set(global_attn_indexes)
         # stochastic depth grows linearly with execution depth (timm / MAE convention)
-        self.register_buffer(
-            "drop_rates", torch.linspace(0, drop_path_rate, total_blocks), persistent=False
-        )
+        self.register_buffer("drop_rates", torch.linspace(0, drop_path_rate, total_blocks), persistent=False)
         columns = []
         for j in range(plan.num_columns):
             levels: List[Optional[Level]] = [None] * num_levels
@@ -418,22 +412,13 @@ class RevColV2(nn.Module):
                 self.columns[j].levels[l] = PrunedLevel(j, l)
         # a model without TD columns computes every level (its top level needs them all)
         self.out_levels = out_levels if self.num_td_columns else tuple(range(self.num_levels))
-        # what forward_features runs (TorchScript reads these lists, not the plan)
-        self._newest_counts, self._newest_ends = plan.newest_run()
+        self._newest_run = plan.newest_run()  # what forward_features runs (TorchScript reads no plan)
         # timm feature metadata: every level at the patch stride, read at ``level_maps.l``;
         # ``column`` names the column its value comes from (the last one that builds it)
         self.feature_info = [dict(module=f"level_maps.{l}", num_chs=self.embed_dim, reduction=self.patch_size,
                                   column=j) for l, j in enumerate(plan.newest_columns())]
 
     # ----------------------------------------------------------------- timm interface
-    @property
-    def bu_columns(self) -> Sequence[Column]:
-        return self.columns[: self.num_bu_columns]
-
-    @property
-    def td_columns(self) -> Sequence[Column]:
-        return self.columns[self.num_bu_columns:]
-
     def layer_id(self, name: str) -> int:
         """Layer id of a parameter name under the shared RevCol layer-decay rule."""
         return layer_id(name, self.num_levels, self.blocks_per_level, self.num_bu_columns, self.num_td_columns)
@@ -473,13 +458,11 @@ class RevColV2(nn.Module):
     def embed(self, x: Tensor) -> Tuple[Tensor, Tensor, Tuple[int, int]]:
         """Images -> (tokens + pos (B, N, D), pos (1, N, D), grid (H, W))."""
         tokens, hw = self.patch_embed(x)
-        # Column states live in the parameters' dtype, also under autocast (the conv itself
-        # runs in bf16/fp16 there): the reversible rebuild ``(c - F) / alpha`` then replays
-        # every state in exactly the dtype the forward produced (docs/ARCHITECTURE.md).
-        # The copy also makes them contiguous: the conv's (B, D, h, w) output flattened and
-        # transposed has strides (N*D, 1, N), and every state computed from it would keep that
-        # layout, so that each LayerNorm would copy its input first.
-        # (``.to`` returns its input unchanged when the dtype already matches.)
+        # Column states live in the parameters' dtype, also under autocast (the conv runs in
+        # bf16/fp16 there), so the reversible rebuild replays every state in the forward's dtype;
+        # and contiguous: the conv's flattened output has strides (N*D, 1, N), which every state
+        # would inherit, and each LayerNorm would copy first (docs/ARCHITECTURE.md). ``.to``
+        # returns its input unchanged when the dtype matches, hence ``.contiguous()``.
         tokens = tokens.to(self.patch_embed.proj.weight.dtype, memory_format=torch.contiguous_format).contiguous()
         pos = sincos_pos_embed_2d(hw[0], hw[1], self.embed_dim, tokens.device, tokens.dtype)
         return tokens + pos, pos, hw
@@ -557,24 +540,18 @@ class RevColV2(nn.Module):
             None if drop_scales is None else drop_scales[start:end + 1], hw, counts[start:end + 1],
             retain_last_graph=last and self.retain_last_graph))
 
-    @torch.jit.unused
-    def _stop_early_run(self, last_count: int) -> Tuple[List[int], List[int]]:
-        return self.plan.newest_run(last_count)
-
-    def forward_levels(self, x: Tensor, last_count: Optional[int] = None) -> Tuple[List[Tensor], List[Tensor]]:
+    def forward_levels(self, x: Tensor, run: Optional[Tuple[List[int], List[int]]] = None
+                       ) -> Tuple[List[Tensor], List[Tensor]]:
         """The newest value of every level, level 0 first, as tokens (B, N, D) and as maps
         (B, D, H/p, W/p): the maps are views made by ``level_maps``, where timm's hook and fx
         feature extractors read them.
 
         The newest value of level ``l`` is the one computed by the last column that builds
         it: with ``out_levels='all'`` the last column's levels; in a classifier, the top level
-        of the last TD column and the lower ones from the columns before. ``last_count``: run
-        only that many levels of the last column (its update order), as ``stop_early`` does.
+        of the last TD column and the lower ones from the columns before. ``run``: (counts,
+        ends) of :meth:`revcolv2.plan.ColumnPlan.newest_run`; default: every built level.
         """
-        if last_count is None:
-            counts, ends = self._newest_counts, self._newest_ends
-        else:
-            counts, ends = self._stop_early_run(last_count)
+        counts, ends = self._newest_run if run is None else run
         states, hw = self.run_columns(x, counts, ends)
         newest: List[Optional[Tensor]] = [None for _l in range(self.num_levels)]
         for state in states:  # a later column's value of a level is the newer one
@@ -618,11 +595,10 @@ class RevColV2(nn.Module):
         self, x: Tensor, visible_ids: Optional[Tensor] = None, mask_token: Optional[Tensor] = None,
         td_levels: Optional[Sequence[int]] = None,
     ) -> Tuple[State, Optional[State], Tuple[int, int]]:
-        """Run the columns. Returns (last BU state, last TD state, token grid).
-
-        With ``visible_ids`` (B, Nv) the BU columns see only those tokens; at the hand-off
-        each level (and the patch tokens that feed the TD columns) is scattered back to full
-        length with ``mask_token`` + position embedding at the masked positions.
+        """Run the columns; returns (last BU state, last TD state, token grid). With
+        ``visible_ids`` (B, Nv) the BU columns see only those tokens; at the hand-off each level
+        (and the patch tokens that feed the TD columns) is scattered back to full length with
+        ``mask_token`` + position embedding at the masked positions.
 
         ``td_levels``: the levels of the last TD column the caller reads (None: every level
         the model builds). Only the levels they depend on run, in forward and backward; the
@@ -647,10 +623,8 @@ class RevColV2(nn.Module):
         return bu, tuple(states[-1]), hw
 
     def forward_bottom_up(self, x: Tensor) -> List[Tensor]:
-        """Levels of the last bottom-up column, each (B, N, D), level 0 first.
-
-        Only the BU columns run: the linear probe's path (its head sits on the top BU level).
-        """
+        """Levels of the last bottom-up column, each (B, N, D), level 0 first. Only the BU
+        columns run: the linear probe's path (its head sits on the top BU level)."""
         return list(self.forward_columns(x, td_levels=())[0])
 
     def forward_intermediates(
@@ -683,11 +657,11 @@ class RevColV2(nn.Module):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, _ = feature_take_indices(self.num_levels, indices)
-        last_count = None
-        if stop_early:
+        run = None
+        if stop_early:  # the last column runs up to the lowest level asked for
             wanted = set(take_indices) | (set() if intermediates_only else {self.num_levels - 1})
-            last_count = self.plan.stop_early_count(wanted)
-        tokens, maps = self.forward_levels(x, last_count)
+            run = self.plan.newest_run(self.plan.stop_early_count(wanted))
+        tokens, maps = self.forward_levels(x, run)
         levels = [maps[i].contiguous() if output_fmt == "NCHW" else tokens[i] for i in take_indices]
         if intermediates_only:
             return levels
@@ -742,11 +716,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: RevColV2) -> Dict
     absent = PRETRAIN_ONLY_PREFIXES + model.plan.pruned_prefixes()
     if isinstance(model.fc_norm, nn.Identity):
         absent += ("fc_norm.",)
-    kept = {k: v for k, v in sd.items() if not k.startswith(absent)}
-    if len(kept) < len(sd):
+    held = {k: v for k, v in sd.items() if not k.startswith(absent)}
+    if len(held) < len(sd):
         _logger.info("left out %d checkpoint tensors this model does not hold: %s",
-                     len(sd) - len(kept), ", ".join(k for k in sd if k not in kept))
-    return kept
+                     len(sd) - len(held), ", ".join(k for k in sd if k not in held))
+    return held
 
 
 FEATURE_CLASSES = ("getter", "hook", "fx")

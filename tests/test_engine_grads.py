@@ -208,7 +208,7 @@ def test_linear_probe_runs_no_td_column():
     from revcolv2.classification import LinearProbe
 
     model = _model(1, 0).float()
-    td_blocks = [m for col in model.td_columns for m in col.modules() if isinstance(m, Block)]
+    td_blocks = [m for col in model.columns[model.num_bu_columns:] for m in col.modules() if isinstance(m, Block)]
     calls = []
     for m in td_blocks:
         m.register_forward_pre_hook(lambda *a: calls.append(1))
