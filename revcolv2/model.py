@@ -607,7 +607,7 @@ class RevColV2(nn.Module):
         model does not build is a ``ValueError``.
         """
         if td_levels is not None and self.num_td_columns:
-            self.plan.check_built(td_levels, self.out_levels)
+            self.plan.check_built(td_levels)
         if visible_ids is not None and mask_token is None:
             raise ValueError("masked forward needs a mask_token")
         counts, ends = self.plan.columns_run(td_levels)

@@ -153,13 +153,14 @@ class ColumnPlan:
         order, built = self.order(last), self.built_levels(last)
         return max((order.index(l) + 1 for l in levels if l in built), default=0)
 
-    def check_built(self, levels: Sequence[int], out_levels: Sequence[int]) -> None:
+    def check_built(self, levels: Iterable[int]) -> None:
         """``ValueError`` unless the last column builds every one of ``levels``."""
-        missing = sorted(set(levels) - set(self.built_levels(self.num_columns - 1)))
+        levels, built = set(levels), self.built_levels(self.num_columns - 1)
+        missing = sorted(levels - set(built))
         if missing:
             raise ValueError(
-                f"levels {missing} of the last column are not built in this model (out_levels={tuple(out_levels)}): "
-                f"build it with out_levels='all' or {sorted(set(levels))} to read them")
+                f"levels {missing} of the last column are not built in this model (it builds {sorted(built)}): "
+                f"build it with out_levels='all' or {sorted(levels)} to read them")
 
     # ----------------------------------------------------------------- pruning
     def pruned(self, out_levels: Sequence[int]) -> "ColumnPlan":
@@ -169,7 +170,7 @@ class ColumnPlan:
         removes: asking for a level already pruned is a ``ValueError``."""
         if not self.num_td_columns:
             return self
-        self.check_built(out_levels, self.built_levels(self.num_columns - 1))
+        self.check_built(out_levels)
         counts = self.counts({self.num_bu_columns - 1: range(self.num_levels), self.num_columns - 1: out_levels})
         return dataclasses.replace(self, built=tuple(counts))
 
