@@ -41,7 +41,7 @@ def load_pretrained(model: nn.Module, path: str, verbose: bool = True, ema: bool
     The weights follow the one rule of :func:`revcolv2.checkpoint.select_weights`: the EMA
     weights where the checkpoint has them, unless ``ema=False`` (``--no-ema``); the choice is
     printed. Allowed to differ: the pre-training-only tensors (mask token, reconstruction
-    head) and the levels the classifier does not build (``model.pruned_prefixes()``) may stay
+    head) and the levels the classifier does not build (``model.plan.pruned_prefixes()``) may stay
     unused, and the classifier (``head``, ``fc_norm``) may be missing; a classifier for
     another number of classes (e.g. IN-22K -> IN-1K) is dropped with a note. Every tensor
     left out is listed in the printed report. Anything else unmatched raises ``ValueError``.
@@ -55,7 +55,8 @@ def load_pretrained(model: nn.Module, path: str, verbose: bool = True, ema: bool
         if verbose:
             print(f"not loading the checkpoint's classifier ({', '.join(stale)}): other number of classes")
         sd = {k: v for k, v in sd.items() if k not in stale}
-    not_built = tuple(getattr(model, "pruned_prefixes", tuple)())
+    plan = getattr(model, "plan", None)
+    not_built = plan.pruned_prefixes() if plan is not None else ()
     left_out = [k for k in sd if k.startswith(not_built)]
     if verbose and left_out:
         n = sum(sd[k].numel() for k in left_out)
@@ -68,7 +69,8 @@ def load_pretrained(model: nn.Module, path: str, verbose: bool = True, ema: bool
 def describe_built_levels(model: nn.Module) -> str:
     """One line on the levels ``model`` does not build (a classifier reads the top level only),
     or '' when it builds every level."""
-    pruned = getattr(model, "pruned_levels", list)()
+    plan = getattr(model, "plan", None)
+    pruned = plan.pruned_levels() if plan is not None else []
     if not pruned:
         return ""
     where = ", ".join(f"columns.{j}.levels.{l}" for j, l in pruned)

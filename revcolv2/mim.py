@@ -40,27 +40,27 @@ def num_visible(num_tokens: int, mask_ratio: float) -> int:
     visible (nothing to reconstruct from), is a ``ValueError``."""
     if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be a number in (0, 1), got {mask_ratio!r}")
-    keep = int(round(num_tokens * (1 - mask_ratio)))
-    if not 1 <= keep < num_tokens:
+    visible = int(round(num_tokens * (1 - mask_ratio)))
+    if not 1 <= visible < num_tokens:
         raise ValueError(
-            f"mask_ratio {mask_ratio} leaves {keep} of {num_tokens} patches visible and "
-            f"{num_tokens - keep} masked; both must be at least 1"
+            f"mask_ratio {mask_ratio} leaves {visible} of {num_tokens} patches visible and "
+            f"{num_tokens - visible} masked; both must be at least 1"
         )
-    return keep
+    return visible
 
 
 def random_masking(batch: int, num_tokens: int, mask_ratio: float, device=None, generator=None):
     """Per-sample random masking by argsort of uniform noise; :func:`num_visible` patches stay.
 
-    Returns ``ids_keep`` (B, N_visible), sorted ascending so visible tokens keep their
+    Returns ``visible_ids`` (B, N_visible), sorted ascending so visible tokens keep their
     raster order, and ``mask`` (B, N) with 1 at masked positions.
     """
-    num_keep = num_visible(num_tokens, mask_ratio)
+    n_visible = num_visible(num_tokens, mask_ratio)
     noise = torch.rand(batch, num_tokens, device=device, generator=generator)
-    ids_keep = noise.argsort(dim=1)[:, :num_keep].sort(dim=1).values
+    visible_ids = noise.argsort(dim=1)[:, :n_visible].sort(dim=1).values
     mask = torch.ones(batch, num_tokens, device=device)
-    mask.scatter_(1, ids_keep, 0.0)
-    return ids_keep, mask
+    mask.scatter_(1, visible_ids, 0.0)
+    return visible_ids, mask
 
 
 def patch_mean_std(patches: Tensor, eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
@@ -113,26 +113,26 @@ class RevColV2MIM(RevColV2):
         return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
 
     def forward(
-        self, imgs: Tensor, mask_ratio: Optional[float] = None, ids_keep: Optional[Tensor] = None,
+        self, imgs: Tensor, mask_ratio: Optional[float] = None, visible_ids: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
     ) -> Dict[str, Tensor]:
-        """Returns dict(loss, pred (B, N, p*p*3), mask (B, N), ids_keep (B, Nv)).
+        """Returns dict(loss, pred (B, N, p*p*3), mask (B, N), visible_ids (B, Nv)).
 
-        The mask is drawn with ``generator`` (default: the global RNG) unless ``ids_keep``
+        The mask is drawn with ``generator`` (default: the global RNG) unless ``visible_ids``
         (B, Nv), the ascending indices of the visible patches, is given.
         """
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         b, _, h, w = imgs.shape
         p = self.patch_size
         n = (h // p) * (w // p)
-        if ids_keep is None:
-            ids_keep, mask = random_masking(b, n, ratio, imgs.device, generator)
+        if visible_ids is None:
+            visible_ids, mask = random_masking(b, n, ratio, imgs.device, generator)
         else:
-            mask = torch.ones(b, n, device=imgs.device).scatter_(1, ids_keep, 0.0)
-        _, td, _ = self.forward_columns(imgs, ids_keep, self.mask_token)
+            mask = torch.ones(b, n, device=imgs.device).scatter_(1, visible_ids, 0.0)
+        _, td, _ = self.forward_columns(imgs, visible_ids, self.mask_token)
         pred = self.decoder_pred(self.decoder_norm(td[0]))  # (B, N, p*p*3)
         loss = self.masked_mse(pred, self.reconstruction_target(imgs), mask)
-        return {"loss": loss, "pred": pred, "mask": mask, "ids_keep": ids_keep}
+        return {"loss": loss, "pred": pred, "mask": mask, "visible_ids": visible_ids}
 
     def prediction_to_pixels(self, pred: Tensor, imgs: Tensor) -> Tensor:
         """Predicted patches (B, N, p*p*3) -> images in the input's pixel space (B, 3, H, W).

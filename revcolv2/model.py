@@ -16,16 +16,19 @@ Structure (top-down composition):
 A column updates level ``l`` as ``c_l = alpha_l * c_l(prev column) + F_l(in, cross)``, with
 ``in`` the level just updated in this column (the patch tokens for the first level in the
 column's order) and ``cross`` the neighbouring level of the previous column (the level
-above for BU, below for TD). ``F_l`` = fusion then the level's ViT blocks. The update is
-invertible given ``in`` (see :meth:`Column.inverse`), which ``revcolv2.reversible`` uses
-to train without storing activations.
+above for BU, below for TD; the wiring lives in ``revcolv2.plan``). ``F_l`` = fusion then
+the level's ViT blocks. The update is invertible given ``in`` (:meth:`Column.unstep`), which
+``revcolv2.reversible`` uses to train without storing activations.
+
+Layers (patch embedding, attention, MLP, fusion, the bf16 norms and the fused residual, the
+TorchScript and compile plumbing) live in ``revcolv2.layers``; which levels each column
+builds and runs in ``revcolv2.plan``.
 """
 import logging
-import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
-import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import global_pool_nlc
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -33,9 +36,29 @@ from torch import Tensor, nn
 
 from .checkpoint import PRETRAIN_ONLY_PREFIXES, unwrap_state_dict
 from .layer_decay import layer_id, num_layers
-from .reversible import State, levels_to_run, run_plain, run_reversible
+from .layers import (
+    LEVEL_RECOMPILE_LIMIT,
+    Attention,
+    Fusion,
+    LevelFn,
+    LevelMap,
+    Mlp,
+    PatchEmbed,
+    allow_level_recompiles,
+    bf16_affines,
+    bf16_autocast_on,
+    bf16_layer_norm,
+    hand_off,
+    residual_add,
+    sincos_pos_embed_2d,
+    window_partition,
+    window_unpartition,
+)
+from .plan import ColumnPlan, cross_level, in_level, resolve_out_levels, update_order
+from .reversible import State, run_reversible
 
-__all__ = ["RevColV2", "MODEL_CFGS", "create_revcolv2", "checkpoint_filter_fn", "sincos_pos_embed_2d"]
+__all__ = ["RevColV2", "MODEL_CFGS", "create_revcolv2", "checkpoint_filter_fn", "sincos_pos_embed_2d",
+           "allow_level_recompiles", "LEVEL_RECOMPILE_LIMIT"]
 
 # One source of truth for the presets (imported by timm registration, tools and the
 # detectron2 configs). Sizes at 224x224 are measured by tools/model_stats.py.
@@ -50,199 +73,17 @@ MODEL_CFGS: Dict[str, dict] = {
 
 _logger = logging.getLogger(__name__)
 
-ALPHA_MIN = 1e-3  # |alpha| is kept at least this large so the inverse stays well defined
-
-
-def sincos_pos_embed_2d(h: int, w: int, dim: int, device: Optional[torch.device] = None,
-                        dtype: torch.dtype = torch.float32) -> Tensor:
-    """Fixed 2-D sin-cos position embedding for an (h, w) token grid -> (1, h*w, dim)."""
-    if dim % 4:
-        raise ValueError(f"embed_dim must be divisible by 4 for 2-D sin-cos embedding, got {dim}")
-    quarter = dim // 4
-    omega = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float64) / quarter))
-    ys, xs = torch.meshgrid(
-        torch.arange(h, device=device, dtype=torch.float64),
-        torch.arange(w, device=device, dtype=torch.float64),
-        indexing="ij",
-    )
-    out_y = ys.reshape(-1, 1) * omega  # (N, D/4)
-    out_x = xs.reshape(-1, 1) * omega
-    emb = torch.cat([out_y.sin(), out_y.cos(), out_x.sin(), out_x.cos()], dim=1)
-    return emb.to(dtype).unsqueeze(0)
-
-
-@torch.fx.wrap  # a call in fx graphs: the checks run on real shapes, not on traced ones
-def check_images(x: Tensor, in_chans: int, patch_size: int) -> None:
-    """Raise ``ValueError`` for anything but a (B, ``in_chans``, H, W) batch with H and W
-    multiples of ``patch_size``. Written for torch.jit.script too (no tuple of unknown length)."""
-    if x.dim() != 4:
-        raise ValueError("RevColV2 expects images of shape (B, C, H, W), got shape {}".format(list(x.shape)))
-    c, h, w = x.shape[1], x.shape[2], x.shape[3]
-    if c != in_chans:
-        raise ValueError("RevColV2 was built for {} input channels, got {}".format(in_chans, c))
-    if h % patch_size != 0 or w % patch_size != 0:
-        raise ValueError(
-            "input size {}x{} is not divisible by the patch size {}; resize or pad the image to a multiple of {}"
-            .format(h, w, patch_size, patch_size)
-        )
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping patch projection with clear errors for unusable inputs."""
-
-    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
-        super().__init__()
-        self.patch_size = patch_size
-        self.in_chans = in_chans
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-        check_images(x, self.in_chans, self.patch_size)
-        x = self.proj(x)  # (B, D, H/p, W/p)
-        hw = (x.shape[2], x.shape[3])
-        return x.flatten(2).transpose(1, 2), hw
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with scaled_dot_product_attention."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, n, d = x.shape
-        # Split q, k, v along dim 2 of (B, N, 3, heads, d_head): the backward then stacks their
-        # gradients straight into that layout, which is the qkv output's, so no copy is needed
-        # to reshape the gradient back (unbinding a permuted view makes one copy per block).
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).unbind(2)
-        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.proj(x.transpose(1, 2).reshape(b, n, d))  # (B, heads, N, d_head) -> (B, N, D)
-
-
-def window_partition(x: Tensor, hw: Tuple[int, int], ws: int) -> Tuple[Tensor, Tuple[int, int]]:
-    """(B, H*W, D) -> (B * num_windows, ws*ws, D), zero-padding H and W up to multiples of ws."""
-    b, _, d = x.shape
-    h, w = hw
-    x = x.view(b, h, w, d)
-    pad_h, pad_w = (ws - h % ws) % ws, (ws - w % ws) % ws
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    hp, wp = h + pad_h, w + pad_w
-    x = x.view(b, hp // ws, ws, wp // ws, ws, d).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, ws * ws, d), (hp, wp)
-
-
-def window_unpartition(x: Tensor, ws: int, padded: Tuple[int, int], hw: Tuple[int, int]) -> Tensor:
-    """Inverse of :func:`window_partition`: (B * num_windows, ws*ws, D) -> (B, H*W, D)."""
-    hp, wp = padded
-    h, w = hw
-    d = x.shape[-1]
-    b = x.shape[0] // ((hp // ws) * (wp // ws))
-    x = x.view(b, hp // ws, wp // ws, ws, ws, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, d)
-    return x[:, :h, :w].reshape(b, h * w, d)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-# LayerNorms under bf16 autocast. Under autocast a norm's output feeds a bf16 matmul. A
-# float32 LayerNorm reads and writes float32 (8 bytes per element) and is then cast (6
-# more); casting the float32 state first and normalising in bf16 moves 6 + 4, and the
-# backward half the bytes. The kernel still accumulates the statistics in float32. fp16
-# autocast keeps float32 norms: a state beyond fp16's range would overflow. These helpers
-# are eager-only (TorchScript compiles the norms' own float32 path).
-@torch.jit.unused
-def bf16_autocast_on(x: Tensor) -> bool:
-    """Whether ``x`` is a float32 column state under bf16 autocast (never while fx traces)."""
-    if isinstance(x, torch.fx.Proxy) or x.dtype != torch.float32:
-        return False
-    dev = x.device.type
-    return (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
-            and torch.get_autocast_dtype(dev) == torch.bfloat16)
-
-
-@torch.jit.unused
-def bf16_affines(params: List[Tensor]) -> List[Tensor]:
-    """``params`` (LayerNorm weights and biases) in bf16, cast by one concatenation and one
-    cast for all of them (each small cast would cost a kernel launch), returned as views."""
-    return list(torch.cat(params).to(torch.bfloat16).split([p.numel() for p in params]))
-
-
-@torch.jit.unused
-def bf16_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """LayerNorm of the float32 state ``x`` cast to bf16, with bf16 ``weight`` / ``bias``.
-    Autocast is off around the call: CUDA autocast would run ``layer_norm`` in float32."""
-    with torch.autocast(x.device.type, enabled=False):
-        return F.layer_norm(x.to(weight.dtype), (x.shape[-1],), weight, bias, eps)
-
-
-class _ScaledResidual(torch.autograd.Function):
-    """``x + branch * scale`` with one kernel each way (see :func:`residual_add`)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, branch: Tensor, scale: Tensor) -> Tensor:
-        ctx.save_for_backward(scale)
-        ctx.branch_dtype = branch.dtype
-        return torch.addcmul(x, branch, scale)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor):
-        (scale,) = ctx.saved_tensors
-        g_branch = None
-        if ctx.needs_input_grad[1]:  # g * scale, computed in g's dtype and stored in the branch's
-            g_branch = torch.mul(g, scale, out=torch.empty(g.shape, dtype=ctx.branch_dtype, device=g.device))
-        return (g if ctx.needs_input_grad[0] else None), g_branch, None
-
-
-def residual_add(x: Tensor, branch: Tensor, scale: Optional[Tensor] = None) -> Tensor:
-    """Residual update ``x + branch * scale``, ``scale`` (B,) the per-sample drop-path factors
-    (0 or 1/keep_prob; None: ``x + branch``).
-
-    ``x`` is a float32 column state and ``branch`` the block's output in autocast's dtype. In
-    eager mode the multiply and the add are one ``addcmul`` kernel, and the backward writes
-    ``g * scale`` straight in the branch's dtype: one kernel instead of a multiply and a cast.
-    Compiled or scripted, the same expression is left to the compiler to fuse.
-    """
-    if scale is None:
-        return x + branch
-    scale = scale.view(-1, 1, 1).to(x.dtype)  # the result keeps the state's dtype (a no-op in float32)
-    if torch.jit.is_scripting() or torch.compiler.is_compiling():
-        return torch.addcmul(x, branch, scale)
-    return _ScaledResidual.apply(x, branch, scale)
-
-
 class Block(nn.Module):
     """Pre-norm ViT block; global attention, or windowed attention when ``window_size > 0``.
 
     Windowed attention needs the token grid (``hw``); without it (masked MIM input, where
-    only visible tokens exist) the block attends globally.
-    Drop path is applied with externally drawn per-sample scales ``keep`` of shape (B, 2)
-    (attention branch, MLP branch), so the reversible engine can replay them exactly.
+    only visible tokens exist) the block attends globally. Drop path is applied with
+    externally drawn per-sample scales ``drop_scales`` of shape (B, 2) (attention branch,
+    MLP branch), so the reversible engine can replay them exactly.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        layer_scale_init: Optional[float] = None,
-        window_size: int = 0,
-    ):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 layer_scale_init: Optional[float] = None, window_size: int = 0):
         super().__init__()
         self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -261,42 +102,19 @@ class Block(nn.Module):
             return window_unpartition(self.attn(windows), self.window_size, padded, hw)
         return self.attn(x)
 
-    def forward(self, x: Tensor, keep: Optional[Tensor] = None, hw: Optional[Tuple[int, int]] = None) -> Tensor:
+    def forward(self, x: Tensor, drop_scales: Optional[Tensor] = None,
+                hw: Optional[Tuple[int, int]] = None) -> Tensor:
         w: List[Tensor] = []  # bf16 LayerNorm affines under bf16 autocast (see bf16_layer_norm)
         if not torch.jit.is_scripting() and bf16_autocast_on(x):
             w = bf16_affines([self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias])
         a = self._attend(bf16_layer_norm(x, w[0], w[1], self.norm1.eps) if len(w) > 0 else self.norm1(x), hw)
         if self.gamma1 is not None:
             a = a * self.gamma1
-        x = residual_add(x, a, None if keep is None else keep[:, 0])
+        x = residual_add(x, a, None if drop_scales is None else drop_scales[:, 0])
         m = self.mlp(bf16_layer_norm(x, w[2], w[3], self.norm2.eps) if len(w) > 0 else self.norm2(x))
         if self.gamma2 is not None:
             m = m * self.gamma2
-        return residual_add(x, m, None if keep is None else keep[:, 1])
-
-
-class Fusion(nn.Module):
-    """Projects the cross-column input before it is added to the in-column input.
-
-    ``linear``: LayerNorm + Linear (the reference design); ``add``: identity (no parameters).
-    """
-
-    def __init__(self, dim: int, variant: str = "linear"):
-        super().__init__()
-        if variant not in ("linear", "add"):
-            raise ValueError(f"unknown fusion variant {variant!r}; expected 'linear' or 'add'")
-        if variant == "linear":
-            self.norm = nn.LayerNorm(dim, eps=1e-6)
-            self.proj = nn.Linear(dim, dim)
-        self.variant = variant
-
-    def forward(self, cross: Tensor) -> Tensor:
-        if self.variant != "linear":
-            return cross
-        if not torch.jit.is_scripting() and bf16_autocast_on(cross):
-            w = bf16_affines([self.norm.weight, self.norm.bias])
-            return self.proj(bf16_layer_norm(cross, w[0], w[1], self.norm.eps))
-        return self.proj(self.norm(cross))
+        return residual_add(x, m, None if drop_scales is None else drop_scales[:, 1])
 
 
 class Level(nn.Module):
@@ -307,12 +125,11 @@ class Level(nn.Module):
         self.fusion = Fusion(dim, fusion) if has_cross else None
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(
-        self, inp: Tensor, cross: Optional[Tensor], keep: Optional[Tensor], hw: Optional[Tuple[int, int]]
-    ) -> Tensor:
+    def forward(self, inp: Tensor, cross: Optional[Tensor], drop_scales: Optional[Tensor],
+                hw: Optional[Tuple[int, int]]) -> Tensor:
         x = inp if self.fusion is None or cross is None else inp + self.fusion(cross)
         for b, block in enumerate(self.blocks):
-            x = block(x, None if keep is None else keep[:, b], hw)
+            x = block(x, None if drop_scales is None else drop_scales[:, b], hw)
         return x
 
 
@@ -326,44 +143,25 @@ class PrunedLevel(nn.Module):
         self.column = column
         self.level = level
 
-    def forward(
-        self, inp: Tensor, cross: Optional[Tensor], keep: Optional[Tensor], hw: Optional[Tuple[int, int]]
-    ) -> Tensor:
+    def forward(self, inp: Tensor, cross: Optional[Tensor], drop_scales: Optional[Tensor],
+                hw: Optional[Tuple[int, int]]) -> Tensor:
         raise RuntimeError(
             "level {} of column {} is not built: no output of this model reads it. Build the model "
             "with out_levels='all' (or the levels you need) to run it".format(self.level, self.column)
         )
 
 
-# torch.jit.script can index a ModuleList by a variable only through an interface type (used
-# in Column.level_f when scripting). Declaring one warns that TorchScript is deprecated in
-# torch 2.x; silenced, as importing the model should not warn about a tool it may never use.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-
-    @torch.jit.interface
-    class LevelFn(nn.Module):
-        def forward(
-            self, inp: Tensor, cross: Optional[Tensor], keep: Optional[Tensor], hw: Optional[Tuple[int, int]]
-        ) -> Tensor:
-            pass
-
-
 class Column(nn.Module):
     """One reversible column. ``direction`` 'up' updates levels 0 -> L-1, 'down' L-1 -> 0.
 
-    The wiring of a column lives here and only here: :attr:`order` (update order),
-    :meth:`in_level` (which level of this column feeds level ``l``; None: the source tokens)
-    and :meth:`cross_level` (which level of the previous column feeds it). Forward,
-    inversion and the reversible engine's backward all go through the per-level
-    :meth:`step_from` (``c_l = alpha_l * c_l(prev) + F_l(in, cross)``) and its inverse
-    :meth:`unstep`.
+    Its wiring is :attr:`order` (update order), :meth:`in_level` and :meth:`cross_level`,
+    as ``revcolv2.plan`` defines them. The plain forward and the reversible engine both go
+    through the per-level :meth:`step_from` (``c_l = alpha_l * c_l(prev) + F_l(in, cross)``);
+    the engine's rebuild through its inverse :meth:`unstep`.
 
-    ``keep`` (B, L * blocks_per_level, 2) holds drop-path scales in execution order.
-
-    A column may build only a prefix of its update order (:attr:`num_built` levels, see
-    :meth:`prune`): the others are :class:`PrunedLevel` placeholders. Its ``alphas`` keep one
-    row per level, so checkpoints keep their shapes; the rows of pruned levels are unused.
+    ``drop_scales`` (B, L * blocks_per_level, 2) holds the drop-path scales in execution order.
+    Levels the model does not build are :class:`PrunedLevel` placeholders; ``alphas`` keep one
+    row per level, so checkpoints keep their shapes (the rows of pruned levels are unused).
     """
 
     def __init__(self, levels: Sequence[Level], direction: str, has_prev: bool, dim: int, alpha_init: float):
@@ -373,75 +171,43 @@ class Column(nn.Module):
         self.has_prev = has_prev
         n = len(levels)
         self.alphas = nn.Parameter(torch.full((n, dim), alpha_init)) if has_prev else None
-        self.order = self.update_order(direction, n)
+        self.order = update_order(direction, n)
         self.blocks_per_level = len(levels[0].blocks)
-        self.num_built = n  # the first num_built levels of ``order`` are built
-        self.alpha_min = ALPHA_MIN  # an attribute, as TorchScript reads no global floats
-
-    def prune(self, num_built: int, column: int) -> None:
-        """Keep the first ``num_built`` levels of the update order; replace the others by
-        :class:`PrunedLevel` (``column`` is this column's index, for its error message)."""
-        if num_built > self.num_built:
-            raise ValueError(f"column {column} builds {self.num_built} levels; pruning cannot add levels")
-        for l in self.order[num_built:]:
-            self.levels[l] = PrunedLevel(column, l)
-        self.num_built = num_built
-
-    def built_levels(self) -> List[int]:
-        """The levels this column builds, in update order."""
-        return self.order[: self.num_built]
-
-    # ----------------------------------------------------------------- wiring
-    @staticmethod
-    def update_order(direction: str, num_levels: int) -> List[int]:
-        """Levels in update order: 0 -> L-1 for 'up' (BU), L-1 -> 0 for 'down' (TD)."""
-        return list(range(num_levels)) if direction == "up" else list(range(num_levels - 1, -1, -1))
-
-    @staticmethod
-    def cross_of(direction: str, l: int, num_levels: int, has_prev: bool) -> Optional[int]:
-        """Level of the previous column fused into level ``l`` (above for BU, below for TD);
-        None in a column without a previous one, or past the top / bottom level."""
-        c = l + 1 if direction == "up" else l - 1
-        return c if has_prev and 0 <= c < num_levels else None
+        self.alpha_min = 1e-3  # |alpha| >= this keeps the inverse well defined (an attribute: TorchScript)
 
     def in_level(self, l: int) -> Optional[int]:
         """Level of this column that feeds level ``l`` (None: the source tokens)."""
-        i = self.order.index(l)
-        return None if i == 0 else self.order[i - 1]
+        return in_level(self.order, l)
 
     def cross_level(self, l: int) -> Optional[int]:
         """Level of the previous column fused into level ``l`` (above for BU, below for TD)."""
-        return self.cross_of(self.direction, l, len(self.levels), self.has_prev)
+        return cross_level(self.direction, l, len(self.levels), self.has_prev)
 
     # ----------------------------------------------------------------- one level
     def alpha_values(self) -> Tensor:
-        """Every level's alpha (L, D), magnitude clamped to at least ALPHA_MIN, sign kept
-        (+ALPHA_MIN at 0). A run computes them once per column and indexes a level's row."""
+        """Every level's alpha (L, D), magnitude clamped to at least ``alpha_min``, sign kept
+        (+alpha_min at 0). A run computes them once per column and indexes a level's row."""
         alphas = self.alphas
         if alphas is None:
             raise RuntimeError("the first column has no alpha: it has no previous column")
         magnitude = alphas.abs().clamp(min=self.alpha_min)
         return torch.where(alphas >= 0, magnitude, -magnitude)  # (not copysign: ONNX has no signbit)
 
-    def alpha(self, l: int) -> Tensor:
-        """alpha_l, clamped as in :meth:`alpha_values`."""
-        return self.alpha_values()[l]
-
-    def _level_keep(self, keep: Optional[Tensor], l: int) -> Optional[Tensor]:
-        if keep is None:
+    def _level_scales(self, drop_scales: Optional[Tensor], l: int) -> Optional[Tensor]:
+        if drop_scales is None:
             return None
         pos = self.order.index(l) * self.blocks_per_level
-        return keep[:, pos:pos + self.blocks_per_level]
+        return drop_scales[:, pos:pos + self.blocks_per_level]
 
-    def level_f(self, l: int, inp: Tensor, cross: Optional[Tensor], keep: Optional[Tensor],
+    def level_f(self, l: int, inp: Tensor, cross: Optional[Tensor], drop_scales: Optional[Tensor],
                 hw: Optional[Tuple[int, int]]) -> Tensor:
         """F_l(in, cross): fusion then the level's blocks."""
-        keep = self._level_keep(keep, l)
+        drop_scales = self._level_scales(drop_scales, l)
         if torch.jit.is_scripting():
             level: LevelFn = self.levels[l]  # TorchScript indexes by a variable only through an interface
-            return level.forward(inp, cross, keep, hw)
+            return level.forward(inp, cross, drop_scales, hw)
         else:
-            return self.levels[l](inp, cross, keep, hw)  # through __call__: hooks, compile_levels
+            return self.levels[l](inp, cross, drop_scales, hw)  # through __call__: hooks, compile_levels
 
     @staticmethod
     def step_from(f: Tensor, prev_l: Optional[Tensor], alpha: Optional[Tensor]) -> Tensor:
@@ -461,15 +227,13 @@ class Column(nn.Module):
         return (new_l - f) / alpha
 
     # ----------------------------------------------------------------- whole column
-    def forward(self, source: Tensor, prev: Optional[List[Optional[Tensor]]], keep: Optional[Tensor],
+    def forward(self, source: Tensor, prev: Optional[List[Optional[Tensor]]], drop_scales: Optional[Tensor],
                 hw: Optional[Tuple[int, int]], num_levels: Optional[int] = None) -> List[Optional[Tensor]]:
-        """Update the first ``num_levels`` levels of :attr:`order` (every built one by default);
-        levels not run are None in the returned state. Written for torch.jit.script as well."""
+        """Update the first ``num_levels`` levels of :attr:`order` (default: all); levels not
+        run are None in the returned state. Written for torch.jit.script as well."""
         if (prev is not None) != self.has_prev:
             raise RuntimeError("column called with a previous state that does not match has_prev")
-        k = self.num_built if num_levels is None else num_levels
-        if k > self.num_built:
-            raise RuntimeError("column asked to run {} levels but builds only {}".format(k, self.num_built))
+        k = len(self.levels) if num_levels is None else num_levels
         new: List[Optional[Tensor]] = [None for _ in range(len(self.levels))]
         alphas: Optional[Tensor] = None
         if prev is not None and k > 0:
@@ -491,33 +255,8 @@ class Column(nn.Module):
                 prev_l = prev[l]
             if alphas is not None:
                 alpha = alphas[l]
-            new[l] = self.step_from(self.level_f(l, inp, cross, keep, hw), prev_l, alpha)
+            new[l] = self.step_from(self.level_f(l, inp, cross, drop_scales, hw), prev_l, alpha)
         return new
-
-    def inverse(self, source: Tensor, new: State, keep: Optional[Tensor], hw) -> State:
-        """Recover the previous column's state: c_l(j-1) = (c_l(j) - F_l(in, cross)) / alpha_l."""
-        prev: List[Optional[Tensor]] = [None] * len(self.levels)
-        alphas = self.alpha_values()
-        # Level l needs prev[cross(l)], so walk the levels against the update order.
-        for l in reversed(self.order):
-            in_l, c = self.in_level(l), self.cross_level(l)
-            inp = source if in_l is None else new[in_l]
-            f = self.level_f(l, inp, None if c is None else prev[c], keep, hw)
-            prev[l] = self.unstep(new[l], f, alphas[l])
-        return tuple(prev)
-
-
-# graph variants of ``Level.forward`` that compile_levels() may need (see there)
-LEVEL_RECOMPILE_LIMIT = 64
-
-
-def allow_level_recompiles(limit: int = LEVEL_RECOMPILE_LIMIT) -> None:
-    """Raise torch._dynamo's recompile limit (process-wide) to at least ``limit``, as
-    :meth:`RevColV2.compile_levels` needs. Call it once, where the program starts."""
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    cfg.recompile_limit = max(cfg.recompile_limit, limit)
 
 
 POOL_TYPES = ("avg", "max", "avgmax", "")
@@ -536,30 +275,6 @@ def _check_global_pool(global_pool: str) -> str:
     return global_pool
 
 
-def _resolve_out_levels(out_levels: Union[str, Sequence[int]], num_levels: int) -> Tuple[int, ...]:
-    """'top' -> (L-1,), 'all' -> (0..L-1), or the given levels, checked and sorted."""
-    if isinstance(out_levels, str):
-        if out_levels not in ("top", "all"):
-            raise ValueError(f"out_levels must be 'top', 'all' or a sequence of levels, got {out_levels!r}")
-        return (num_levels - 1,) if out_levels == "top" else tuple(range(num_levels))
-    levels = tuple(sorted({int(l) for l in out_levels}))
-    if not levels or levels[0] < 0 or levels[-1] >= num_levels:
-        raise ValueError(f"out_levels must name at least one level in 0..{num_levels - 1}, got {tuple(out_levels)}")
-    return levels
-
-
-class LevelMap(nn.Module):
-    """(B, N, D) tokens of one level -> (B, D, H, W) map: a view, no copy, no parameters.
-
-    One per level (``RevColV2.level_maps``): the named point where timm's ``feature_cls='hook'``
-    and ``'fx'`` extractors read a level (``feature_info`` names it) and where
-    :meth:`RevColV2.forward_intermediates` takes its maps.
-    """
-
-    def forward(self, tokens: Tensor, hw: Tuple[int, int]) -> Tensor:
-        return tokens.reshape(tokens.shape[0], hw[0], hw[1], tokens.shape[2]).permute(0, 3, 1, 2)
-
-
 class RevColV2(nn.Module):
     """RevColV2 backbone + classification head (timm-style interface).
 
@@ -572,9 +287,10 @@ class RevColV2(nn.Module):
             order: column by column, levels in the column's update order) is not listed in
             ``global_attn_indexes``.
         reversible: train with the reversible engine (activations rebuilt in backward).
-        keep_last_graph: with ``reversible``, the forward's last level update keeps its graph
-            for the backward instead of rebuilding it there (one level evaluation fewer per
-            step; the graph waits while the heads run, see ``docs/ARCHITECTURE.md``).
+        retain_last_graph: with ``reversible``, the forward's last level update may retain its
+            graph for the backward instead of rebuilding it there (one level evaluation fewer
+            per step); the engine does so only when that level's parameters hold no gradient
+            yet (``revcolv2.reversible``). False: never (heads with large activations).
         head_init_scale: multiplies the initial classifier weights (0.001 in fine-tuning).
         global_pool: 'avg', 'max', 'avgmax' or '' (no pooling).
         out_levels: the levels of the last column the model computes: 'top' (the default:
@@ -582,11 +298,12 @@ class RevColV2(nn.Module):
             The levels that none of them depends on are not built (:class:`PrunedLevel`), so
             every parameter of the model is used by its forward: in a TD column the top
             level is updated first, and a classifier builds neither levels 0-2 of the last TD
-            column nor, with 2 TD columns, levels 0-1 of the one before.
+            column nor, with 2 TD columns, levels 0-1 of the one before. :attr:`plan`
+            (``revcolv2.plan.ColumnPlan``) holds what is built.
         fc_norm: LayerNorm after pooling (False: none, as in feature extractors).
     """
 
-    __jit_unused_properties__ = ["bu_columns", "td_columns"]
+    __jit_ignored_attributes__ = ["plan"]
 
     def __init__(
         self,
@@ -609,7 +326,7 @@ class RevColV2(nn.Module):
         global_attn_indexes: Sequence[int] = (),
         alpha_init: float = 0.5,
         reversible: bool = True,
-        keep_last_graph: bool = True,
+        retain_last_graph: bool = True,
         head_init_scale: float = 1.0,
         drop_rate: float = 0.0,
         global_pool: str = "avg",
@@ -630,34 +347,28 @@ class RevColV2(nn.Module):
         self.num_bu_columns = num_bu_columns
         self.num_td_columns = num_td_columns
         self.reversible = reversible
-        # reversible training: the forward's last update keeps its graph instead of
-        # rebuilding it at once in backward (revcolv2.reversible, keep_last_graph)
-        self.keep_last_graph = keep_last_graph
+        self.retain_last_graph = retain_last_graph
         self.drop_path_rate = drop_path_rate
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
 
-        num_columns = num_bu_columns + num_td_columns
+        plan = ColumnPlan.full(num_levels, num_bu_columns, num_td_columns)
         self.blocks_per_column = num_levels * blocks_per_level
-        total_blocks = num_columns * self.blocks_per_column
+        total_blocks = plan.num_columns * self.blocks_per_column
         global_set = set(global_attn_indexes)
         # stochastic depth grows linearly with execution depth (timm / MAE convention)
-        self.register_buffer(
-            "drop_rates", torch.linspace(0, drop_path_rate, total_blocks), persistent=False
-        )
+        self.register_buffer("drop_rates", torch.linspace(0, drop_path_rate, total_blocks), persistent=False)
         columns = []
-        for j in range(num_columns):
-            direction = "up" if j < num_bu_columns else "down"
+        for j in range(plan.num_columns):
             levels: List[Optional[Level]] = [None] * num_levels
-            for pos, l in enumerate(Column.update_order(direction, num_levels)):
+            for pos, l in enumerate(plan.order(j)):
                 blocks = []
                 for b in range(blocks_per_level):
                     g = j * self.blocks_per_column + pos * blocks_per_level + b
                     ws = 0 if g in global_set else window_size
                     blocks.append(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, layer_scale_init, ws))
-                has_cross = Column.cross_of(direction, l, num_levels, has_prev=j > 0) is not None
-                levels[l] = Level(blocks, embed_dim, has_cross, fusion)
-            columns.append(Column(levels, direction, j > 0, embed_dim, alpha_init))
+                levels[l] = Level(blocks, embed_dim, plan.cross_level(j, l) is not None, fusion)
+            columns.append(Column(levels, plan.direction(j), j > 0, embed_dim, alpha_init))
         self.columns = nn.ModuleList(columns)
         self.level_maps = nn.ModuleList([LevelMap() for _ in range(num_levels)])
 
@@ -671,8 +382,8 @@ class RevColV2(nn.Module):
                 self.head.weight.mul_(head_init_scale)
                 self.head.bias.mul_(head_init_scale)
         # built whole first, so a pruned model holds exactly the full model's initial weights
-        self.out_levels = tuple(range(num_levels))
-        self.prune_levels(_resolve_out_levels(out_levels, num_levels))
+        self.plan = plan
+        self.prune_levels(out_levels)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -690,58 +401,24 @@ class RevColV2(nn.Module):
 
     # ----------------------------------------------------------------- which levels are built
     @torch.jit.ignore
-    def prune_levels(self, out_levels: Sequence[int]) -> None:
-        """Build only what the levels ``out_levels`` of the last column depend on.
-
-        BU columns always keep every level (the linear probe reads the last one); in the TD
-        columns every level that cannot reach ``out_levels`` becomes a :class:`PrunedLevel`.
-        Pruning only removes: asking for a level already pruned is a ``ValueError``.
-        """
-        out_levels = _resolve_out_levels(out_levels, self.num_levels)
-        if self.num_td_columns:
-            counts = levels_to_run(self.td_columns, out_levels)
-            last = self.columns[-1]
-            missing = [l for l in out_levels if l not in last.built_levels()]
-            if missing:
-                raise ValueError(
-                    f"levels {missing} of the last column are not built in this model (it builds "
-                    f"{sorted(last.built_levels())}): build it with out_levels='all' or {list(out_levels)}")
-            for j, (col, k) in enumerate(zip(self.td_columns, counts), start=self.num_bu_columns):
-                col.prune(k, j)
-        else:  # the last column is bottom-up: its top level needs all of its levels
-            out_levels = tuple(range(self.num_levels))
-        self.out_levels = tuple(out_levels)
-        self.feature_info = self._feature_info()
-
-    def newest_columns(self) -> List[int]:
-        """For each level, the last column that computes it: where its newest value comes from."""
-        return [max(j for j, col in enumerate(self.columns) if l in col.built_levels())
-                for l in range(self.num_levels)]
-
-    def _feature_info(self) -> List[dict]:
-        """timm feature metadata: every level at the patch stride, read at ``level_maps.l``;
-        ``column`` names the column its value comes from (the last one that builds it)."""
-        return [dict(module=f"level_maps.{l}", num_chs=self.embed_dim, reduction=self.patch_size, column=j)
-                for l, j in enumerate(self.newest_columns())]
-
-    def pruned_levels(self) -> List[Tuple[int, int]]:
-        """(column, level) pairs that this model does not build."""
-        return sorted((j, l) for j, col in enumerate(self.columns) for l in col.order[col.num_built:])
-
-    def pruned_prefixes(self) -> Tuple[str, ...]:
-        """Parameter-name prefixes of the levels this model does not build; a checkpoint of
-        the full model has tensors there that this model leaves out."""
-        return tuple(f"columns.{j}.levels.{l}." for j, l in self.pruned_levels())
+    def prune_levels(self, out_levels: Union[str, Sequence[int]]) -> None:
+        """Build only what the levels ``out_levels`` of the last column depend on
+        (:meth:`revcolv2.plan.ColumnPlan.pruned`): the other levels become
+        :class:`PrunedLevel`. Pruning only removes: a level already pruned is a ``ValueError``."""
+        out_levels = resolve_out_levels(out_levels, self.num_levels)
+        self.plan = plan = self.plan.pruned(out_levels)
+        for j, l in plan.pruned_levels():
+            if not isinstance(self.columns[j].levels[l], PrunedLevel):
+                self.columns[j].levels[l] = PrunedLevel(j, l)
+        # a model without TD columns computes every level (its top level needs them all)
+        self.out_levels = out_levels if self.num_td_columns else tuple(range(self.num_levels))
+        self._newest_run = plan.newest_run()  # what forward_features runs (TorchScript reads no plan)
+        # timm feature metadata: every level at the patch stride, read at ``level_maps.l``;
+        # ``column`` names the column its value comes from (the last one that builds it)
+        self.feature_info = [dict(module=f"level_maps.{l}", num_chs=self.embed_dim, reduction=self.patch_size,
+                                  column=j) for l, j in enumerate(plan.newest_columns())]
 
     # ----------------------------------------------------------------- timm interface
-    @property
-    def bu_columns(self) -> Sequence[Column]:
-        return self.columns[: self.num_bu_columns]
-
-    @property
-    def td_columns(self) -> Sequence[Column]:
-        return self.columns[self.num_bu_columns:]
-
     def layer_id(self, name: str) -> int:
         """Layer id of a parameter name under the shared RevCol layer-decay rule."""
         return layer_id(name, self.num_levels, self.blocks_per_level, self.num_bu_columns, self.num_td_columns)
@@ -777,37 +454,28 @@ class RevColV2(nn.Module):
             self.global_pool = _check_global_pool(global_pool)
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    # ----------------------------------------------------------------- forward pieces
+    # ----------------------------------------------------------------- the column runner
     def embed(self, x: Tensor) -> Tuple[Tensor, Tensor, Tuple[int, int]]:
         """Images -> (tokens + pos (B, N, D), pos (1, N, D), grid (H, W))."""
         tokens, hw = self.patch_embed(x)
-        # Column states live in the parameters' dtype, also under autocast (the conv itself
-        # runs in bf16/fp16 there): the reversible rebuild ``(c - F) / alpha`` then replays
-        # every state in exactly the dtype the forward produced (docs/ARCHITECTURE.md).
-        # The copy also makes them contiguous: the conv's (B, D, h, w) output flattened and
-        # transposed has strides (N*D, 1, N), and every state computed from it would keep that
-        # layout, so that each LayerNorm would copy its input first.
-        # (``.to`` returns its input unchanged when the dtype already matches.)
+        # Column states live in the parameters' dtype, also under autocast (the conv runs in
+        # bf16/fp16 there), so the reversible rebuild replays every state in the forward's dtype;
+        # and contiguous: the conv's flattened output has strides (N*D, 1, N), which every state
+        # would inherit, and each LayerNorm would copy first (docs/ARCHITECTURE.md). ``.to``
+        # returns its input unchanged when the dtype matches, hence ``.contiguous()``.
         tokens = tokens.to(self.patch_embed.proj.weight.dtype, memory_format=torch.contiguous_format).contiguous()
         pos = sincos_pos_embed_2d(hw[0], hw[1], self.embed_dim, tokens.device, tokens.dtype)
         return tokens + pos, pos, hw
 
-    def _draw_keep(self, batch: int, device: torch.device) -> Tensor:
-        """Per-sample drop-path scales of every column, (num_columns, B, blocks_per_column, 2),
-        each 0 or 1/keep_prob."""
+    def draw_drop_scales(self, batch: int, device: torch.device) -> Optional[Tensor]:
+        """Per-sample drop-path scales of every block, (num_columns, B, blocks_per_column, 2)
+        (attention and MLP branch), each 0 or 1/keep_prob; None in eval mode or without drop path."""
+        if not self.training or self.drop_path_rate == 0:
+            return None
         nc = self.num_bu_columns + self.num_td_columns
         rates = self.drop_rates.view(nc, 1, self.blocks_per_column, 1).to(device)
         keep_prob = 1.0 - rates
         return (torch.rand(nc, batch, self.blocks_per_column, 2, device=device) < keep_prob).float() / keep_prob
-
-    def draw_drop_path(self, batch: int, device) -> Tuple[Tensor, Tensor]:
-        """:meth:`_draw_keep` split into the BU and TD columns, or two empty tensors when
-        drop path is off (the reversible engine's convention)."""
-        if not self.training or self.drop_path_rate == 0:
-            empty = torch.empty(0, device=device)
-            return empty, empty
-        keep = self._draw_keep(batch, device)
-        return keep[: self.num_bu_columns], keep[self.num_bu_columns:]
 
     def _use_reversible(self, tokens: Tensor) -> bool:
         """The reversible engine trains; fx cannot trace its autograd Function, so a traced
@@ -815,90 +483,88 @@ class RevColV2(nn.Module):
         return (self.reversible and self.training and torch.is_grad_enabled()
                 and not isinstance(tokens, torch.fx.Proxy))
 
-    def _run(self, columns, source, prev, keep, hw, needed_levels=None, last: bool = True) -> State:
-        """Run ``columns``: reversible engine when training with gradients, else plain autograd.
+    def run_columns(self, x: Tensor, counts: List[int], ends: List[int], visible_ids: Optional[Tensor] = None,
+                    mask_token: Optional[Tensor] = None) -> Tuple[List[List[Optional[Tensor]]], Tuple[int, int]]:
+        """The one column runner: embed ``x``, run the first ``counts[j]`` levels of column j
+        (its update order) and return the state of each column in ``ends`` (ascending, from
+        :class:`revcolv2.plan.ColumnPlan`) and the token grid. Levels not run are None.
 
-        Only the levels that ``needed_levels`` (of the last column; None: every built one)
-        depend on run. ``last``: no run follows this one in the forward, so the reversible
-        engine may keep its last update's graph (``keep_last_graph``, see
-        ``revcolv2.reversible``).
+        With ``visible_ids`` (B, Nv) the BU columns see only those tokens; before the first TD
+        column every level, and the patch tokens that feed the TD columns, are scattered back
+        to full length with ``mask_token`` + position embedding at the holes (MIM hand-off).
+        Training with gradients runs the reversible engine, one run per stretch of columns
+        that ends in ``ends`` (a run returns its last column); otherwise plain autograd (the
+        path eval, torch.fx and torch.jit.script see).
         """
-        if len(columns) == 0:
-            return prev
-        if needed_levels is None:
-            needed_levels = columns[-1].built_levels()
-        if self._use_reversible(source):
-            return tuple(run_reversible(columns, source, prev, keep, hw, needed_levels,
-                                        keep_last_graph=last and self.keep_last_graph))
-        return tuple(run_plain(columns, source, prev, keep, hw, needed_levels))
+        tokens, pos, hw = self.embed(x)
+        drop_scales = self.draw_drop_scales(tokens.shape[0], tokens.device)
+        source = tokens
+        if visible_ids is not None:
+            source = tokens.gather(1, visible_ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # (B, Nv, D)
+        reversible = False
+        if not torch.jit.is_scripting():  # TorchScript leaves this branch out: the engine is Python
+            reversible = self._use_reversible(tokens)
+        states: List[List[Optional[Tensor]]] = []
+        state: Optional[List[Optional[Tensor]]] = None
+        start = 0
+        for end in ends:
+            if visible_ids is not None and start == self.num_bu_columns:  # the hand-off
+                assert mask_token is not None and state is not None
+                fill = mask_token.to(tokens.dtype) + pos  # (1, N, D)
+                source = hand_off(source, visible_ids, fill)
+                handed: List[Optional[Tensor]] = []
+                for t in state:
+                    assert t is not None  # the BU columns run every level
+                    handed.append(hand_off(t, visible_ids, fill))
+                state = handed
+            grid = hw if visible_ids is None or start >= self.num_bu_columns else None  # visible tokens: no grid
+            if reversible:
+                state = self._run_reversible(start, end, source, state, drop_scales, grid, counts, end == ends[-1])
+            else:
+                for j, col in enumerate(self.columns):
+                    if start <= j <= end:  # TorchScript indexes a ModuleList by constants only
+                        state = col(source, state, None if drop_scales is None else drop_scales[j], grid, counts[j])
+            assert state is not None
+            states.append(state)
+            start = end + 1
+        return states, hw
 
-    def _run_counts(self, last_count: Optional[int]) -> List[int]:
-        """Levels each column runs: every one it builds; the last column at most ``last_count``."""
-        counts = [col.num_built for col in self.columns]
-        if last_count is not None:
-            counts[-1] = min(counts[-1], last_count)
-        return counts
+    @torch.jit.unused
+    def _run_reversible(self, start: int, end: int, source: Tensor, state: Optional[List[Optional[Tensor]]],
+                        drop_scales: Optional[Tensor], hw: Optional[Tuple[int, int]], counts: List[int],
+                        last: bool) -> List[Optional[Tensor]]:
+        """Columns ``start..end`` as one run of the reversible engine; only the forward's
+        ``last`` run may retain its last update's graph (``retain_last_graph``)."""
+        return list(run_reversible(
+            self.columns[start:end + 1], source, None if state is None else tuple(state),
+            None if drop_scales is None else drop_scales[start:end + 1], hw, counts[start:end + 1],
+            retain_last_graph=last and self.retain_last_graph))
 
-    def forward_state(self, x: Tensor, last_count: Optional[int] = None) -> Tuple[List[Tensor], Tuple[int, int]]:
-        """The newest value of every level, each (B, N, D), level 0 first, and the grid (H, W).
+    def forward_levels(self, x: Tensor, run: Optional[Tuple[List[int], List[int]]] = None
+                       ) -> Tuple[List[Tensor], List[Tensor]]:
+        """The newest value of every level, level 0 first, as tokens (B, N, D) and as maps
+        (B, D, H/p, W/p): the maps are views made by ``level_maps``, where timm's hook and fx
+        feature extractors read them.
 
         The newest value of level ``l`` is the one computed by the last column that builds
         it: with ``out_levels='all'`` the last column's levels; in a classifier, the top level
-        of the last TD column and the lower ones from the columns before. ``last_count``: run
-        only that many levels of the last column (its update order), as ``stop_early`` does.
-        Every column runs every level it builds otherwise. Plain autograd in eval mode (the
-        path torch.fx and torch.jit.script see), the reversible engine in training.
+        of the last TD column and the lower ones from the columns before. ``run``: (counts,
+        ends) of :meth:`revcolv2.plan.ColumnPlan.newest_run`; default: every built level.
         """
-        tokens, _, hw = self.embed(x)
-        counts = self._run_counts(last_count)
-        if not torch.jit.is_scripting():  # TorchScript leaves this branch out: the engine is Python
-            if self._use_reversible(tokens):
-                return self._state_reversible(tokens, hw, counts), hw
-        keep: Optional[Tensor] = None
-        if self.training and self.drop_path_rate > 0:
-            keep = self._draw_keep(tokens.shape[0], tokens.device)
+        counts, ends = self._newest_run if run is None else run
+        states, hw = self.run_columns(x, counts, ends)
         newest: List[Optional[Tensor]] = [None for _l in range(self.num_levels)]
-        state: Optional[List[Optional[Tensor]]] = None
-        for j, col in enumerate(self.columns):
-            new = col(tokens, state, None if keep is None else keep[j], hw, counts[j])
-            for l, t in enumerate(new):
+        for state in states:  # a later column's value of a level is the newer one
+            for l, t in enumerate(state):
                 if t is not None:
                     newest[l] = t
-            state = new
-        out: List[Tensor] = []
-        for t in newest:
-            assert t is not None  # the BU columns compute every level
-            out.append(t)
-        return out, hw
-
-    def _state_reversible(self, tokens: Tensor, hw: Tuple[int, int], counts: List[int]) -> List[Tensor]:
-        """:meth:`forward_state` with the reversible engine. A run returns its last column
-        only, so the TD columns run in segments, each ending at a column that holds the newest
-        value of some level (one segment unless a classifier has 2+ TD columns)."""
-        keep_bu, keep_td = self.draw_drop_path(tokens.shape[0], tokens.device)
-        nb = self.num_bu_columns
-        ends = sorted({max((j for j, k in enumerate(counts) if l in self.columns[j].order[:k]))
-                       for l in range(self.num_levels)} - set(range(nb)))
-        # only the forward's last run may keep its last update's graph (keep_last_graph)
-        state = run_reversible(self.bu_columns, tokens, None, keep_bu, hw,
-                               keep_last_graph=self.keep_last_graph and not ends)
-        newest = list(state)
-        start = nb
-        for end in ends:
-            needed = self.columns[end].order[: counts[end]]
-            state = run_reversible(self.columns[start:end + 1], tokens, state, keep_td[start - nb:end + 1 - nb],
-                                   hw, needed, keep_last_graph=self.keep_last_graph and end == ends[-1])
-            newest = [n if t is None else t for n, t in zip(newest, state)]
-            start = end + 1
-        return newest
-
-    def forward_levels(self, x: Tensor, last_count: Optional[int] = None) -> Tuple[List[Tensor], List[Tensor]]:
-        """:meth:`forward_state` as tokens (B, N, D) and as maps (B, D, H/p, W/p): the maps are
-        views made by ``level_maps``, where timm's hook and fx feature extractors read them."""
-        tokens, hw = self.forward_state(x, last_count)
+        tokens: List[Tensor] = []
         maps: List[Tensor] = []
         for l, to_map in enumerate(self.level_maps):
-            maps.append(to_map(tokens[l], hw))
+            t = newest[l]
+            assert t is not None  # the BU columns compute every level
+            tokens.append(t)
+            maps.append(to_map(t, hw))
         return tokens, maps
 
     def compile_levels(self, **compile_kwargs) -> "RevColV2":
@@ -925,22 +591,14 @@ class RevColV2(nn.Module):
                 level.compile(**compile_kwargs)
         return self
 
-    @staticmethod
-    def hand_off(t: Tensor, ids_keep: Tensor, fill: Tensor) -> Tensor:
-        """Scatter visible tokens (B, Nv, D) back to full length; holes take ``fill`` (B|1, N, D)."""
-        b, _, d = t.shape
-        full = fill.expand(b, -1, -1).to(t.dtype)
-        return full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, d), t)
-
     def forward_columns(
-        self, x: Tensor, ids_keep: Optional[Tensor] = None, mask_token: Optional[Tensor] = None,
+        self, x: Tensor, visible_ids: Optional[Tensor] = None, mask_token: Optional[Tensor] = None,
         td_levels: Optional[Sequence[int]] = None,
     ) -> Tuple[State, Optional[State], Tuple[int, int]]:
-        """Run the columns. Returns (last BU state, last TD state, token grid).
-
-        With ``ids_keep`` (B, Nv) the BU columns see only those tokens; at the hand-off each
-        level (and the patch tokens that feed the TD columns) is scattered back to full
-        length with ``mask_token`` + position embedding at the masked positions.
+        """Run the columns; returns (last BU state, last TD state, token grid). With
+        ``visible_ids`` (B, Nv) the BU columns see only those tokens; at the hand-off each level
+        (and the patch tokens that feed the TD columns) is scattered back to full length with
+        ``mask_token`` + position embedding at the masked positions.
 
         ``td_levels``: the levels of the last TD column the caller reads (None: every level
         the model builds). Only the levels they depend on run, in forward and backward; the
@@ -949,36 +607,24 @@ class RevColV2(nn.Module):
         model does not build is a ``ValueError``.
         """
         if td_levels is not None and self.num_td_columns:
-            missing = sorted(set(td_levels) - set(self.columns[-1].built_levels()))
-            if missing:
-                raise ValueError(
-                    f"levels {missing} of the last TD column are not built in this model (out_levels="
-                    f"{self.out_levels}): build it with out_levels='all' to read them")
-        tokens, pos, hw = self.embed(x)
-        keep_bu, keep_td = self.draw_drop_path(tokens.shape[0], tokens.device)
-        run_td = td_levels is None or len(td_levels) > 0
-        if ids_keep is None:
-            bu = self._run(self.bu_columns, tokens, None, keep_bu, hw, last=not (run_td and self.num_td_columns))
-            td = self._run(self.td_columns, tokens, bu, keep_td, hw, td_levels) if run_td else None
-            return bu, td, hw
-        if mask_token is None:
+            self.plan.check_built(td_levels)
+        if visible_ids is not None and mask_token is None:
             raise ValueError("masked forward needs a mask_token")
-        d = tokens.shape[-1]
-        visible = tokens.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, d))  # (B, Nv, D)
-        bu = self._run(self.bu_columns, visible, None, keep_bu, None, last=not (run_td and self.num_td_columns))
-        if not run_td:
+        counts, ends = self.plan.columns_run(td_levels)
+        states, hw = self.run_columns(x, counts, ends, visible_ids, mask_token)
+        bu = tuple(states[0])
+        if td_levels is not None and len(td_levels) == 0:
             return bu, None, hw
-        fill = mask_token.to(tokens.dtype) + pos  # (1, N, D)
-        td_source = self.hand_off(visible, ids_keep, fill)
-        td_prev = tuple(self.hand_off(c, ids_keep, fill) for c in bu)
-        td = self._run(self.td_columns, td_source, td_prev, keep_td, hw, td_levels)
-        return bu, td, hw
+        if not self.num_td_columns:  # no TD column: the TD state is the BU state, handed off if masked
+            if visible_ids is None:
+                return bu, bu, hw
+            fill = mask_token + sincos_pos_embed_2d(hw[0], hw[1], self.embed_dim, x.device, bu[0].dtype)
+            return bu, tuple(hand_off(t, visible_ids, fill) for t in bu), hw
+        return bu, tuple(states[-1]), hw
 
     def forward_bottom_up(self, x: Tensor) -> List[Tensor]:
-        """Levels of the last bottom-up column, each (B, N, D), level 0 first.
-
-        Only the BU columns run: the linear probe's path (its head sits on the top BU level).
-        """
+        """Levels of the last bottom-up column, each (B, N, D), level 0 first. Only the BU
+        columns run: the linear probe's path (its head sits on the top BU level)."""
         return list(self.forward_columns(x, td_levels=())[0])
 
     def forward_intermediates(
@@ -993,7 +639,7 @@ class RevColV2(nn.Module):
         """timm's intermediate-feature API over the levels, level 0 first.
 
         The intermediates are the newest values of the ``num_levels`` levels (see
-        :meth:`forward_state`): the levels of the last column for a model built with
+        :meth:`forward_levels`): the levels of the last column for a model built with
         ``out_levels='all'`` (``features_only=True``, the detectron2 backbone); ``feature_info``
         names the column each one comes from. ``indices`` selects as in timm (None: all, int
         n: the last n, sequence: those). ``output_fmt`` 'NCHW' gives (B, D, H/p, W/p) maps,
@@ -1011,12 +657,11 @@ class RevColV2(nn.Module):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, _ = feature_take_indices(self.num_levels, indices)
-        last_count = None
-        if stop_early:
-            last = self.columns[-1]
+        run = None
+        if stop_early:  # the last column runs up to the lowest level asked for
             wanted = set(take_indices) | (set() if intermediates_only else {self.num_levels - 1})
-            last_count = max((last.order.index(l) + 1 for l in wanted if l in last.built_levels()), default=0)
-        tokens, maps = self.forward_levels(x, last_count)
+            run = self.plan.newest_run(self.plan.stop_early_count(wanted))
+        tokens, maps = self.forward_levels(x, run)
         levels = [maps[i].contiguous() if output_fmt == "NCHW" else tokens[i] for i in take_indices]
         if intermediates_only:
             return levels
@@ -1029,7 +674,7 @@ class RevColV2(nn.Module):
         levels of the last column that none of them depends on are pruned) and, with
         ``prune_head``, drop the classifier and its norm."""
         take_indices, _ = feature_take_indices(self.num_levels, indices)
-        from_last = [l for l in take_indices if l in self.columns[-1].built_levels()]
+        from_last = [l for l in take_indices if l in self.plan.built_levels(self.plan.num_columns - 1)]
         if not from_last:
             raise ValueError(
                 f"levels {take_indices} all come from columns before the last one in this model (out_levels="
@@ -1057,36 +702,25 @@ class RevColV2(nn.Module):
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "apache-2.0",
-        **kwargs,
-    }
+    return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.875,
+                interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                first_conv="patch_embed.proj", classifier="head", license="apache-2.0", **kwargs)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: RevColV2) -> Dict[str, Tensor]:
     """timm ``pretrained_filter_fn``: unwrap the checkpoint and leave out what ``model`` does
     not hold: the pre-training-only tensors (mask token, reconstruction head), the levels it
-    does not build (``model.pruned_prefixes()``) and, in a model without one, the classifier
-    norm. Whatever is left out is logged; everything else must match the model."""
+    does not build (``model.plan.pruned_prefixes()``) and, in a model without one, the
+    classifier norm. Whatever is left out is logged; everything else must match the model."""
     sd = unwrap_state_dict(state_dict)
-    absent = PRETRAIN_ONLY_PREFIXES + model.pruned_prefixes()
+    absent = PRETRAIN_ONLY_PREFIXES + model.plan.pruned_prefixes()
     if isinstance(model.fc_norm, nn.Identity):
         absent += ("fc_norm.",)
-    kept = {k: v for k, v in sd.items() if not k.startswith(absent)}
-    if len(kept) < len(sd):
+    held = {k: v for k, v in sd.items() if not k.startswith(absent)}
+    if len(held) < len(sd):
         _logger.info("left out %d checkpoint tensors this model does not hold: %s",
-                     len(sd) - len(kept), ", ".join(k for k in sd if k not in kept))
-    return kept
+                     len(sd) - len(held), ", ".join(k for k in sd if k not in held))
+    return held
 
 
 FEATURE_CLASSES = ("getter", "hook", "fx")

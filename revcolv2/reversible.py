@@ -1,8 +1,8 @@
 """Reversible engine: train a run of RevColV2 columns without storing their activations.
 
 A column updates level ``l`` as ``c_l(j) = alpha_l * c_l(j-1) + F_l(in, cross)`` (see
-:class:`revcolv2.model.Column`, which owns the wiring: update order, which level feeds
-``in`` and which level of the previous column is ``cross``). The update can be undone:
+:class:`revcolv2.model.Column`; the wiring, which level feeds ``in`` and which level of the
+previous column is ``cross``, is ``revcolv2.plan``'s). The update can be undone:
 ``c_l(j-1) = (c_l(j) - F_l(in, cross)) / alpha_l``.
 
 Design (one autograd node per (column, level) update):
@@ -22,18 +22,22 @@ Design (one autograd node per (column, level) update):
 - ``set_materialize_grads(False)``: a node whose output receives no gradient does no
   gradient work and returns ``None`` for everything, as plain autograd does; it still
   rebuilds its previous value if another node reads it.
-- **Only what an output needs runs**: :func:`levels_to_run` gives, per column, the prefix
-  of its update order that the requested levels of the last column depend on. Skipped
-  levels are neither computed nor rebuilt, in plain and reversible mode alike.
-- **The last update keeps its graph** (``keep_last_graph``): its backward is the first to
-  run, so evaluating its ``F_l`` again there would only rebuild, at once, the graph the
-  forward just dropped. Its forward builds the graph instead and its backward uses it: one
-  evaluation of that level fewer per step. The graph lives from the end of the forward
-  until the backward reaches it, after the head's; that raises the activation peak only
-  where the end of the forward is the peak: not for RevColV2-B at 224x224 when the backward
-  allocates the gradients, but by about half when gradients are already held (accumulation:
-  7.06 -> 11.21 MB per image, bf16). Callers that accumulate gradients, or whose heads hold
-  large activations while the backbone's graph waits (detection), can turn it off.
+- **Only what an output needs runs**: the caller gives, per column, the prefix of its
+  update order to run (``revcolv2.plan.ColumnPlan.counts``). Skipped levels are neither
+  computed nor rebuilt, in plain and reversible mode alike.
+- **The last update may retain its graph** (``retain_last_graph``): its backward is the
+  first to run, so evaluating its ``F_l`` again there would only rebuild, at once, the
+  graph the forward just dropped. Its forward builds the graph instead and its backward
+  uses it: one evaluation of that level fewer per step. The graph lives from the end of the
+  forward until the backward reaches it (after the heads' backward), so it adds to the
+  activation peak wherever the end of the forward is the step's peak. The engine decides
+  per run: it retains the graph only when no parameter of that level holds a gradient at
+  the forward. Then the backward allocates the gradients, whose bytes lie above the end of
+  the forward (the step's peak comes later, in the backward); when they are already held
+  (the micro-batches of gradient accumulation after the first, ``zero_grad(set_to_none=
+  False)``) nothing is allocated there, and the level is rebuilt instead. Measured figures
+  are in ``docs/BENCHMARKS.md``. ``retain_last_graph=False`` turns it off altogether (heads
+  whose activations are large while the backbone's graph waits).
 
 Replayed exactly in the rebuild: drop path (per-sample scales drawn once per forward and
 passed in), autocast (state recorded at forward, re-entered in backward) and dtypes (a
@@ -53,37 +57,6 @@ State = Tuple[Optional[Tensor], ...]
 SRC = "source"
 
 
-def levels_to_run(columns: Sequence[nn.Module], needed: Optional[Sequence[int]] = None) -> List[int]:
-    """How many levels (a prefix of its update order) each column must run.
-
-    ``needed``: levels of the last column that the caller reads (None: all). A level needs
-    the levels before it in its column's order (its ``in`` chain) and, from the previous
-    column, its own level (``alpha * prev``) and its ``cross`` level.
-    """
-    if not columns:
-        return []
-    n = len(columns[-1].levels)
-    if needed is None:
-        return [n] * len(columns)
-    want = set(needed)
-    bad = [l for l in want if not 0 <= l < n]
-    if bad:
-        raise ValueError(f"needed levels {sorted(bad)} out of range for columns with {n} levels")
-    counts = [0] * len(columns)
-    for j in range(len(columns) - 1, -1, -1):
-        col = columns[j]
-        k = max((col.order.index(l) + 1 for l in want), default=0)
-        counts[j] = k
-        want = set()
-        if col.has_prev:
-            for l in col.order[:k]:
-                want.add(l)
-                c = col.cross_level(l)
-                if c is not None:
-                    want.add(c)
-    return counts
-
-
 def _autocast_state(device_type: str) -> Tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
@@ -95,10 +68,10 @@ class RunBuffer:
     copies); ``uses[key]`` counts the backward nodes that will still read ``key``.
     """
 
-    def __init__(self, columns: Sequence[nn.Module], drop_masks: Tensor, hw, device_type: str,
-                 graph_kept: Optional[Tuple[int, int]] = None):
+    def __init__(self, columns: Sequence[nn.Module], drop_scales: Optional[Tensor], hw, device_type: str,
+                 retained: Optional[Tuple[int, int]] = None):
         self.columns = list(columns)
-        self.drop_masks = drop_masks
+        self.drop_scales = drop_scales
         self.hw = hw
         self.device_type = device_type
         self.autocast = _autocast_state(device_type)
@@ -107,9 +80,9 @@ class RunBuffer:
         self.uses: Dict[Hashable, int] = {}
         self.dtypes: Dict[Hashable, torch.dtype] = {}
         self.alphas: Dict[Tuple[int, int], Tensor] = {}
-        # the node whose forward keeps F's graph for its backward, and that graph:
+        # the node whose forward retains F's graph for its backward, and that graph:
         # (F with its graph, the detached inputs it was built on: in, cross)
-        self.graph_kept = graph_kept
+        self.retained = retained
         self.graphs: Dict[Tuple[int, int], Tuple[Tensor, Tensor, Optional[Tensor]]] = {}
 
     # ----------------------------------------------------------------- bookkeeping
@@ -145,11 +118,9 @@ class RunBuffer:
                 "modifying it, or use reversible=False)")
         return t
 
-    def is_empty(self) -> bool:
-        return not self.values and not self.graphs
-
-    def keep(self, j: int) -> Optional[Tensor]:
-        return self.drop_masks[j] if self.drop_masks.numel() else None
+    def scales(self, j: int) -> Optional[Tensor]:
+        """Drop-path scales of column ``j`` (None: drop path off)."""
+        return None if self.drop_scales is None else self.drop_scales[j]
 
     def autocast_ctx(self):
         enabled, dtype = self.autocast
@@ -173,22 +144,22 @@ class RunBuffer:
             inp = self.get(SRC if in_l is None else (j, in_l))
             cross = self.get((j - 1, c)) if c is not None else None
             with torch.no_grad(), self.autocast_ctx():
-                f = col.level_f(l, inp, cross, self.keep(j), self.hw)
+                f = col.level_f(l, inp, cross, self.scales(j), self.hw)
         self.values[key] = self._unstep(j, l, self.get((j, l)), f)
 
     # ----------------------------------------------------------------- forward of one node
     def forward_node(self, j: int, l: int, inp: Tensor, cross: Optional[Tensor], prev: Optional[Tensor],
                      alpha: Optional[Tensor]) -> Tensor:
-        """The update (j, l) without a graph, or, for :attr:`graph_kept`, with F's graph kept
+        """The update (j, l) without a graph, or, for :attr:`retained`, with F's graph retained
         for its backward (inputs detached, so the graph ends at them)."""
         col = self.columns[j]
-        if (j, l) != self.graph_kept:
-            f = col.level_f(l, inp, cross, self.keep(j), self.hw)
+        if (j, l) != self.retained:
+            f = col.level_f(l, inp, cross, self.scales(j), self.hw)
             return col.step_from(f, prev, alpha)
         with torch.enable_grad():
             inp_ = inp.detach().requires_grad_(inp.requires_grad)
             cross_ = cross.detach().requires_grad_(cross.requires_grad) if cross is not None else None
-            f = col.level_f(l, inp_, cross_, self.keep(j), self.hw)
+            f = col.level_f(l, inp_, cross_, self.scales(j), self.hw)
         self.graphs[(j, l)] = (f, inp_, cross_)
         return col.step_from(f.detach(), prev, alpha)
 
@@ -197,35 +168,35 @@ class RunBuffer:
         """Gradients of node (j, l): (inp, cross, prev, alpha, *params); see the module docstring."""
         col = self.columns[j]
         in_l, c = col.in_level(l), col.cross_level(l)
-        kept = self.graphs.pop((j, l), None)
-        if kept is None:  # the kept node's graph holds its inputs: it did not ask the buffer for them
+        retained = self.graphs.pop((j, l), None)
+        if retained is None:  # a retained graph holds its inputs: its node did not ask the buffer for them
             inp = self.take(SRC if in_l is None else (j, in_l))
             cross = self.take((j - 1, c)) if c is not None else None
         rebuild = col.has_prev and j > 0
         prev = self.take((-1, l)) if col.has_prev and j == 0 else None
         out = self.take((j, l)) if rebuild else None
-        keep, hw = self.keep(j), self.hw
+        scales, hw = self.scales(j), self.hw
         need_inp, need_cross, need_prev, need_alpha = needs[3], needs[4], needs[5], needs[6]
         need_params = needs[7:]
         n_out = 4 + len(need_params)
         if g is None:  # nothing downstream uses this level: no gradient work
             if rebuild and self.uses.get((j - 1, l), 0) > 0:
-                if kept is not None:
-                    f = kept[0].detach()
+                if retained is not None:
+                    f = retained[0].detach()
                 else:
                     with torch.no_grad(), self.autocast_ctx():
-                        f = col.level_f(l, inp, cross, keep, hw)
+                        f = col.level_f(l, inp, cross, scales, hw)
                 self.store((j - 1, l), self._unstep(j, l, out, f))
             return (None,) * n_out
 
-        if kept is not None:
-            f, inp_, cross_ = kept
+        if retained is not None:
+            f, inp_, cross_ = retained
         else:
             with torch.enable_grad():
                 inp_ = inp.detach().requires_grad_(need_inp)
                 cross_ = cross.detach().requires_grad_(need_cross) if cross is not None else None
                 with self.autocast_ctx():
-                    f = col.level_f(l, inp_, cross_, keep, hw)
+                    f = col.level_f(l, inp_, cross_, scales, hw)
         if rebuild:
             prev = self._unstep(j, l, out, f.detach())
             self.store((j - 1, l), prev)
@@ -281,22 +252,28 @@ def run_reversible(
     columns: Sequence[nn.Module],
     source: Tensor,
     prev_state: Optional[State],
-    drop_masks: Tensor,
+    drop_scales: Optional[Tensor],
     hw: Optional[Tuple[int, int]],
-    needed_levels: Optional[Sequence[int]] = None,
-    keep_last_graph: bool = True,
+    counts: Sequence[int],
+    retain_last_graph: bool = True,
 ) -> State:
     """Run ``columns`` with the reversible engine; returns the last column's state.
 
-    Levels the last column does not need (``needed_levels``, None: all) are not run and
-    come back as ``None``. Activation memory is O(1) in the number of columns, plus, with
-    ``keep_last_graph``, the graph of the run's last update until its backward (see the
-    module docstring).
+    Column ``j`` runs the first ``counts[j]`` levels of its update order
+    (``revcolv2.plan.ColumnPlan.counts``); the levels not run come back as ``None``.
+    ``drop_scales`` (columns, B, blocks per column, 2) or None (drop path off). Activation
+    memory is O(1) in the number of columns, plus the graph of the run's last update until
+    its backward when it is retained (``retain_last_graph`` and no gradient held by that
+    level's parameters; see the module docstring).
     """
-    counts = levels_to_run(columns, needed_levels)
     ran = [j for j, k in enumerate(counts) if k > 0]
-    last = (ran[-1], columns[ran[-1]].order[counts[ran[-1]] - 1]) if ran and keep_last_graph else None
-    run = RunBuffer(columns, drop_masks, hw, source.device.type, graph_kept=last)
+    retained = None
+    if ran and retain_last_graph:
+        j, l = ran[-1], columns[ran[-1]].order[counts[ran[-1]] - 1]
+        # only while the backward still has to allocate the level's gradients (module docstring)
+        if all(p.grad is None for p in _level_params(columns[j], l)):
+            retained = (j, l)
+    run = RunBuffer(columns, drop_scales, hw, source.device.type, retained=retained)
     n = len(columns[0].levels)
     if columns[0].has_prev != (prev_state is not None):
         raise RuntimeError("run_reversible: the first column's has_prev does not match prev_state")
@@ -321,8 +298,8 @@ def run_reversible(
             alpha = alphas[l] if alphas is not None else None
             if alpha is not None:
                 run.alphas[(j, l)] = alpha.detach()
-            # what this node's backward will read (a kept graph holds its own inputs)
-            if (j, l) != last:
+            # what this node's backward will read (a retained graph holds its own inputs)
+            if (j, l) != retained:
                 run.expect(SRC if in_l is None else (j, in_l))
                 if c is not None:
                     run.expect((j - 1, c))
@@ -340,28 +317,3 @@ def run_reversible(
     for key, t in newest.values():
         run.store(key, t)
     return tuple(state)
-
-
-def run_plain(
-    columns: Sequence[nn.Module],
-    source: Tensor,
-    prev_state: Optional[State],
-    drop_masks: Tensor,
-    hw: Optional[Tuple[int, int]],
-    needed_levels: Optional[Sequence[int]] = None,
-) -> State:
-    """Ordinary autograd through the same columns (stores every activation).
-
-    Levels the last column does not need are not run and come back as ``None``.
-    """
-    counts = levels_to_run(columns, needed_levels)
-    state = prev_state
-    for j, column in enumerate(columns):
-        state = column(source, state, drop_masks[j] if drop_masks.numel() else None, hw, counts[j])
-    return state
-
-
-def run_buffer_of(t: Tensor) -> Optional[RunBuffer]:
-    """The :class:`RunBuffer` behind an output of :func:`run_reversible` (for tests and debugging)."""
-    fn = t.grad_fn
-    return getattr(fn, "run", None)

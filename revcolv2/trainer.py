@@ -100,9 +100,6 @@ class Trainer:
                  clip_grad: Optional[float] = None, find_unused_parameters: bool = False,
                  config: Optional[dict] = None, name: str = "train", keep_last: int = 0, keep_every: int = 0):
         self.model = model
-        # reversible models that keep their last level update's graph (RevColV2.keep_last_graph):
-        # train_step turns that off on the micro-batches that find gradients already held
-        self._kept_graph_models = [m for m in model.modules() if getattr(m, "keep_last_graph", None) is True]
         self.optimizer = optimizer
         self.info = info
         self.output_dir = output_dir
@@ -269,24 +266,15 @@ class Trainer:
         self.ddp_model.train()
         self.scheduler.step_update(self.step)  # lr of this update
         total = 0.0
-        try:
-            for a, batch in enumerate(micro_batches):
-                # the kept last graph costs no memory while the backward allocates the gradients,
-                # but from the second micro-batch on they are held and it would raise the
-                # activation peak (docs/ARCHITECTURE.md): those micro-batches rebuild it instead
-                for m in self._kept_graph_models:
-                    m.keep_last_graph = a == 0
-                sync = a == self.accum - 1 or not isinstance(self.ddp_model, nn.parallel.DistributedDataParallel)
-                with (nullcontext() if sync else self.ddp_model.no_sync()):
-                    with self.autocast():
-                        loss = self.forward_loss(batch)
-                    if not math.isfinite(loss.item()):
-                        raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; stopping")
-                    self.scaler.scale(loss / self.accum).backward()
-                total += loss.item()
-        finally:
-            for m in self._kept_graph_models:
-                m.keep_last_graph = True
+        for a, batch in enumerate(micro_batches):
+            sync = a == self.accum - 1 or not isinstance(self.ddp_model, nn.parallel.DistributedDataParallel)
+            with (nullcontext() if sync else self.ddp_model.no_sync()):
+                with self.autocast():
+                    loss = self.forward_loss(batch)
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; stopping")
+                self.scaler.scale(loss / self.accum).backward()
+            total += loss.item()
         if self.clip_grad:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.clip_grad)

@@ -57,7 +57,7 @@ class MAEViT(nn.Module):
         from timm.layers import PatchEmbed
         from timm.models.vision_transformer import Block
 
-        from revcolv2.model import sincos_pos_embed_2d
+        from revcolv2.layers import sincos_pos_embed_2d
 
         self.patch_size, self.mask_ratio = patch_size, mask_ratio
         self.patch_embed = PatchEmbed(img_size, patch_size, 3, dim)
@@ -82,15 +82,15 @@ class MAEViT(nn.Module):
 
         x = self.patch_embed(imgs) + self.pos  # (B, N, D)
         b, n, d = x.shape
-        ids_keep, mask = random_masking(b, n, self.mask_ratio, imgs.device)
-        x = x.gather(1, ids_keep[..., None].expand(-1, -1, d))  # (B, N/4, D)
+        visible_ids, mask = random_masking(b, n, self.mask_ratio, imgs.device)
+        x = x.gather(1, visible_ids[..., None].expand(-1, -1, d))  # (B, N/4, D)
         x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
         for blk in self.blocks:
             x = blk(x)
         x = self.decoder_embed(self.norm(x))
         cls, vis = x[:, :1], x[:, 1:]
         full = self.mask_token.expand(b, n, -1).to(vis.dtype)
-        full = full.scatter(1, ids_keep[..., None].expand(-1, -1, vis.shape[-1]), vis) + self.dec_pos
+        full = full.scatter(1, visible_ids[..., None].expand(-1, -1, vis.shape[-1]), vis) + self.dec_pos
         x = torch.cat([cls, full], dim=1)
         for blk in self.decoder_blocks:
             x = blk(x)

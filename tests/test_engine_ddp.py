@@ -87,7 +87,7 @@ def test_ddp_gradients_equal_single_process_mean(reversible, ddp_grads):
                     ref[name] = ref.get(name, 0) + p.grad / 2
     finally:
         torch.set_num_threads(n)
-    assert len(model.pruned_levels()) == 5 and all(p.requires_grad for p in model.parameters())
+    assert len(model.plan.pruned_levels()) == 5 and all(p.requires_grad for p in model.parameters())
     assert set(ddp_grads) == set(ref) and all(g is not None for g in ddp_grads.values())
     for name, g in ref.items():
         assert torch.allclose(ddp_grads[name], g, rtol=1e-10, atol=1e-12), name

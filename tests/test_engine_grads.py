@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from revcolv2_bench.memory import LiveBytes
 from revcolv2.mim import RevColV2MIM
 from revcolv2.model import Block, RevColV2
-from revcolv2.reversible import run_buffer_of
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -38,8 +38,8 @@ def _loss_classification_unpruned(model, x):
 
 
 def _loss_mim(model, x):
-    ids_keep = torch.tensor([[0, 2, 5, 7, 9, 10], [1, 2, 3, 8, 11, 12]])
-    return model(x, ids_keep=ids_keep)["loss"]
+    visible_ids = torch.tensor([[0, 2, 5, 7, 9, 10], [1, 2, 3, 8, 11, 12]])
+    return model(x, visible_ids=visible_ids)["loss"]
 
 
 LOSSES = {"all": _loss_all_levels, "cls": _loss_classification, "cls_unpruned": _loss_classification_unpruned,
@@ -73,10 +73,10 @@ def test_float64_gradients_equal_plain_autograd(loss, td, window):
     assert none_r == none_p
     if loss == "cls":  # the classifier builds only what reaches its head: every parameter learns
         # not built: levels 0-2 of the last TD column; with 2 TD columns also levels 0-1 of the one before
-        assert len(model.pruned_levels()) == (3 if td == 1 else 5)
+        assert len(model.plan.pruned_levels()) == (3 if td == 1 else 5)
         assert none_p == set()
     if loss == "cls_unpruned":  # built but out of the classifier's reach: no gradient
-        dead = tuple(f"columns.{j}.levels.{l}." for j, l in _model(td, window, out_levels="top").pruned_levels())
+        dead = tuple(f"columns.{j}.levels.{l}." for j, l in _model(td, window, out_levels="top").plan.pruned_levels())
         assert {n for n in g_p if n.startswith(dead)} == none_p
     for name, g in g_p.items():
         if g is not None:
@@ -108,32 +108,40 @@ def test_classifier_builds_only_what_reaches_its_head_with_identical_logits():
     assert sum(isinstance(m, Block) for m in pruned.modules()) == 32 - (3 + 2) * 2
 
 
-@pytest.mark.parametrize("reversible,keep_last_graph", [(True, True), (True, False), (False, True)])
-def test_block_evaluations_per_training_step(reversible, keep_last_graph):
+@pytest.mark.parametrize("reversible,retain_last_graph", [(True, True), (True, False), (False, True)])
+def test_block_evaluations_per_training_step(reversible, retain_last_graph):
     """Plain: one forward per live block. Reversible: one more per live block in backward, except
-    the forward's last update, whose graph is kept for its backward (unless turned off)."""
+    the forward's last update, whose graph is retained for its backward (unless turned off)."""
     model = _model(1, 0, blocks_per_level=2, out_levels="top")
-    model.reversible, model.keep_last_graph = reversible, keep_last_graph
+    model.reversible, model.retain_last_graph = reversible, retain_last_graph
     calls = []
     for m in model.modules():
         if isinstance(m, Block):
             m.register_forward_hook(lambda *a: calls.append(1))
     model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).sum().backward()
     live = (2 * 4 + 1) * 2  # 2 BU columns x 4 levels + the top level of the TD column, 2 blocks each
-    expected = live if not reversible else 2 * live - (2 if keep_last_graph else 0)
+    expected = live if not reversible else 2 * live - (2 if retain_last_graph else 0)
     assert len(calls) == expected
 
 
-def test_run_buffer_is_empty_after_backward_and_second_backward_is_an_error():
+def test_run_buffers_free_everything_in_backward_and_second_backward_is_an_error():
+    """Each run's buffer drops every value after its last reader: whatever the backward
+    allocates (the rebuilt states, the level graphs, the gradients between levels) is freed
+    by its end, although the graph, and with it both runs' buffers, is still alive
+    (``retain_graph=True``). The gradients are held, so their accumulation allocates nothing."""
     model = _model(2, 2)
     x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
-    bu, td, _ = model.forward_columns(x, td_levels=(3,))
-    assert td[0] is None and td[3] is not None
-    runs = [run_buffer_of(bu[0]), run_buffer_of(td[3])]
-    assert all(r is not None and not r.is_empty() for r in runs)
-    loss = model.forward_head(td[3]).square().sum()
-    loss.backward(retain_graph=True)
-    assert all(r.is_empty() for r in runs)
+
+    def forward():
+        bu, td, _ = model.forward_columns(x, td_levels=(3,))  # two runs: BU, then TD
+        assert td[0] is None and td[3] is not None
+        return model.forward_head(td[3]).square().sum() + bu[0].sum()
+
+    forward().backward()  # allocates the gradients
+    loss = forward()
+    with LiveBytes() as live:
+        loss.backward(retain_graph=True)
+    assert live.peak > 0 and live.live == 0, (live.peak, live.live)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
 
@@ -200,7 +208,7 @@ def test_linear_probe_runs_no_td_column():
     from revcolv2.classification import LinearProbe
 
     model = _model(1, 0).float()
-    td_blocks = [m for col in model.td_columns for m in col.modules() if isinstance(m, Block)]
+    td_blocks = [m for col in model.columns[model.num_bu_columns:] for m in col.modules() if isinstance(m, Block)]
     calls = []
     for m in td_blocks:
         m.register_forward_pre_hook(lambda *a: calls.append(1))

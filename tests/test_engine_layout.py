@@ -145,7 +145,7 @@ def test_embedding_tokens_are_contiguous_in_float32_and_under_autocast():
 def test_residual_add_keeps_dtypes_and_scales_each_sample(state_dtype, branch_dtype):
     """``x + branch * scale`` (drop path): the result has the state's dtype, the branch's
     gradient the branch's dtype, and a dropped sample's branch gets no gradient."""
-    from revcolv2.model import residual_add
+    from revcolv2.layers import residual_add
 
     x = torch.randn(3, 4, 5, dtype=state_dtype, requires_grad=True)
     branch = torch.randn(3, 4, 5, dtype=branch_dtype, requires_grad=True)

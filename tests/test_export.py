@@ -53,7 +53,7 @@ def test_mim_checkpoint_round_trip(tmp_path, capsys):
         assert all(torch.equal(a, b) for a, b in zip(feats(x), _levels(mim, x)))
     # the default model is the classifier: it takes the levels it builds, and its top level is the MIM's
     clf = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
-    assert clf.num_classes == 0 and clf.pruned_levels()
+    assert clf.num_classes == 0 and clf.plan.pruned_levels()
     with torch.no_grad():
         assert torch.equal(clf.forward_features(x), _levels(mim, x)[3].flatten(2).transpose(1, 2))
     from_file = timm.create_model("revcolv2_tiny", pretrained=True, num_classes=0, out_levels="all", **SMALL,

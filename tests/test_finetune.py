@@ -66,7 +66,7 @@ def test_mim_checkpoint_loads_with_a_report(mim_checkpoint, capsys):
     report = load_pretrained(model, str(mim_checkpoint))
     # left out and listed: the pre-training-only tensors and the levels the classifier does not build
     assert {k for k in report.unexpected if not k.startswith(PRETRAIN_ONLY_PREFIXES)} == {
-        k for k in torch.load(mim_checkpoint)["model"] if k.startswith(model.pruned_prefixes())}
+        k for k in torch.load(mim_checkpoint)["model"] if k.startswith(model.plan.pruned_prefixes())}
     assert any(k.startswith("columns.2.levels.0.") for k in report.unexpected)
     assert report.missing and all(k.startswith(("head.", "fc_norm.")) for k in report.missing)
     sd = torch.load(mim_checkpoint)["model"]

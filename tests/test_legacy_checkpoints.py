@@ -42,7 +42,7 @@ def test_mim_checkpoint_gives_the_same_reconstruction(ref):
     model = create_mim_model("revcolv2_tiny", img_size=32, **SIZE).eval()
     model.load_state_dict(load_file(FIXTURES / "pretrain_checkpoint-last.pth")["model"])
     with torch.no_grad():
-        out = model(ref["images"], ids_keep=ref["mim_ids_keep"])
+        out = model(ref["images"], visible_ids=ref["mim_ids_keep"])
     torch.testing.assert_close(out["pred"], ref["mim_pred"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["loss"], ref["mim_loss"], rtol=1e-5, atol=1e-6)
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from revcolv2.layers import hand_off
 from revcolv2.mim import (
     RevColV2MIM,
     create_mim_model,
@@ -12,7 +13,6 @@ from revcolv2.mim import (
     random_masking,
     unpatchify,
 )
-from revcolv2.model import RevColV2
 
 TINY = dict(embed_dim=32, num_heads=2, patch_size=8)
 
@@ -27,11 +27,11 @@ def tiny_mim(**kwargs) -> RevColV2MIM:
 
 def test_random_masking_keeps_the_configured_number_in_raster_order():
     for ratio, visible in ((0.75, 4), (0.5, 8), (0.25, 12)):
-        ids_keep, mask = random_masking(3, 16, ratio)
-        assert ids_keep.shape == (3, visible) and num_visible(16, ratio) == visible
-        assert torch.all(ids_keep[:, 1:] > ids_keep[:, :-1])  # ascending, no repeats
+        visible_ids, mask = random_masking(3, 16, ratio)
+        assert visible_ids.shape == (3, visible) and num_visible(16, ratio) == visible
+        assert torch.all(visible_ids[:, 1:] > visible_ids[:, :-1])  # ascending, no repeats
         assert torch.all(mask.sum(1) == 16 - visible)
-        assert torch.all(mask.gather(1, ids_keep) == 0)
+        assert torch.all(mask.gather(1, visible_ids) == 0)
     with pytest.raises(ValueError):
         random_masking(1, 16, 1.0)
 
@@ -62,10 +62,10 @@ def test_patch_normalisation_is_one_function_for_target_and_pixels():
 def test_hand_off_puts_visible_tokens_back_at_their_positions():
     b, n, d = 2, 16, 8
     tokens = torch.randn(b, n, d)
-    ids_keep, mask = random_masking(b, n, 0.75)
-    visible = tokens.gather(1, ids_keep[..., None].expand(-1, -1, d))
+    visible_ids, mask = random_masking(b, n, 0.75)
+    visible = tokens.gather(1, visible_ids[..., None].expand(-1, -1, d))
     fill = torch.randn(1, n, d)
-    full = RevColV2.hand_off(visible, ids_keep, fill)
+    full = hand_off(visible, visible_ids, fill)
     m = mask.bool()[..., None]
     assert torch.equal(torch.where(m, 0, full), torch.where(m, 0, tokens))  # visible: restored in place
     assert torch.equal(torch.where(m, full, 0), torch.where(m, fill.expand(b, -1, -1), 0))  # holes: fill
@@ -130,7 +130,7 @@ def test_given_mask_and_generator_are_reproducible_and_leave_global_rng_alone():
     state = torch.get_rng_state()
     a = model(imgs, generator=torch.Generator().manual_seed(3))
     assert torch.equal(state, torch.get_rng_state())
-    b = model(imgs, ids_keep=a["ids_keep"])
+    b = model(imgs, visible_ids=a["visible_ids"])
     assert torch.equal(a["mask"], b["mask"]) and torch.allclose(a["loss"], b["loss"])
 
 
@@ -138,8 +138,8 @@ def test_reversible_and_plain_give_the_same_loss_and_gradients():
     plain, rev = tiny_mim(reversible=False), tiny_mim(reversible=True)
     rev.load_state_dict(plain.state_dict())
     imgs = torch.randn(2, 3, 32, 32)
-    ids_keep, _ = random_masking(2, 16, 0.75)
-    lp, lr = plain(imgs, ids_keep=ids_keep)["loss"], rev(imgs, ids_keep=ids_keep)["loss"]
+    visible_ids, _ = random_masking(2, 16, 0.75)
+    lp, lr = plain(imgs, visible_ids=visible_ids)["loss"], rev(imgs, visible_ids=visible_ids)["loss"]
     lp.backward()
     lr.backward()
     assert torch.allclose(lp, lr, atol=1e-6)

@@ -4,7 +4,8 @@ import timm
 import torch
 
 import revcolv2  # noqa: F401  (registers the presets)
-from revcolv2.model import RevColV2, sincos_pos_embed_2d
+from revcolv2.layers import sincos_pos_embed_2d
+from revcolv2.model import RevColV2
 from revcolv2_bench.flops import count_flops, count_params
 
 
@@ -186,7 +187,8 @@ def test_group_matcher_drives_timm_layer_decay():
     assert all(s == lr_scale(n, 0.5, *layout) for n, s in by_name.items())
     assert by_name["head.weight"] == 1.0
     assert by_name["patch_embed.proj.weight"] == 0.5 ** (full.num_layers() - 1)
-    assert by_name["columns.0.levels.0.blocks.0.attn.qkv.weight"] < by_name["columns.2.levels.0.blocks.0.attn.qkv.weight"]
+    qkv = "levels.0.blocks.0.attn.qkv.weight"
+    assert by_name[f"columns.0.{qkv}"] < by_name[f"columns.2.{qkv}"]
 
     clf = timm.create_model("revcolv2_tiny", num_classes=4)
     timm_scales = _timm_scales(clf)

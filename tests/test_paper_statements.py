@@ -145,7 +145,7 @@ def test_the_classifier_builds_exactly_the_levels_upstream_of_the_top_level(num_
     """Derived from the reversible unit alone (``ancestors_of_top_level``), not from the model."""
     model = classifier(num_td_columns)
     reach = ancestors_of_top_level(model.num_bu_columns, model.num_td_columns)
-    built = {(j, l) for j in range(len(model.columns)) for l in range(LEVELS)} - set(model.pruned_levels())
+    built = {(j, l) for j in range(len(model.columns)) for l in range(LEVELS)} - set(model.plan.pruned_levels())
     assert built == reach
     assert all(any(True for _ in model.columns[j].levels[l].parameters()) == ((j, l) in reach)
                for j in range(len(model.columns)) for l in range(LEVELS))
@@ -170,19 +170,19 @@ def test_feature_maps_for_dense_heads_are_the_last_td_columns_levels():
 def test_reconstruction_reads_level_0_of_the_last_td_column():
     model = mim()
     x = images()
-    ids_keep, _ = random_masking(2, 24, 0.75, generator=torch.Generator().manual_seed(0))
+    visible_ids, _ = random_masking(2, 24, 0.75, generator=torch.Generator().manual_seed(0))
     store = {}
     capture(model.columns[-1], store, "td")
     capture(model.decoder_norm, store, "decoder_in", pre=True)
     with torch.no_grad():
-        base = model(x, ids_keep=ids_keep)["pred"]
+        base = model(x, visible_ids=visible_ids)["pred"]
     (decoder_in,), _ = store["decoder_in"]
     assert torch.equal(decoder_in, store["td"][0])
     for level in range(LEVELS):
         # perturb the state the last column hands on, after it has been computed
         handle = perturb_output(model.columns[-1], index=level)
         with torch.no_grad():
-            pred = model(x, ids_keep=ids_keep)["pred"]
+            pred = model(x, visible_ids=visible_ids)["pred"]
         handle.remove()
         if level == 0:
             assert (pred - base).abs().max() > 1e-2
@@ -195,13 +195,13 @@ def test_td_columns_get_bu_outputs_at_visible_and_mask_token_plus_position_at_ma
     model = mim(num_td_columns)
     nb = model.num_bu_columns
     x = images()
-    ids_keep, mask = random_masking(2, 24, 0.75, generator=torch.Generator().manual_seed(1))
+    visible_ids, mask = random_masking(2, 24, 0.75, generator=torch.Generator().manual_seed(1))
     masked = mask.bool()
     store = {}
     capture(model.columns[nb - 1], store, "bu")
     capture(model.columns[nb], store, "td_in", pre=True)
     with torch.no_grad():
-        model(x, ids_keep=ids_keep)
+        model(x, visible_ids=visible_ids)
         tokens, pos, _ = model.embed(x)  # patch tokens + position embedding, and the embedding
     args, kwargs = store["td_in"]
     source, prev = args[0], args[1] if len(args) > 1 else kwargs["prev"]
@@ -213,10 +213,10 @@ def test_td_columns_get_bu_outputs_at_visible_and_mask_token_plus_position_at_ma
                                    msg=lambda m: f"masked positions of the TD input ({name}): {m}")
     # visible positions: the visible patch tokens (the TD source) and the last BU state
     d = tokens.shape[-1]
-    gather = lambda t: t.gather(1, ids_keep[..., None].expand(-1, -1, d))  # noqa: E731
+    gather = lambda t: t.gather(1, visible_ids[..., None].expand(-1, -1, d))  # noqa: E731
     torch.testing.assert_close(gather(source), gather(tokens), rtol=0, atol=1e-6)
     for l in range(LEVELS):
-        assert store["bu"][l].shape == (2, ids_keep.shape[1], d)  # the BU columns saw only visible tokens
+        assert store["bu"][l].shape == (2, visible_ids.shape[1], d)  # the BU columns saw only visible tokens
         torch.testing.assert_close(gather(prev[l]), store["bu"][l], rtol=0, atol=0)
 
 
@@ -225,10 +225,10 @@ def test_mask_token_position_embedding_is_the_tokens_own():
     the reconstruction of a masked patch depends on the mask token."""
     model = mim()
     nb = model.num_bu_columns
-    ids_keep, mask = random_masking(1, 24, 0.75, generator=torch.Generator().manual_seed(2))
+    visible_ids, mask = random_masking(1, 24, 0.75, generator=torch.Generator().manual_seed(2))
     store = {}
     capture(model.columns[nb], store, "td_in", pre=True)
-    out = model(images(1), ids_keep=ids_keep)
+    out = model(images(1), visible_ids=visible_ids)
     source = store["td_in"][0][0][0]  # (N, D)
     holes = source[mask[0].bool()]
     assert len({tuple(r.tolist()) for r in holes}) == holes.shape[0]

@@ -98,10 +98,10 @@ def test_the_classifier_builds_what_reaches_its_head(name):
     dead = {(len(clf.columns) - 1, l) for l in (0, 1, 2)}
     if clf.num_td_columns == 2:
         dead |= {(len(clf.columns) - 2, l) for l in (0, 1)}
-    assert set(clf.pruned_levels()) == dead and feats.pruned_levels() == []
+    assert set(clf.plan.pruned_levels()) == dead and feats.plan.pruned_levels() == []
     names = {n for n, _ in clf.named_parameters()}
     assert names < {n for n, _ in feats.named_parameters()}
-    assert not any(n.startswith(clf.pruned_prefixes()) for n in names)
+    assert not any(n.startswith(clf.plan.pruned_prefixes()) for n in names)
     # the layer-decay ids of the parameters that remain are those of the full model
     assert {n: clf.layer_id(n) for n in names} == {n: feats.layer_id(n) for n in names}
     assert clf.num_layers() == feats.num_layers()
@@ -184,7 +184,7 @@ def test_features_only_out_indices_builds_only_what_they_need(name):
     assert picked.feature_info.channels() == [dim] * 2
     # level 0 of the last column feeds neither: not built
     last = len(picked.model.columns) - 1
-    assert (last, 0) in picked.model.pruned_levels() and (last, 1) not in picked.model.pruned_levels()
+    assert (last, 0) in picked.model.plan.pruned_levels() and (last, 1) not in picked.model.plan.pruned_levels()
     if _real(name):
         torch.manual_seed(0)
         full = _create(name, num_classes=0, out_levels="all").eval()

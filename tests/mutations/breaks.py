@@ -33,9 +33,9 @@ BREAKS = [
     # ------------------------------------------------------------------ engine
     Break(
         "engine-backward-f-in-fp32", "revcolv2/reversible.py",
-        "                with self.autocast_ctx():\n                    f = col.level_f(l, inp_, cross_, keep, hw)",
+        "                with self.autocast_ctx():\n                    f = col.level_f(l, inp_, cross_, scales, hw)",
         "                with torch.autocast(self.device_type, enabled=False):\n"
-        "                    f = col.level_f(l, inp_, cross_, keep, hw)",
+        "                    f = col.level_f(l, inp_, cross_, scales, hw)",
         "the backward recomputes F_l outside the forward's autocast (fp32 where the forward ran bf16)",
         "bf16 parameter gradients of the reversible engine (error vs plain autograd 9.4e-9 -> 5e-3 to 9e-3)",
         ("tests/test_reversible.py::test_bf16_autocast_reversible_backward_close_to_autograd",),
@@ -49,10 +49,12 @@ BREAKS = [
         ("tests/test_engine_grads.py::test_float64_gradients_equal_plain_autograd",),
     ),
     Break(
-        "engine-skip-cross-level", "revcolv2/reversible.py",
-        "                c = col.cross_level(l)\n                if c is not None:\n                    want.add(c)",
-        "                c = col.cross_level(l)\n                if c is not None and False:\n                    want.add(c)",
-        "levels_to_run forgets that a level reads the previous column's cross level",
+        "engine-skip-cross-level", "revcolv2/plan.py",
+        "                    c = self.cross_level(j, l)\n                    if c is not None:\n"
+        "                        want.add(c)",
+        "                    c = self.cross_level(j, l)\n                    if c is not None and False:\n"
+        "                        want.add(c)",
+        "ColumnPlan.counts forgets that a level reads the previous column's cross level",
         "the classifier's forward (a level it needs is not computed)",
         ("tests/test_engine_grads.py::test_classifier_builds_only_what_reaches_its_head_with_identical_logits",),
     ),
@@ -75,8 +77,9 @@ BREAKS = [
     ),
     Break(
         "drop-path-rate-by-level-number", "revcolv2/model.py",
-        "        pos = self.order.index(l) * self.blocks_per_level\n        return keep[:, pos:pos + self.blocks_per_level]",
-        "        pos = l * self.blocks_per_level\n        return keep[:, pos:pos + self.blocks_per_level]",
+        "        pos = self.order.index(l) * self.blocks_per_level\n"
+        "        return drop_scales[:, pos:pos + self.blocks_per_level]",
+        "        pos = l * self.blocks_per_level\n        return drop_scales[:, pos:pos + self.blocks_per_level]",
         "a level takes the drop-path draws (and rate) of its level number, not its execution position",
         "TD blocks' drop rates: level 3 gets level 0's and the reverse",
         (DROP_PATH,),
@@ -91,8 +94,8 @@ BREAKS = [
     ),
     Break(
         "drop-path-one-draw-per-block", "revcolv2/model.py",
-        "        x = residual_add(x, a, None if keep is None else keep[:, 0])",
-        "        x = residual_add(x, a, None if keep is None else keep[:, 1])",
+        "        x = residual_add(x, a, None if drop_scales is None else drop_scales[:, 0])",
+        "        x = residual_add(x, a, None if drop_scales is None else drop_scales[:, 1])",
         "the attention branch uses the MLP branch's draw (both dropped together)",
         "which samples keep a block's attention branch in training",
         (DROP_PATH,),
@@ -106,7 +109,7 @@ BREAKS = [
         (f"{EXEC}::test_global_attention_indexes_count_blocks_in_execution_order",),
     ),
     Break(
-        "pos-embed-grid-xy", "revcolv2/model.py",
+        "pos-embed-grid-xy", "revcolv2/layers.py",
         '        indexing="ij",\n    )\n    out_y = ys.reshape(-1, 1) * omega',
         '        indexing="xy",\n    )\n    out_y = ys.reshape(-1, 1) * omega',
         "the position grid built as (w, h)",
@@ -122,7 +125,7 @@ BREAKS = [
         (f"{NON_SQUARE}::test_position_embedding_of_a_cell_is_the_square_grids",),
     ),
     Break(
-        "feature-maps-w-h", "revcolv2/model.py",
+        "feature-maps-w-h", "revcolv2/layers.py",
         "        return tokens.reshape(tokens.shape[0], hw[0], hw[1], tokens.shape[2]).permute(0, 3, 1, 2)",
         "        return tokens.reshape(tokens.shape[0], hw[1], hw[0], tokens.shape[2]).permute(0, 3, 2, 1)",
         "NCHW feature maps read the tokens column-major",

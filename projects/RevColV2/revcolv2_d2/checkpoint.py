@@ -39,7 +39,8 @@ from revcolv2.checkpoint import (
     load_file,
     select_weights,
 )
-from revcolv2.model import MODEL_CFGS, Attention, RevColV2
+from revcolv2.layers import Attention
+from revcolv2.model import MODEL_CFGS, RevColV2
 from revcolv2.run_checkpoints import (
     LAST_CHECKPOINT_FILE,
     newest_readable_checkpoint,
