@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUTPUT ?= output/demo
 
-.PHONY: venv demo test unit clean
+.PHONY: venv demo test unit lint clean
 
 venv: $(STAMP)
 
@@ -28,8 +28,13 @@ DEMO_ARGS ?=
 demo: $(STAMP)
 	$(PY) tools/demo.py --output $(OUTPUT) $(DEMO_ARGS)
 
-test: $(STAMP)
+# lint first (seconds): ruff and the import contracts of pyproject.toml, then every test
+test: $(STAMP) lint
 	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 # the unit tests only (about a minute): end-to-end runs are marked slow
 unit: $(STAMP)

@@ -63,7 +63,8 @@ def layer_id(name: str, num_levels: int, blocks_per_level: int, num_bu_columns: 
     return max_layer_id(num_levels, blocks_per_level, num_bu_columns, num_td_columns) + 1
 
 
-def lr_scale(name: str, decay: float, num_levels: int, blocks_per_level: int, num_bu_columns: int, num_td_columns: int) -> float:
+def lr_scale(name: str, decay: float, num_levels: int, blocks_per_level: int, num_bu_columns: int,
+             num_td_columns: int) -> float:
     """Learning-rate multiplier ``decay ** (max_id + 1 - id)`` of parameter ``name``."""
     top = max_layer_id(num_levels, blocks_per_level, num_bu_columns, num_td_columns) + 1
     return decay ** (top - layer_id(name, num_levels, blocks_per_level, num_bu_columns, num_td_columns))

@@ -47,7 +47,8 @@ class _WhereLive(LiveBytes):
 
 
 def main():
-    ap = argparse.ArgumentParser(prog="tools/benchmark_activation_peak.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="tools/benchmark_activation_peak.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", default="revcolv2_base")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--batch-sizes", default="2,6", help="two batch sizes, comma-separated")

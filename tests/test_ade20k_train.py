@@ -47,7 +47,8 @@ def test_demo_config_trains_and_evaluates(demo_run):
     assert final_weights["sem_seg_head.predictor.bias"].abs().max() > 0
     # the built-in dataset was generated in ADE20K's layout
     base = datasets / "synthetic_ade"
-    assert len(os.listdir(base / "images" / "training")) == len(os.listdir(base / "annotations_detectron2" / "training"))
+    labels = base / "annotations_detectron2" / "training"
+    assert len(os.listdir(base / "images" / "training")) == len(os.listdir(labels))
 
 
 def test_eval_only_from_the_checkpoint_with_whole_image_inference(demo_run):

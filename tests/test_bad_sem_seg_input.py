@@ -13,7 +13,8 @@ from PIL import Image
 from revcolv2_d2.data.ade20k import SemSegDatasetMapper
 
 NUM_CLASSES = 6
-PREPARE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "prepare_ade20k_sem_seg.py")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREPARE = os.path.join(REPO, "tools", "prepare_ade20k_sem_seg.py")
 
 
 def write_pair(tmp_path, label, image_hw=(32, 48), name="x"):

@@ -76,7 +76,8 @@ def test_builds_with_tiny_backbone_and_follows_layer_decay(name):
 def test_layer_ids_follow_a_column_count_override():
     """The layer-decay ids come from the built model, not from the preset name."""
     overrides = TINY + ["model.backbone.bottom_up.num_bu_columns=3", "model.backbone.bottom_up.num_td_columns=2",
-                        "model.backbone.bottom_up.blocks_per_level=2", "model.backbone.bottom_up.global_attn_indexes=[]"]
+                        "model.backbone.bottom_up.blocks_per_level=2",
+                        "model.backbone.bottom_up.global_attn_indexes=[]"]
     cfg = LazyConfig.apply_overrides(LazyConfig.load(os.path.join(COCO_DIR, "mask_rcnn_revcolv2_b_50ep.py")), overrides)
     model, scales = _lr_scales(cfg)
     net = model.backbone.bottom_up.net

@@ -8,7 +8,8 @@ exists relative to the repository root, to the citing file's folder, or to the
 detectron2 project folder (whose configs are cited as ``configs/COCO/...``); a bare name
 resolves if some tracked file has that name. Configs may also be cited relative to the
 project's ``configs/`` folder, and detectron2's own configs as ``common/...``. Patterns (``{b,l}``, ``*``, ``<name>``),
-absolute paths, URLs, another repository's files written ``owner/repo:path``, files that runs write (under ``output/``, ``datasets/``) and quoted
+absolute paths, URLs, another repository's files written ``owner/repo:path``, files that runs write (under
+``output/``, ``datasets/``) and quoted
 file names in code (``"config.yaml"``) are not references to repository files.
 """
 import importlib.util

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from revcolv2_bench.memory import LiveBytes
 from revcolv2.mim import RevColV2MIM
 from revcolv2.model import Block, RevColV2
+from revcolv2_bench.memory import LiveBytes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

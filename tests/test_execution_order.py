@@ -85,7 +85,8 @@ def test_drop_path_keeps_branches_at_one_over_keep_probability_with_rates_in_exe
         is_kept = (s - 1 / (1 - p)).abs() < 1e-6  # the rates are a float32 buffer
         assert (is_dropped | is_kept).all(), (
             f"block {k} in execution order (column {key[0]}, level {key[1]}): branch scales "
-            f"{sorted(set(round(v, 4) for v in s.flatten().tolist()))}, expected 0 or 1/(1-{p:.3f}) = {1 / (1 - p):.4f}")
+            f"{sorted(set(round(v, 4) for v in s.flatten().tolist()))}, "
+            f"expected 0 or 1/(1-{p:.3f}) = {1 / (1 - p):.4f}")
         assert is_kept.any(dim=0).all(), f"block {key}: a branch was dropped for every sample"
         dropped += int(is_dropped.sum())
         kept += int(is_kept.sum())

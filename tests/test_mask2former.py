@@ -271,7 +271,8 @@ def test_evaluation_oracle_ground_truth_scores_100_and_shifted_classes_score_low
         head = _OracleHead(backbone.output_shape(), k, shift)
         model = RevColV2Mask2Former(backbone=backbone, sem_seg_head=head, pixel_mean=MEAN, pixel_std=STD).eval()
         head.labels = [torch.from_numpy(small.astype(np.int64))]
-        inputs = [{"image": torch.zeros(3, 37, 53), "height": gt.shape[0], "width": gt.shape[1], "file_name": file_name}]
+        inputs = [{"image": torch.zeros(3, 37, 53), "height": gt.shape[0], "width": gt.shape[1],
+                   "file_name": file_name}]
         with torch.no_grad():
             out = model(inputs)
         assert out[0]["sem_seg"].shape == (k, *gt.shape)

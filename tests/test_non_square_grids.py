@@ -84,4 +84,5 @@ def test_feature_maps_hold_each_token_at_its_row_and_column():
         assert m.shape == (1, model.embed_dim, 3, 5), level
         for r in range(3):
             for c in range(5):
-                assert torch.equal(m[0, :, r, c], t[0, r * 5 + c]), f"level {level}: map cell ({r}, {c}) is not token {r * 5 + c}"
+                assert torch.equal(m[0, :, r, c], t[0, r * 5 + c]), \
+                    f"level {level}: map cell ({r}, {c}) is not token {r * 5 + c}"

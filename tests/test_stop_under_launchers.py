@@ -61,7 +61,8 @@ def test_sigterm_to_train_net_with_two_processes(tmp_path):
     proc = _start([sys.executable, "-W", "ignore", TRAIN_NET, *_d2_args(out, "train.max_iter=200",
                                                                        "dataloader.train.num_workers=1")],
                   {"DETECTRON2_DATASETS": datasets})
-    output = _sigterm_group_when(proc, lambda: (out / "metrics.json").exists() and (out / "metrics.json").stat().st_size)
+    metrics = out / "metrics.json"
+    output = _sigterm_group_when(proc, lambda: metrics.exists() and metrics.stat().st_size)
     _assert_one_line_exit_143(proc, output, "lazyconfig_train_net: stopped by signal 15")
     checkpoints = sorted(n for n in os.listdir(out) if n.startswith("model_"))
     name = (out / "last_checkpoint").read_text().strip()

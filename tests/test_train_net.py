@@ -38,7 +38,8 @@ def test_training_writes_checkpoints_and_evaluates(trained):
     # the optimizer steps moved the weights between the two checkpoints
     early = torch.load(os.path.join(out, "model_0000001.pth"), map_location="cpu", weights_only=False)["model"]
     final = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False)["model"]
-    assert not torch.equal(early["roi_heads.box_predictor.cls_score.weight"], final["roi_heads.box_predictor.cls_score.weight"])
+    key = "roi_heads.box_predictor.cls_score.weight"
+    assert not torch.equal(early[key], final[key])
     # the evaluation after the last iteration ran COCOEvaluator on the built-in val split
     with open(os.path.join(out, "last_eval.json")) as f:
         metrics = json.load(f)

@@ -14,12 +14,14 @@ from revcolv2_d2.upernet import RevColV2SemanticSegmentor, UPerHead, revcolv2_le
 
 NUM_CLASSES = 5
 DIM = 32
+SHAPES = revcolv2_level_shapes("revcolv2_tiny", embed_dim=DIM, num_heads=2)  # the backbone's level shapes
 
 
 def make_model(test_mode="slide", crop=64, stride=43, dim=DIM, head_dim=DIM):
     torch.manual_seed(0)
     backbone = RevColV2Backbone("revcolv2_tiny", window_size=0, embed_dim=dim, num_heads=2)
-    head = UPerHead(revcolv2_level_shapes("revcolv2_tiny", embed_dim=head_dim, num_heads=2), num_classes=NUM_CLASSES, channels=16, aux_channels=8, norm="BN")
+    head = UPerHead(revcolv2_level_shapes("revcolv2_tiny", embed_dim=head_dim,
+                                          num_heads=2), num_classes=NUM_CLASSES, channels=16, aux_channels=8, norm="BN")
     return RevColV2SemanticSegmentor(
         backbone=backbone, sem_seg_head=head, pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375], test_mode=test_mode, crop_size=(crop, crop), stride=(stride, stride),
@@ -48,11 +50,11 @@ def test_training_returns_losses_and_gradients_reach_every_parameter():
 
 
 def test_aux_loss_weight_and_aux_head_optional():
-    head = UPerHead(revcolv2_level_shapes("revcolv2_tiny", embed_dim=DIM, num_heads=2), num_classes=NUM_CLASSES, channels=16, norm="BN", aux_in_feature=None)
-    feats = {k: torch.randn(2, s.channels, 64 // s.stride, 64 // s.stride) for k, s in revcolv2_level_shapes("revcolv2_tiny", embed_dim=DIM, num_heads=2).items()}
+    head = UPerHead(SHAPES, num_classes=NUM_CLASSES, channels=16, norm="BN", aux_in_feature=None)
+    feats = {k: torch.randn(2, s.channels, 64 // s.stride, 64 // s.stride) for k, s in SHAPES.items()}
     _, losses = head.train()(feats, torch.randint(0, NUM_CLASSES, (2, 64, 64)))
     assert set(losses) == {"loss_sem_seg"}
-    assert UPerHead(revcolv2_level_shapes("revcolv2_tiny", embed_dim=DIM, num_heads=2), num_classes=3, norm="BN").aux_loss_weight == 0.4
+    assert UPerHead(SHAPES, num_classes=3, norm="BN").aux_loss_weight == 0.4
 
 
 @pytest.mark.parametrize("test_mode", ["slide", "whole"])
@@ -68,7 +70,7 @@ def test_inference_returns_class_logits_at_input_resolution(test_mode):
 
 
 def test_ignored_pixels_take_no_part_in_the_loss():
-    head = UPerHead(revcolv2_level_shapes("revcolv2_tiny", embed_dim=DIM, num_heads=2), num_classes=NUM_CLASSES, channels=16, norm="BN").train()
+    head = UPerHead(SHAPES, num_classes=NUM_CLASSES, channels=16, norm="BN").train()
     logits = torch.randn(2, NUM_CLASSES, 64, 64)  # at label resolution: no resampling
     target = torch.randint(0, NUM_CLASSES, (2, 64, 64))
     target[:, :20] = 255

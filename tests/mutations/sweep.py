@@ -133,7 +133,8 @@ def sweep(selected: List[Break], timeout: int, keep: bool, baseline: bool) -> Li
             print(f"baseline: {len(tests)} test ids on the unbroken copy: rc {rc} in {secs:.0f} s", flush=True)
             if rc != 0:
                 print(out[-3000:])
-                raise SystemExit("the named tests fail on the unbroken copy: fix that first (nothing would be measured)")
+                raise SystemExit("the named tests fail on the unbroken copy: fix that first "
+                                 "(nothing would be measured)")
         for brk in runnable:
             path = copy / brk.file
             original = path.read_text()
@@ -174,7 +175,8 @@ def markdown(results: List[dict]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ids", nargs="*", help="break ids to run (default: all)")
-    p.add_argument("--check", action="store_true", help="only check that every snippet occurs once in this tree and every named test exists")
+    p.add_argument("--check", action="store_true",
+                   help="only check that every snippet occurs once in this tree and every named test exists")
     p.add_argument("--list", action="store_true", help="list the breaks")
     p.add_argument("--markdown", action="store_true", help="print the results as the table of docs/TESTING.md")
     p.add_argument("--timeout", type=int, default=600, help="seconds per break (default 600)")

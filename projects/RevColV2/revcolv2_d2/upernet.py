@@ -242,7 +242,8 @@ class RevColV2SemanticSegmentor(SemanticSegmentor):
         return [{"sem_seg": self.slide_inference(x)} for x in batched_inputs]
 
     @staticmethod
-    def window_boxes(height: int, width: int, crop: Tuple[int, int], stride: Tuple[int, int]) -> List[Tuple[int, int, int, int]]:
+    def window_boxes(height: int, width: int, crop: Tuple[int, int],
+                     stride: Tuple[int, int]) -> List[Tuple[int, int, int, int]]:
         """(y0, y1, x0, x1) of the sliding windows covering an image; the last ones are
         shifted back to end at the border, images smaller than a crop give one window."""
         (ch, cw), (sh, sw) = crop, stride

@@ -206,7 +206,8 @@ def metadata_for(cfg, name: Optional[str]):
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/visualize.py", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="tools/visualize.py", description=USAGE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", help="a LazyConfig (.py); not needed with --dataset")
     p.add_argument("--checkpoint", default=None,
                    help="model weights (default: the config's train.init_checkpoint)")

@@ -2,7 +2,8 @@
 
 [paper] (RevColV2 supplementary section 1.4): 160k iterations, batch 16, AdamW lr 2e-5,
 drop path 0.3 (in the model config), layer decay 0.9. Everything else is Mask2Former's
-ADE20K semantic recipe, facebookresearch/Mask2Former:configs/ade20k/semantic-segmentation/Base-ADE20K-SemanticSegmentation.yaml
+ADE20K semantic recipe,
+facebookresearch/Mask2Former:configs/ade20k/semantic-segmentation/Base-ADE20K-SemanticSegmentation.yaml
 ("Base yaml") and maskformer2_R50_bs16_160k.yaml (model, common/mask2former_revcolv2.py).
 The paper's layer decay replaces Mask2Former's BACKBONE_MULTIPLIER 0.1.
 
