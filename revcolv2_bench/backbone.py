@@ -32,11 +32,11 @@ Rows (``--rows``; ``--compile`` adds the ``-compiled`` ones):
 import torch
 
 from .analysis import ANALYSIS_COLUMNS
-from .cli import profile_args, worker_args
+from .cli import worker_args
 from .measure import run_step_workers
 from .profiling import PROFILE_COLUMNS
 from .report import markdown_table
-from .step_benchmark import finish_step_benchmark, prepare_row, step_benchmark_start, step_worker
+from .step_benchmark import finish_step_benchmark, prepare_row, step_benchmark_start, step_jobs, step_worker
 
 TOOL = "benchmark_backbone.py"
 
@@ -94,12 +94,8 @@ def main():
         return
     args, keys, batches = start
     cuda = args.device.startswith("cuda")
-    # the analysis columns do not depend on the batch: measured in the first batch size's jobs only
     # larger batches: only the memory-saving eager rows (compiling costs ~1 min a row), unless --all-batches
-    jobs = [(k, b, ([] if b == batches[0] and not args.no_analysis else ["--no-analysis"])
-             + profile_args(args, k, b, batches[0]))
-            for b in batches for k in keys
-            if b == batches[0] or args.all_batches or (k in MEMORY_SAVING and not k.endswith("-compiled"))]
+    jobs = step_jobs(args, keys, batches, lambda k: k in MEMORY_SAVING and not k.endswith("-compiled"))
     rows = run_step_workers(__spec__.name, jobs, worker_args(args), args.worker_timeout, "benchmark_backbone")
     finish_step_benchmark(TOOL, args, rows, summarize(rows, args.variant, cuda),
                           f"Backbone training step: {args.variant} vs ViT-B/16",

@@ -28,11 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from .analysis import ANALYSIS_COLUMNS
-from .cli import profile_args, worker_args
+from .cli import worker_args
 from .measure import run_step_workers
 from .profiling import PROFILE_COLUMNS
 from .report import markdown_table
-from .step_benchmark import finish_step_benchmark, prepare_row, step_benchmark_start, step_worker
+from .step_benchmark import finish_step_benchmark, prepare_row, step_benchmark_start, step_jobs, step_worker
 
 TOOL = "benchmark_pretrain.py"
 
@@ -130,9 +130,7 @@ def main():
         return
     args, keys, batches = start
     cuda = args.device.startswith("cuda")
-    jobs = [(k, b, ([] if b == batches[0] and not args.no_analysis else ["--no-analysis"])
-             + profile_args(args, k, b, batches[0]))
-            for b in batches for k in keys if b == batches[0] or args.all_batches or k == "rev"]
+    jobs = step_jobs(args, keys, batches, lambda k: k == "rev")  # larger batches: the reversible row
     rows = run_step_workers(__spec__.name, jobs, worker_args(args), args.worker_timeout, "benchmark_pretrain")
     finish_step_benchmark(TOOL, args, rows, summarize(rows, args.variant, cuda),
                           f"MIM pre-training step: {args.variant} vs MAE ViT-B/16",

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
 from .analysis import analyze_training_step
-from .cli import resolve_step_args, step_benchmark_parser
+from .cli import profile_args, resolve_step_args, step_benchmark_parser
 from .measure import print_result, step_worker_result
 from .profiling import print_op_chains
 from .report import print_and_report, write_rows_json
@@ -29,6 +29,17 @@ def step_benchmark_start(description: str, rows: Sequence[str], default_rows: Se
     cuda = args.device.startswith("cuda")
     batches = [int(b) for b in (args.batch_sizes or (default_cuda_batches if cuda else "2")).split(",")]
     return args, keys, batches
+
+
+def step_jobs(args: argparse.Namespace, keys: Sequence[str], batches: Sequence[int],
+              at_larger_batches: Callable[[str], bool]) -> List[Tuple[str, int, List[str]]]:
+    """(row, batch, worker arguments) of each fresh-process job: every row at the first batch
+    size, where the analysis columns are measured (they do not depend on the batch; unless
+    ``--no-analysis``), and at the larger batch sizes the rows ``at_larger_batches`` admits
+    (every row with ``--all-batches``)."""
+    return [(k, b, ([] if b == batches[0] and not args.no_analysis else ["--no-analysis"])
+             + profile_args(args, k, b, batches[0]))
+            for b in batches for k in keys if b == batches[0] or args.all_batches or at_larger_batches(k)]
 
 
 def prepare_row(model: torch.nn.Module, key: str, device: str) -> torch.nn.Module:
