@@ -1,6 +1,7 @@
 """Checkpoints written before structure v2 (tests/fixtures/pre_v2, commit 566b9ce) still load
 and compute what they computed then: a classifier, a MIM model (and its training state,
 which resumes), and a detectron2 Mask R-CNN."""
+import json
 import shutil
 from pathlib import Path
 
@@ -16,13 +17,8 @@ from revcolv2.mim import create_mim_model
 FIXTURES = Path(__file__).parent / "fixtures" / "pre_v2"
 SIZE = dict(embed_dim=16, num_heads=2, patch_size=8)
 SIZE_YAML = "{embed_dim: 16, num_heads: 2, patch_size: 8}"
-D2_OVERRIDES = [
-    "model.backbone.bottom_up.embed_dim=16", "model.backbone.bottom_up.num_heads=2",
-    "model.backbone.out_channels=8", "model.proposal_generator.head.in_channels=8",
-    "model.roi_heads.box_head.input_shape.channels=8", "model.roi_heads.box_head.fc_dims=[16,16]",
-    "model.roi_heads.box_predictor.input_shape.channels=16", "model.roi_heads.mask_head.input_shape.channels=8",
-    "model.roi_heads.mask_head.conv_dims=[8,8]",
-]
+# the demo Mask R-CNN config shrunk to the fixture's size
+D2_OVERRIDES = json.loads((FIXTURES / "mask_rcnn_overrides.json").read_text())
 
 
 @pytest.fixture(scope="module")
