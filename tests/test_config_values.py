@@ -3,12 +3,11 @@
 
 The expected values below were copied from the sources they name, not read from the config
 files: the paper's supplementary (Tables 1-4, section 1.4 and the text; see
-``docs/TRAINING.md``, recipe sources), MAE (``main_pretrain.py``, ``main_finetune.py``,
-``main_linprobe.py`` and appendix Tables 9 / 11), ViTDet (detectron2
-``projects/ViTDet/configs``), detectron2's model zoo (``configs/common``), mmsegmentation
-(``configs/_base_/datasets/ade20k.py``, ``models/upernet_r50.py``, ``schedules/schedule_160k.py``),
-BEiT's UperNet configs (``unilm/beit/semantic_segmentation/configs/beit/upernet``),
-Mask2Former's ADE20K semantic configs (``configs/ade20k/semantic-segmentation``). Values
+``docs/TRAINING.md``, recipe sources), MAE (its pre-training, fine-tuning and linear-probing
+scripts and appendix Tables 9 / 11), ViTDet (detectron2's ViTDet project configs),
+detectron2's model zoo (its ``common`` configs), mmsegmentation (the ADE20K dataset, UperNet
+model and 160k schedule configs), BEiT's UperNet configs, Mask2Former's ADE20K semantic
+configs; each row names the file as ``owner/repository:path``. Values
 that are this project's own choice say ``ours``; the CPU demos' shrunk values ``demo``;
 settings of a run rather than of the recipe ``run-time``.
 
@@ -40,33 +39,37 @@ D2_DIR = os.path.join(ROOT, "projects", "RevColV2", "configs")
 T1, T2, T3, T4 = ("paper: supplementary Table 1 (MIM pre-training)", "paper: supplementary Table 2 (IN-22K)",
                   "paper: supplementary Table 3 (IN-1K after MIM)", "paper: supplementary Table 4 (IN-1K after 22K)")
 PAPER_TEXT = "paper: text (supervised baseline EMA 0.999; linear probing LARS 90 epochs)"
-MAE_PRE = "MAE: main_pretrain.py defaults / PRETRAIN.md"
-MAE_FT = "MAE: main_finetune.py defaults and util/datasets.py build_transform"
+MAE = "facebookresearch/mae:"
+MAE_PRE = f"MAE ({MAE}main_pretrain.py defaults, {MAE}PRETRAIN.md)"
+MAE_FT = f"MAE ({MAE}main_finetune.py defaults, {MAE}util/datasets.py build_transform)"
 MAE_SUP = "MAE: appendix Table 11 (supervised ViT from scratch)"
-MAE_LIN = "MAE: main_linprobe.py defaults, util/lars.py, appendix Table 9"
+MAE_LIN = f"MAE ({MAE}main_linprobe.py defaults, {MAE}util/lars.py; appendix Table 9)"
 OURS, DEMO, RUN_TIME = "ours", "demo", "run-time"
 
 PAPER_COCO = "paper: COCO recipe (supplementary; docs/TRAINING.md)"
 PAPER_ADE = "paper: ADE20K UperNet recipe (supplementary; docs/TRAINING.md)"
 PAPER_M2F = "paper: supplementary section 1.4 (Mask2Former)"
-VITDET_LSJ = "ViTDet: projects/ViTDet/configs/common/coco_loader_lsj.py"
-VITDET_B = "ViTDet: projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py"
-VITDET_L = "ViTDet: projects/ViTDet/configs/COCO/mask_rcnn_vitdet_l_100ep.py"
-VITDET_CASCADE = "ViTDet: projects/ViTDet/configs/COCO/cascade_mask_rcnn_vitdet_b_100ep.py"
-D2_VITDET_MODEL = "detectron2: configs/common/models/mask_rcnn_vitdet.py"
-D2_OPTIM = "detectron2: configs/common/optim.py (AdamW)"
-D2_TRAIN = "detectron2: configs/common/train.py"
-D2_DEFAULTS = "detectron2: config/defaults.py"
-MMSEG_ADE = "mmseg: configs/_base_/datasets/ade20k.py"
-MMSEG_UPERNET = "mmseg: configs/_base_/models/upernet_r50.py"
-MMSEG_160K = "mmseg 0.x: configs/_base_/schedules/schedule_160k.py and default_runtime.py (inherited by BEiT's UperNet)"
-BEIT_B = "BEiT: configs/beit/upernet/upernet_beit_base_12_512_slide_160k_ade20k_pt2ft.py"
-BEIT_L = "BEiT: configs/beit/upernet/upernet_beit_large_24_640_slide_160k_ade20k_pt2ft.py"
-M2F_BASE = "Mask2Former: configs/ade20k/semantic-segmentation/Base-ADE20K-SemanticSegmentation.yaml"
-M2F_R50 = "Mask2Former: configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml"
-M2F_640 = ("Mask2Former: configs/ade20k/semantic-segmentation/swin/"
-           "maskformer2_swin_large_IN21k_384_bs16_160k_res640.yaml")
-M2F_CODE = "Mask2Former: mask2former/config.py and MSDeformAttnPixelDecoder.from_config"
+D2 = "facebookresearch/detectron2:"
+VITDET_LSJ = f"ViTDet ({D2}projects/ViTDet/configs/common/coco_loader_lsj.py)"
+VITDET_B = f"ViTDet ({D2}projects/ViTDet/configs/COCO/mask_rcnn_vitdet_b_100ep.py)"
+VITDET_L = f"ViTDet ({D2}projects/ViTDet/configs/COCO/mask_rcnn_vitdet_l_100ep.py)"
+VITDET_CASCADE = f"ViTDet ({D2}projects/ViTDet/configs/COCO/cascade_mask_rcnn_vitdet_b_100ep.py)"
+D2_VITDET_MODEL = f"detectron2 ({D2}configs/common/models/mask_rcnn_vitdet.py)"
+D2_OPTIM = f"detectron2 ({D2}configs/common/optim.py, AdamW)"
+D2_DEFAULTS = f"detectron2 ({D2}detectron2/config/defaults.py)"
+MMSEG = "open-mmlab/mmsegmentation:"
+MMSEG_ADE = f"mmseg ({MMSEG}configs/_base_/datasets/ade20k.py)"
+MMSEG_UPERNET = f"mmseg ({MMSEG}configs/_base_/models/upernet_r50.py)"
+MMSEG_160K = (f"mmseg 0.x ({MMSEG}configs/_base_/schedules/schedule_160k.py, {MMSEG}configs/_base_/default_runtime.py; "
+              "inherited by BEiT's UperNet configs)")
+BEIT = "microsoft/unilm:beit/semantic_segmentation/configs/beit/upernet/"
+BEIT_B = f"BEiT ({BEIT}upernet_beit_base_12_512_slide_160k_ade20k_pt2ft.py)"
+BEIT_L = f"BEiT ({BEIT}upernet_beit_large_24_640_slide_160k_ade20k_pt2ft.py)"
+M2F = "facebookresearch/Mask2Former:configs/ade20k/semantic-segmentation/"
+M2F_BASE = f"Mask2Former ({M2F}Base-ADE20K-SemanticSegmentation.yaml)"
+M2F_R50 = f"Mask2Former ({M2F}maskformer2_R50_bs16_160k.yaml)"
+M2F_640 = f"Mask2Former ({M2F}swin/maskformer2_swin_large_IN21k_384_bs16_160k_res640.yaml)"
+M2F_CODE = "Mask2Former (facebookresearch/Mask2Former:mask2former/config.py; MSDeformAttnPixelDecoder.from_config)"
 
 RANDAUG = "rand-m9-mstd0.5-inc1"  # RandAug(9, 0.5) in timm's spelling, as MAE writes it
 COCO_TRAIN_IMAGES = 118287  # COCO train2017

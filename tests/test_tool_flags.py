@@ -25,7 +25,7 @@ import revcolv2  # noqa: F401  (registers the presets with timm)
 TINY = dict(embed_dim=32, num_heads=2, patch_size=8)
 HELP = "the --help flag of every tool: argparse's own"
 
-# tool -> {flag: the test that asserts its effect ("file.py::test")}
+# tool -> {flag: the test that asserts its effect ("<file>.py::<test>")}
 _TRAINING = {
     "--config": "test_timm_arguments.py::test_pretrain_arguments",
     "--data-path": "test_tool_flags.py::test_data_path_output_dir_num_workers_and_opts",
@@ -201,7 +201,7 @@ def test_every_documented_flag_has_a_test(tool, monkeypatch, capsys):
 
 
 def test_help_flags_reader():
-    text = ("usage: x.py [-h] [--a-b A_B] [--flag] --output OUTPUT checkpoint\n\nd\n\npositional arguments:\n"
+    text = ("usage: tool [-h] [--a-b A_B] [--flag] --output OUTPUT checkpoint\n\nd\n\npositional arguments:\n"
             "  checkpoint   a file\n\noptions:\n  -h, --help   show\n  --a-b A_B    x\n  --flag\n  --output OUTPUT\n")
     assert _help_flags(text) == {"--help", "--a-b", "--flag", "--output", "checkpoint"}
 
