@@ -9,6 +9,7 @@ test does not exist. The tests below cover the flags no other test asserted.
 import ast
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -427,11 +428,17 @@ def test_visualize_metadata_names_the_classes_drawn(shapes_root, tmp_path, monke
     from revcolv2_d2 import visualization as visualize
 
     monkeypatch.setenv("DETECTRON2_DATASETS", shapes_root)
-    argv = ["--dataset", "synthetic_shapes_val", "--num-images", "1"]
-    [own] = visualize.main([*argv, "--output", str(tmp_path / "own")])
-    [coco] = visualize.main([*argv, "--output", str(tmp_path / "coco"), "--metadata", "coco_2017_val"])
-    a, b = cv2.imread(own), cv2.imread(coco)
-    assert a.shape == b.shape and not np.array_equal(a, b)  # other class names, other labels drawn
+
+    def draw(name, *extra):
+        np.random.seed(0)  # the colours detectron2 draws instances in are random
+        random.seed(0)
+        [out] = visualize.main(["--dataset", "synthetic_shapes_val", "--num-images", "1", "--output",
+                                str(tmp_path / name), *extra])
+        return cv2.imread(out)
+
+    own, again, coco = draw("own"), draw("again"), draw("coco", "--metadata", "coco_2017_val")
+    assert np.array_equal(own, again)
+    assert own.shape == coco.shape and not np.array_equal(own, coco)  # COCO's class names and colours
 
 
 @pytest.mark.slow  # builds the demo model four times
