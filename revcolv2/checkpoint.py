@@ -51,6 +51,16 @@ def _numpy_globals() -> List[Any]:
     return out
 
 
+def _numpy_frombuffer() -> Any:
+    """numpy's ``_frombuffer(buffer, dtype, shape, order)``: how an ndarray pickled with
+    protocol 5 (``pickle.HIGHEST_PROTOCOL``) is rebuilt (an array over the pickled bytes)."""
+    try:
+        from numpy.core import numeric
+    except ImportError:  # pragma: no cover - numpy 2 without the numpy.core alias
+        from numpy._core import numeric
+    return numeric._frombuffer
+
+
 def _torch_safe_globals() -> List[Any]:
     """:func:`_numpy_globals` for ``torch.load``, also under the other numpy major version's
     module name (``numpy.core`` in 1.x, ``numpy._core`` in 2.x), so files from either load."""
@@ -59,14 +69,20 @@ def _torch_safe_globals() -> List[Any]:
         for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
             if module != obj.__module__:
                 out.append((obj, f"{module}.{obj.__name__}"))
+    frombuffer = _numpy_frombuffer()
+    out += [(frombuffer, f"{module}._frombuffer") for module in ("numpy.core.numeric", "numpy._core.numeric")]
     return out
 
 
 def _pickle_names() -> Dict[Tuple[str, str], Any]:
-    """(module, name) -> object for :class:`RestrictedUnpickler`, under numpy 1.x and 2.x spellings."""
+    """(module, name) -> object for :class:`RestrictedUnpickler`, under numpy 1.x and 2.x
+    spellings, for every pickle protocol: protocols 0-2 write ``bytes`` through
+    ``_codecs.encode``, protocol 5 writes arrays through numpy's ``_frombuffer``."""
+    import codecs
     import collections
 
-    names: Dict[Tuple[str, str], Any] = {("collections", "OrderedDict"): collections.OrderedDict}
+    names: Dict[Tuple[str, str], Any] = {("collections", "OrderedDict"): collections.OrderedDict,
+                                         ("_codecs", "encode"): codecs.encode}
     for obj in _numpy_globals():
         name = obj.__qualname__ if hasattr(obj, "__qualname__") else obj.__name__
         module = obj.__module__
@@ -74,6 +90,8 @@ def _pickle_names() -> Dict[Tuple[str, str], Any]:
         for alias in ("numpy.core.multiarray", "numpy._core.multiarray"):
             if module.endswith("multiarray"):
                 names[(alias, name)] = obj
+    for module in ("numpy.core.numeric", "numpy._core.numeric"):
+        names[(module, "_frombuffer")] = _numpy_frombuffer()
     return names
 
 

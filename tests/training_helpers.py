@@ -37,3 +37,26 @@ def run_tool(name: str, *argv: str, quiet: bool = True) -> dict:
         if quiet:
             warnings.simplefilter("ignore", UserWarning)
         return importlib.import_module(f"revcolv2.cli.{name}").main([str(a) for a in argv])
+
+
+class Captured(Exception):
+    """Raised by :func:`built_for_training`'s stand-in trainer: everything up to training was built."""
+
+
+def built_for_training(monkeypatch, tool: str, trainer: str, *argv) -> dict:
+    """Run the entry point ``tool`` (``revcolv2.cli.<tool>``) with ``argv`` until it constructs its
+    trainer class ``trainer``; return the arguments it gave the trainer (model, optimizer,
+    datasets, ...). Nothing is trained."""
+    module = importlib.import_module(f"revcolv2.cli.{tool}")
+    seen = {}
+
+    def stand_in(**kwargs):
+        seen.update(kwargs)
+        raise Captured
+
+    monkeypatch.setattr(module, trainer, stand_in)
+    try:
+        run_tool(tool, *argv)
+    except Captured:
+        return seen
+    raise AssertionError(f"tools/{tool}.py {argv} ended without building its trainer")
