@@ -45,6 +45,7 @@ MAE_FT = f"MAE ({MAE}main_finetune.py defaults, {MAE}util/datasets.py build_tran
 MAE_SUP = "MAE: appendix Table 11 (supervised ViT from scratch)"
 MAE_LIN = f"MAE ({MAE}main_linprobe.py defaults, {MAE}util/lars.py; appendix Table 9)"
 OURS, DEMO, RUN_TIME = "ours", "demo", "run-time"
+TRAIN_LOADER = OURS + ": detectron2's build_detection_train_loader, its workers ignoring stop signals"
 
 PAPER_COCO = "paper: COCO recipe (supplementary; docs/TRAINING.md)"
 PAPER_ADE = "paper: ADE20K UperNet recipe (supplementary; docs/TRAINING.md)"
@@ -238,6 +239,7 @@ def coco_rows(epochs, batch, variant, drop_path, global_blocks, cascade):
     max_iter = round(epochs * COCO_TRAIN_IMAGES / batch)
     rows = {
         # data: ViTDet's LSJ loaders
+        "dataloader.train._target_": ("build_train_loader", TRAIN_LOADER),
         "dataloader.train.mapper._target_": ("CheckedDatasetMapper", OURS + ": DatasetMapper naming a missing image"),
         "dataloader.train.mapper.augmentations": ([
             aug("RandomFlip", horizontal=True),
@@ -309,7 +311,7 @@ def ade_loader_rows(num_classes=150, classes_source="ADE20K's 150 classes", trai
                     batch=(16, PAPER_ADE + "; " + M2F_BASE + " IMS_PER_BATCH")):
     """The ADE20K loaders of common/ade20k_loader.py (the UperNet recipe's augmentations)."""
     return {
-        "dataloader.train._target_": ("build_detection_train_loader", names_source),
+        "dataloader.train._target_": ("build_train_loader", TRAIN_LOADER),
         "dataloader.train.dataset": (aug("get_detection_dataset_dicts", names=train_names), names_source),
         "dataloader.train.mapper._target_": ("SemSegDatasetMapper", OURS + ": checks every label PNG"),
         "dataloader.train.mapper.is_train": (True, OURS),
@@ -444,6 +446,7 @@ def m2f_rows(variant, size, crop, max_size, source):
 
 
 SHAPES_DEMO = {
+    "dataloader.train._target_": ("build_train_loader", TRAIN_LOADER),
     "dataloader.train.dataset.names": ("synthetic_shapes_train", DEMO),
     "dataloader.test.dataset.names": ("synthetic_shapes_val", DEMO),
     "dataloader.train.mapper._target_": ("CheckedDatasetMapper", OURS),

@@ -185,8 +185,8 @@ def test_pretrain_arguments(monkeypatch, tmp_path, data):
     model.eval()
     with torch.no_grad():
         assert model(x)["mask"].sum(1).tolist() == [8.0, 8.0]  # half of the 4x4 patches masked
-    ids_keep = torch.arange(8).expand(2, 8)
-    assert stochastic_in_training(model, x, ids_keep=ids_keep), "drop_path_rate 0.2 drops nothing"
+    visible_ids = torch.arange(8).expand(2, 8)
+    assert stochastic_in_training(model, x, visible_ids=visible_ids), "drop_path_rate 0.2 drops nothing"
     params = dict(model.named_parameters())
     assert group_of(opt, params["columns.0.levels.0.blocks.0.attn.qkv.weight"])["weight_decay"] == 0.07
     for name in ("mask_token", "columns.1.alphas"):  # not 1-d: only no_weight_decay_list keeps them undecayed

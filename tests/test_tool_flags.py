@@ -14,12 +14,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import timm
 import torch
 from d2_helpers import DEMO_CONFIG, TINY_OVERRIDES, make_mini_shapes
-from training_helpers import REPO, TINY_MODEL, built_for_training, run_tool, tiny_dataset
+from training_helpers import REPO, TINY_MODEL, built_for_training, one_thread, run_tool, tiny_dataset
 
 import revcolv2  # noqa: F401  (registers the presets with timm)
 
@@ -139,6 +140,13 @@ FLAG_TESTS = {
     "benchmark_pretrain.py": _STEP_BENCH,
     "benchmark_detection.py": {**_BENCH_COMMON, "--batch": None, "--size": None},
     "benchmark_segmentation.py": {**_BENCH_COMMON, "--batch": None, "--size": None},
+    "benchmark_activation_peak.py": {
+        "--variant": "test_tool_flags.py::test_activation_peak_benchmark_flags",
+        "--img-size": "test_tool_flags.py::test_activation_peak_benchmark_flags",
+        "--batch-sizes": "test_tool_flags.py::test_activation_peak_benchmark_flags",
+        "--device": "test_tool_flags.py::test_activation_peak_benchmark_flags",
+        "--help": HELP,
+    },
     "benchmark_gpu_targets.py": {"--out": None, "--budget-s": None, "--steps": None, "--report": None,
                                  "--help": HELP},
 }
@@ -582,3 +590,34 @@ def test_backbone_benchmark_flags(tmp_path):
     values = [c.strip() for c in table_lines[2].strip("|").split("|")]
     cells = dict(zip(header, values))
     assert cells.get("block evals/step", "-") in ("-", ""), cells  # --no-analysis: no analysis columns
+
+
+def _activation_peaks(capsys, *argv):
+    """tools/benchmark_activation_peak.py in-process: its header and {(regime, graph): MB/img}."""
+    from revcolv2_bench import activation_peak
+
+    with mock.patch.object(sys, "argv", ["benchmark_activation_peak.py", *argv]):
+        activation_peak.main()
+    lines = capsys.readouterr().out.splitlines()
+    rows = {}
+    for line in lines[2:]:
+        regime, rest = line[:13].strip(), line[13:]
+        graph, value = rest[:15].strip(), float(rest[15:].split()[0])
+        rows[(regime, graph)] = value
+    return lines[0], rows
+
+
+@pytest.mark.slow  # two runs of the benchmark on the tiny preset (about 3 s)
+def test_activation_peak_benchmark_flags(capsys):
+    """--variant, --img-size, --batch-sizes and --device of the activation-peak benchmark: the
+    header names them, every regime is measured with and without the retained graph, and a
+    larger image holds more activation bytes per image."""
+    args = ("--variant", "revcolv2_tiny", "--batch-sizes", "1,3", "--device", "cpu")
+    with one_thread():
+        header, small = _activation_peaks(capsys, *args, "--img-size", "32")
+        _, large = _activation_peaks(capsys, *args, "--img-size", "64")
+    assert header == "revcolv2_tiny, 32x32, bf16 autocast, batches 1 and 3"
+    assert set(small) == {(r, g) for r in ("analysis", "accumulation", "fresh") for g in ("engine decides", "rebuilt")}
+    for key in small:  # with fresh gradients a tiny model's peak is its gradients, whatever the image size
+        assert (0 <= small[key] <= large[key]) if key[0] == "fresh" else (0 < small[key] < large[key]), \
+            (key, small[key], large[key])
