@@ -31,7 +31,7 @@ from ..run_checkpoints import find_resume_checkpoint
 from ..run_dir import claim_output_dir
 from ..trainer import Trainer
 from ..visualization import reconstruction_grid
-from .common import build_model, training_parser
+from .common import build_model, compile_if_asked, training_parser
 
 # the numbers of a pre-training config, checked before anything runs
 NUMBERS = {
@@ -139,6 +139,7 @@ def train(args: argparse.Namespace, cfg: dict, info, out_dir: str) -> dict:
               f"reversible={model.reversible}), {len(dataset)} training images in {root / 'train'}, "
               f"lr {lr:.3g} (base {optim_cfg['base_lr']} x {batch}/256)")
 
+    compile_if_asked(model, args, info)
     vis = None
     if info.is_main and train_cfg.get("vis_images", 0) > 0:
         vis = fixed_images(root, cfg["data"]["input_size"], train_cfg["vis_images"])
