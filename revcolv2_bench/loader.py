@@ -56,7 +56,7 @@ ROWS: Dict[str, Tuple[str, str]] = {
     "mim-torchvision": ("MIM pre-training", "torchvision ImageFolder + transforms (reference)"),
     "mim-before": ("MIM pre-training", "RevColV2 before: RobustImageFolder, decode, then the same transforms"),
     "mim": ("MIM pre-training", "RevColV2: RandomResizedCropDecoder (crop from the header, uint8)"),
-    "ft-timm": ("fine-tuning", "torchvision ImageFolder + timm create_transform + Mixup (reference)"),
+    "ft-timm": ("fine-tuning", "torchvision ImageFolder + timm create_transform, Mixup (reference)"),
     "ft": ("fine-tuning", "RevColV2: RobustImageFolder, timm transforms, Pillow-safe RandAugment"),
     "lsj-detectron2": ("COCO LSJ 1024", "detectron2 DatasetMapper (reference)"),
     "lsj": ("COCO LSJ 1024", "RevColV2: coco_loader_lsj.py's CheckedDatasetMapper"),
@@ -166,6 +166,7 @@ def row_dataset(key: str, folder: str):
         from timm.data import Mixup, create_transform
 
         from revcolv2.cli.finetune import build_transforms
+        from revcolv2.data import pillow_safe_randaugment
 
         cfg = _config(FINETUNE_CONFIG)
         m = cfg["mixup"]
@@ -181,7 +182,9 @@ def row_dataset(key: str, folder: str):
             tf = create_transform(d["input_size"], is_training=True, scale=tuple(d["crop_scale"]),
                                   auto_augment=d["auto_augment"], interpolation=d["interpolation"],
                                   re_prob=d["re_prob"], re_mode="pixel", re_count=1)
-            return ImageFolder(folder, transform=tf), default_collate, mix
+            # timm as it is, but for the one patch without which it cannot run on Pillow >= 12
+            # (RandAugment's posterize to 0 bits raises there: revcolv2.data.pillow_safe_randaugment)
+            return ImageFolder(folder, transform=pillow_safe_randaugment(tf)), default_collate, mix
         return SeededSamples(RobustImageFolder(folder, transform=build_transforms(cfg)[0])), default_collate, mix
     if key.startswith("lsj"):
         from detectron2.config import LazyConfig, instantiate
