@@ -348,7 +348,8 @@ def main() -> None:
     sources = "; ".join(f"{g['img/s']:.1f} img/s: {g['section']}, row \"{g['row']}\" ({g['card']}, {g['date']})"
                         for pipeline in rates for g in rates[pipeline])
     body = (f"Images per second of one loader worker (one process, one thread: decode, augment, collate), on "
-            f"{data['images']} generated JPEGs of about 500x375, quality 90, mean {data['mean KB']} KB; "
+            f"{data['images']} JPEGs " + ("of --data" if args.data else "generated, about 500x375, quality 90,")
+            + f" mean {data['mean KB']} KB; "
             f"{args.images} images per row after {args.warmup} of warm-up, batch {args.batch}, every row in a fresh "
             f"process. \"ms/img (CPU)\" is process CPU time, which other load does not inflate; \"wall img/s\" "
             f"shows that load. Mixup / cutmix runs on the device in the trainer (its column is the CPU's time "

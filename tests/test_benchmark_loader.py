@@ -41,9 +41,11 @@ def test_workers_per_gpu_round_up_and_compare_with_the_reference_row():
 
 @pytest.mark.slow
 def test_the_benchmark_measures_every_pipeline_and_writes_its_table(tmp_path):
-    report = tmp_path / "BENCHMARKS.md"
+    report, data = tmp_path / "BENCHMARKS.md", tmp_path / "jpegs"
+    assert loader.write_jpegs(str(data), 7)["images"] == 7  # read with --data instead of generated ones
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark_loader.py"), "--images", "6", "--warmup",
-                           "1", "--batch", "2", "--rows", "mim-torchvision,mim,ft,lsj", "--report", str(report)],
+                           "1", "--batch", "2", "--rows", "mim-torchvision,mim,ft,lsj", "--data", str(data),
+                           "--report", str(report)],
                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -56,3 +58,4 @@ def test_the_benchmark_measures_every_pipeline_and_writes_its_table(tmp_path):
     text = report.read_text()
     assert "### Input pipelines: images per second per loader worker (CPU)" in text
     assert "command: `python tools/benchmark_loader.py --images 6" in text and "H200" in text
+    assert "on 7 JPEGs of --data" in text and data.is_dir()  # its folder is read, and kept
