@@ -16,7 +16,9 @@ from __future__ import annotations
 import gc
 import math
 import os
+import statistics
 import time
+from collections import deque
 from contextlib import nullcontext
 from typing import Any, Dict, List, Optional
 
@@ -29,7 +31,7 @@ from .amp import amp_dtype, autocast
 from .atomic_io import remove_stale_temporaries, save_atomic
 from .checkpoint import CheckpointError, load_file
 from .data import EpochSampler, SeededSamples
-from .distributed import DistInfo, all_reduce_sum, barrier
+from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier
 from .metrics_log import LOG_FILE, json_line, trim_log
 from .optim import build_scheduler
 from .rng import gather_rng_states, seed_everything, set_rng_state
@@ -91,7 +93,15 @@ class Trainer:
 
     One *step* is one optimizer update over ``accum`` micro-batches of ``micro_batch``
     images on each of ``world_size`` processes.
+
+    Its *data time* is how long the step waited for its micro-batches (detectron2's
+    ``data_time``): about zero when the loader keeps up, the step's input-bound share when
+    it does not. The progress bar shows ``data=`` (this process, median of the last
+    ``DATA_WINDOW`` steps); TensorBoard gets ``<name>/data_time`` every ``log_every`` steps
+    (the mean over those steps, of the slowest process: it holds the others back).
     """
+
+    DATA_WINDOW = 20
 
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset,
                  info: DistInfo, output_dir: str, effective_batch: int, micro_batch: int,
@@ -149,6 +159,10 @@ class Trainer:
         self.step_in_epoch = 0  # updates done in the epoch in progress
         self.history: Dict[int, float] = {}  # step -> training loss of that update (this rank)
         self._epoch_losses: List[float] = []
+        # seconds each step waited for its micro-batches (the progress bar's median of the last
+        # DATA_WINDOW steps; TensorBoard's mean since the last write, the slowest process's)
+        self._data_window: deque = deque(maxlen=self.DATA_WINDOW)
+        self._data_since_log: List[float] = []
         self._signals = StopSignals(self._announce_stop)  # .signum: the first stop signal, once one arrived
         if info.is_main:  # temporary files of a killed checkpoint write
             remove_stale_temporaries(output_dir)
@@ -364,8 +378,12 @@ class Trainer:
                    dynamic_ncols=True, mininterval=1.0, leave=True)
         try:
             while self.step_in_epoch < self.steps_per_epoch:
-                loss = self.train_step([next(batches) for _ in range(self.accum)])
-                self._record_step(loss, bar, clock)
+                waited = time.perf_counter()
+                micro_batches = [next(batches) for _ in range(self.accum)]
+                data_time = time.perf_counter() - waited
+                loss = self.train_step(micro_batches)
+                del micro_batches
+                self._record_step(loss, data_time, bar, clock)
                 if self.step_in_epoch < self.steps_per_epoch and self._should_stop(stop_at_step):
                     return True
             return False
@@ -374,18 +392,25 @@ class Trainer:
             # not even the frame of a traceback may keep the loader's iterator (its workers) alive
             del batches
 
-    def _record_step(self, loss: float, bar, clock: "_Clock") -> None:
-        """The step's loss into the history, the progress bar and (every ``log_every`` steps
-        and at the end of an epoch) TensorBoard, averaged over processes."""
+    def _record_step(self, loss: float, data_time: float, bar, clock: "_Clock") -> None:
+        """The step's loss and data time into the history, the progress bar and (every
+        ``log_every`` steps and at the end of an epoch) TensorBoard: the loss averaged over
+        processes, the data time the slowest process's mean since the last write."""
         self.history[self.step] = loss
         self._epoch_losses.append(loss)
+        self._data_window.append(data_time)
+        self._data_since_log.append(data_time)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.current_lr():.2e}",
+                        data=f"{statistics.median(self._data_window):.3f}s",
                         eta=format_seconds(clock.eta(self.step, self.total_steps)), refresh=False)
         bar.update(1)
         if self.step % self.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
             mean_loss = all_reduce_sum(torch.tensor([loss], device=self.info.device), self.info)
             mean_loss = mean_loss.item() / self.info.world_size
-            self.tb.scalars({f"{self.name}/loss": mean_loss, f"{self.name}/lr": self.current_lr()}, self.step)
+            waited = torch.tensor([sum(self._data_since_log) / len(self._data_since_log)], device=self.info.device)
+            self._data_since_log = []
+            self.tb.scalars({f"{self.name}/loss": mean_loss, f"{self.name}/lr": self.current_lr(),
+                             f"{self.name}/data_time": all_reduce_max(waited, self.info).item()}, self.step)
 
     def _finish_epoch(self) -> bool:
         """After the last step of an epoch: its evaluation (:meth:`end_of_epoch`), one

@@ -18,6 +18,7 @@ from ..config import load_config, nonneg_int, positive_int, validate_config
 from ..data import RobustImageFolder, check_same_classes, num_workers_default
 from ..distributed import DistInfo, init_distributed
 from ..mim import create_mim_model  # its import of revcolv2.model registers the presets with timm
+from ..model import allow_level_recompiles, compile_for_training
 from ..run_checkpoints import find_resume_checkpoint
 
 TASKS = ("pretrain", "finetune", "linear_probe")
@@ -66,6 +67,9 @@ def training_parser(description: str, task: str) -> argparse.ArgumentParser:
     p.add_argument("--strict-data", action="store_true", help="fail on unreadable images instead of skipping them")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model for training: compile_levels() (each level's F_l) when it is "
+                        "reversible, the whole model when it is plain; the first steps are slow while it compiles")
     p.add_argument("--stop-at-step", type=positive_int, default=None,
                    help="stop after this many optimizer steps with a resumable checkpoint (as on Ctrl-C)")
     p.add_argument("--opts", nargs="*", default=[], help="config overrides, e.g. schedule.epochs=10")
@@ -93,6 +97,18 @@ def build_model(cfg: dict, task: str, num_classes: Optional[int] = None) -> nn.M
     if task == "linear_probe":
         return timm.create_model(m["name"], num_classes=0, reversible=False, img_size=size, **kwargs)
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def compile_if_asked(model: nn.Module, args: argparse.Namespace, info: DistInfo) -> None:
+    """``--compile``: :func:`revcolv2.model.compile_for_training` on ``model``, after the
+    recompile limit that ``compile_levels()`` needs is raised (a process-wide switch: the
+    entry point's to set). Call it once the model is complete and copied (EMA)."""
+    if not args.compile:
+        return
+    allow_level_recompiles()
+    for line in compile_for_training(model):
+        if info.is_main:
+            print(f"--compile: {line}")
 
 
 def start_classification(argv: Optional[List[str]], description: str, task: str

@@ -27,7 +27,14 @@ from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, pillow_safe_r
 from ..optim import param_groups_layer_decay
 from ..rng import seed_everything
 from ..run_dir import claim_output_dir
-from .common import build_model, checked_train_split, evaluate_only, resume_and_fit, start_classification
+from .common import (
+    build_model,
+    checked_train_split,
+    compile_if_asked,
+    evaluate_only,
+    resume_and_fit,
+    start_classification,
+)
 
 
 def build_transforms(cfg: dict):
@@ -83,6 +90,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         else:
             criterion = torch.nn.CrossEntropyLoss()
         ema = ModelEmaV3(model, decay=cfg["ema"]["decay"]) if cfg["ema"]["decay"] else None
+        compile_if_asked(model, args, info)  # after the EMA copy, which stays eager
         if info.is_main:
             print(f"model {m_cfg['name']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
                   f"{num_classes} classes, reversible={model.reversible}), {len(train_set)} train / "

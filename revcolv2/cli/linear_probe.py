@@ -21,7 +21,14 @@ from ..config import write_config
 from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, prepare_data_root
 from ..rng import seed_everything
 from ..run_dir import claim_output_dir
-from .common import build_model, checked_train_split, evaluate_only, resume_and_fit, start_classification
+from .common import (
+    build_model,
+    checked_train_split,
+    compile_if_asked,
+    evaluate_only,
+    resume_and_fit,
+    start_classification,
+)
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -64,6 +71,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
              {"params": [linear.bias], "weight_decay": 0.0, "always_adapt": False}],
             lr=lr, momentum=o_cfg["momentum"], trust_coeff=o_cfg["trust_coeff"],
         )
+        compile_if_asked(model, args, info)
         if info.is_main:
             print(f"linear probe of {m_cfg['name']} ({num_classes} classes), {len(train_set)} train / "
                   f"{len(val_set)} val images, LARS lr {lr:.3g} (base {o_cfg['base_lr']} x {batch}/256)")

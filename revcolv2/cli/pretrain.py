@@ -24,14 +24,22 @@ from torchvision import transforms
 from torchvision.utils import save_image
 
 from ..config import load_config, validate_config, write_config
-from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, num_workers_default, prepare_data_root
+from ..data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RandomResizedCropDecoder,
+    RobustImageFolder,
+    normalize_uint8,
+    num_workers_default,
+    prepare_data_root,
+)
 from ..distributed import init_distributed
 from ..rng import seed_everything
 from ..run_checkpoints import find_resume_checkpoint
 from ..run_dir import claim_output_dir
 from ..trainer import Trainer
 from ..visualization import reconstruction_grid
-from .common import build_model, training_parser
+from .common import build_model, compile_if_asked, training_parser
 
 # the numbers of a pre-training config, checked before anything runs
 NUMBERS = {
@@ -48,7 +56,17 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return training_parser(__doc__, "pretrain").parse_args(argv)
 
 
+def pretrain_decoder(cfg: dict) -> RandomResizedCropDecoder:
+    """The training images of pre-training: decoded, cropped, resized and flipped in one step
+    from the file (uint8; :class:`~revcolv2.data.RandomResizedCropDecoder`), which gives
+    :func:`pretrain_transform`'s crops and flips."""
+    d = cfg["data"]
+    return RandomResizedCropDecoder(d["input_size"], tuple(d["crop_scale"]), hflip=d["hflip"])
+
+
 def pretrain_transform(cfg: dict) -> transforms.Compose:
+    """The same augmentation as torchvision transforms of a decoded image, to normalized
+    float (the reference that :func:`pretrain_decoder` reproduces)."""
     d = cfg["data"]
     return transforms.Compose([
         transforms.RandomResizedCrop(d["input_size"], scale=tuple(d["crop_scale"]),
@@ -92,7 +110,10 @@ class PretrainTrainer(Trainer):
 
     def forward_loss(self, batch) -> torch.Tensor:
         images, _ = batch
-        return self.ddp_model(images.to(self.info.device, non_blocking=True))["loss"]
+        images = images.to(self.info.device, non_blocking=True)
+        if images.dtype == torch.uint8:  # pretrain_decoder's images: normalized here, not in the workers
+            images = normalize_uint8(images)
+        return self.ddp_model(images)["loss"]
 
     def end_of_epoch(self, epoch: int) -> dict:
         done = epoch + 1
@@ -126,7 +147,7 @@ def train(args: argparse.Namespace, cfg: dict, info, out_dir: str) -> dict:
     seed_everything(args.seed + info.rank)  # per-rank masks and drop-path
 
     root = prepare_data_root(args.data_path, info)
-    dataset = RobustImageFolder(str(root / "train"), transform=pretrain_transform(cfg), strict=args.strict_data)
+    dataset = RobustImageFolder(str(root / "train"), loader=pretrain_decoder(cfg), strict=args.strict_data)
     write_config(cfg, out_dir, info)
 
     batch = optim_cfg["batch_size"]
@@ -139,6 +160,7 @@ def train(args: argparse.Namespace, cfg: dict, info, out_dir: str) -> dict:
               f"reversible={model.reversible}), {len(dataset)} training images in {root / 'train'}, "
               f"lr {lr:.3g} (base {optim_cfg['base_lr']} x {batch}/256)")
 
+    compile_if_asked(model, args, info)
     vis = None
     if info.is_main and train_cfg.get("vis_images", 0) > 0:
         vis = fixed_images(root, cfg["data"]["input_size"], train_cfg["vis_images"])

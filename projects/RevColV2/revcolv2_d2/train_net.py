@@ -54,9 +54,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from revcolv2.checkpoint import ShapeMismatchError
 from revcolv2.metrics_log import json_compatible, split_json_lines
+from revcolv2.model import allow_level_recompiles, compile_for_training
 from revcolv2.run_dir import RunLayout, claim_output_dir
 from revcolv2.signals import StopSignals, TrainingInterrupted, agree_on_signal, end_launcher, exit_launcher
 
+from .backbone import RevColV2Backbone
 from .checkpoint import RevColV2Checkpointer
 from .data import register_all
 from .safe_config import load_lazy_config
@@ -234,10 +236,29 @@ def _amp_settings(cfg):
     return enabled, PRECISIONS[precision]
 
 
+def compile_if_configured(cfg, model) -> list:
+    """``train.compile=True``: :func:`revcolv2.model.compile_for_training` on each RevColV2
+    backbone of ``model`` (``compile_levels()`` when reversible, the backbone module whole when
+    plain), after raising the recompile limit that ``compile_levels()`` needs (process-wide:
+    the program's step). The heads stay eager: proposals, instances and matching have
+    data-dependent shapes. Returns the compiled backbones."""
+    if not cfg.train.get("compile", False):
+        return []
+    backbones = [m for m in model.modules() if isinstance(m, RevColV2Backbone)]
+    if not backbones:
+        raise ValueError("train.compile=True: the model has no RevColV2Backbone to compile")
+    allow_level_recompiles()
+    for backbone in backbones:
+        for line in compile_for_training(backbone):
+            logger.info("train.compile: %s", line)
+    return backbones
+
+
 def do_train(args, cfg):
     model = instantiate(cfg.model)
     logger.info("Model:\n%s", model)
     model.to(cfg.train.device)
+    compile_if_configured(cfg, model)
 
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
