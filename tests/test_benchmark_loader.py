@@ -1,5 +1,6 @@
 """tools/benchmark_loader.py: the GPU step rates it reads from docs/BENCHMARKS.md (and
 names), the workers per GPU it derives, and a run of its rows end to end."""
+import json
 import os
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def test_the_benchmark_measures_every_pipeline_and_writes_its_table(tmp_path):
     assert loader.write_jpegs(str(data), 7)["images"] == 7  # read with --data instead of generated ones
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark_loader.py"), "--images", "6", "--warmup",
                            "1", "--batch", "2", "--rows", "mim-torchvision,mim,ft,lsj", "--data", str(data),
-                           "--report", str(report)],
+                           "--report", str(report), "--json", str(tmp_path / "rows.json")],
                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -59,3 +60,5 @@ def test_the_benchmark_measures_every_pipeline_and_writes_its_table(tmp_path):
     assert "### Input pipelines: images per second per loader worker (CPU)" in text
     assert "command: `python tools/benchmark_loader.py --images 6" in text and "H200" in text
     assert "on 7 JPEGs of --data" in text and data.is_dir()  # its folder is read, and kept
+    measured = json.loads((tmp_path / "rows.json").read_text())  # --json: the rows as measured
+    assert [r["pipeline"] for r in measured] == [r["pipeline"] for r in rows], measured

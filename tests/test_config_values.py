@@ -561,6 +561,8 @@ LAZY_TABLES = {
     "demo/upernet_revcolv2_tiny_synthetic.py": UPERNET_DEMO,
     "demo/mask2former_revcolv2_tiny_synthetic.py": M2F_DEMO,
 }
+for _table in LAZY_TABLES.values():  # every config leaves torch.compile off (tools/lazyconfig_train_net.py)
+    _table.setdefault("train.compile", (False, RUN_TIME + ": train.compile=True compiles the backbone"))
 # names a config file exports beside the config sections (detectron2 saves every
 # DictConfig a .py config leaves at module level): the same objects under another name
 ALIASES = {"demo/mask_rcnn_revcolv2_tiny_shapes.py": {"bb": "model.backbone.bottom_up", "roi": "model.roi_heads"}}

@@ -70,12 +70,31 @@ _STEP_BENCH = {
     "--profile-rows": None,
 }
 FLAG_TESTS = {
-    "pretrain.py": _TRAINING,
+    "pretrain.py": {
+        **_TRAINING,
+        "--compile": "test_compile_flag.py::test_pretrain_with_compile_trains_like_eager_through_compiled_levels"},
     "finetune.py": {**_TRAINING, **_CLASSIFICATION,
-                    "--config": "test_timm_arguments.py::test_finetune_transforms"},
+                    "--config": "test_timm_arguments.py::test_finetune_transforms",
+                    "--compile": "test_compile_flag.py::test_finetune_with_compile_keeps_its_ema_copy_eager"},
     "linear_probe.py": {**_TRAINING, **_CLASSIFICATION,
                         "--config": "test_timm_arguments.py::test_linear_probe_arguments",
-                        "--finetune": "test_finetune.py::test_linear_probe_end_to_end"},
+                        "--finetune": "test_finetune.py::test_linear_probe_end_to_end",
+                        "--compile": "test_timm_arguments.py::"
+                                     "test_linear_probe_compile_compiles_the_probe_and_nothing_without_it"},
+    "submit.py": {
+        **{flag: "test_submit.py::test_submit_options_reach_the_sbatch_script_and_the_job" for flag in (
+            "--nodes", "--gpus-per-node", "--partition", "--time", "--account", "--qos", "--constraint",
+            "--exclude", "--comment", "--cpus-per-gpu", "--mem-gb", "--job-name", "--signal-delay-s",
+            "--max-requeues", "--port", "--setup", "--slurm-arg", "--log-dir", "TOOL")},
+        "--cluster": "test_submit.py::test_a_job_runs_to_the_end_and_an_interrupted_one_requeues_to_the_same_weights",
+        "--wait": "test_submit.py::test_a_job_runs_to_the_end_and_an_interrupted_one_requeues_to_the_same_weights",
+        "--help": HELP,
+    },
+    "benchmark_loader.py": {
+        **{flag: "test_benchmark_loader.py::test_the_benchmark_measures_every_pipeline_and_writes_its_table"
+           for flag in ("--rows", "--images", "--warmup", "--batch", "--data", "--report", "--json")},
+        "--help": HELP,
+    },
     "export.py": {
         "checkpoint": "test_export.py::test_mim_checkpoint_round_trip_through_the_cli",
         "--output": "test_export.py::test_mim_checkpoint_round_trip_through_the_cli",
