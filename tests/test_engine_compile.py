@@ -41,13 +41,17 @@ def test_compiled_levels_give_eager_gradients_without_graph_breaks():
     assert not counters["graph_break"]
 
 
-def test_compile_levels_refuses_a_recompile_limit_it_would_exceed(monkeypatch):
+def test_compile_levels_refuses_a_recompile_limit_it_would_exceed():
     """The limit is process-wide: compile_levels() never changes it, and says how to."""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    with pytest.raises(RuntimeError, match="allow_level_recompiles"):
-        _model().compile_levels()
-    assert torch._dynamo.config.recompile_limit == 8
-    allow_level_recompiles()
-    assert torch._dynamo.config.recompile_limit == LEVEL_RECOMPILE_LIMIT
+    # torch's own patch, not monkeypatch: monkeypatch's undo deletes the attribute, which
+    # hides a torch config entry for the rest of the process ("... does not exist")
+    before = torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=8):
+        with pytest.raises(RuntimeError, match="allow_level_recompiles"):
+            _model().compile_levels()
+        assert torch._dynamo.config.recompile_limit == 8
+        allow_level_recompiles()
+        assert torch._dynamo.config.recompile_limit == LEVEL_RECOMPILE_LIMIT
+    torch._dynamo.config.recompile_limit = before
