@@ -53,6 +53,26 @@ def write_text_atomic(path: str, text: str) -> None:
              "the file was not replaced. Free space in {folder}, then run again")
 
 
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` as :func:`write_text_atomic` writes text (a drawing, an
+    encoded image): whole or not at all, and a link at ``path`` is replaced, not followed."""
+    _replace(path, "_" + os.path.basename(path), lambda f: f.write(data),
+             "the file was not replaced. Free space in {folder}, then run again")
+
+
+def open_append(path: str):
+    """``open(path, "a")`` for a log that a run appends to in place, without following a
+    symbolic link at ``path`` (``O_NOFOLLOW``): in a shared run folder a link planted there
+    would make the run write into its target. A link is an ``OSError`` (ELOOP) naming it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(e.errno, f"{path} is a symbolic link; refusing to append to it", path) from None
+        raise
+    return os.fdopen(fd, "a")
+
+
 def _replace(path: str, suffix: str, write: Callable[[Any], Any], when_full: str) -> None:
     """``write(binary file)`` into a new temporary file beside ``path``, flushed to the disk,
     then renamed over ``path``; on any error the temporary file is removed, and a full disk

@@ -11,6 +11,7 @@ from typing import Any, Dict, Sequence
 
 import yaml
 
+from .atomic_io import write_text_atomic
 from .distributed import DistInfo
 
 
@@ -128,8 +129,8 @@ def nonneg_int(text: str) -> int:
 
 # --------------------------------------------------------------------------- the run's copy
 def write_config(cfg: dict, output_dir: str, info: DistInfo) -> None:
-    """Write the resolved ``cfg`` as ``config.yaml`` in ``output_dir`` (on the main process only)."""
+    """Write the resolved ``cfg`` as ``config.yaml`` in ``output_dir`` (on the main process
+    only), through a temporary file renamed over it: a symbolic link there is replaced, never
+    written through."""
     if info.is_main:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(cfg, f, sort_keys=False)
+        write_text_atomic(os.path.join(output_dir, "config.yaml"), yaml.safe_dump(cfg, sort_keys=False))

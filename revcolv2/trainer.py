@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .amp import amp_dtype, autocast
-from .atomic_io import remove_stale_temporaries, save_atomic
+from .atomic_io import open_append, remove_stale_temporaries, save_atomic
 from .checkpoint import CheckpointError, load_file
 from .data import EpochSampler, SeededSamples
 from .distributed import DistInfo, all_reduce_sum, barrier
@@ -399,7 +399,7 @@ class Trainer:
         self._epoch_losses = []
         self.tb.scalars({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, self.epoch)
         if self.info.is_main:
-            with open(os.path.join(self.output_dir, LOG_FILE), "a") as f:
+            with open_append(os.path.join(self.output_dir, LOG_FILE)) as f:  # never through a link
                 f.write(json_line(metrics) + "\n")
         return self.save_epoch_checkpoint(epoch + 1)
 

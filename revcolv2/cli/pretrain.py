@@ -14,6 +14,7 @@ is written to ``<output>/reconstructions/``.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 from pathlib import Path
 from typing import List, Optional
@@ -23,6 +24,7 @@ from timm.optim import param_groups_weight_decay
 from torchvision import transforms
 from torchvision.utils import save_image
 
+from ..atomic_io import write_bytes_atomic
 from ..config import load_config, validate_config, write_config
 from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, num_workers_default, prepare_data_root
 from ..distributed import init_distributed
@@ -98,9 +100,11 @@ class PretrainTrainer(Trainer):
         done = epoch + 1
         if self.info.is_main and self.vis_images is not None and (done % self.vis_every == 0 or done == self.epochs):
             grid = reconstruction_grid(self.model, self.vis_images)
-            folder = os.path.join(self.output_dir, "reconstructions")
-            os.makedirs(folder, exist_ok=True)
-            save_image(grid, os.path.join(folder, f"epoch_{done:04d}.png"))
+            png = io.BytesIO()
+            save_image(grid, png, format="png")
+            # through a renamed temporary file: a link planted in the run folder is replaced, not written through
+            write_bytes_atomic(os.path.join(self.output_dir, "reconstructions", f"epoch_{done:04d}.png"),
+                               png.getvalue())
             self.tb.image("pretrain/reconstruction", grid, done)
         return {}
 

@@ -52,9 +52,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.multiprocessing import ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel
 
+from revcolv2.atomic_io import write_text_atomic
 from revcolv2.checkpoint import ShapeMismatchError
 from revcolv2.metrics_log import json_compatible, split_json_lines
-from revcolv2.run_dir import RunLayout, claim_output_dir
+from revcolv2.run_dir import RunLayout, claim_output_dir, refuse_links
 from revcolv2.signals import StopSignals, TrainingInterrupted, agree_on_signal, end_launcher, exit_launcher
 
 from .checkpoint import RevColV2Checkpointer
@@ -71,7 +72,11 @@ DETECTRON2_RUN = RunLayout(
     is_run_file=lambda n: (n in ("last_checkpoint", "metrics.json", "last_eval.json")
                            or bool(re.match(r"^model_(\d+|final)\.pth$", n)) or n.startswith("events.out.tfevents.")),
     resume="--resume", elsewhere="write to another train.output_dir=DIR", restart="iteration 0",
-    deleted="its checkpoints, metrics.json, last_eval.json and TensorBoard events")
+    deleted="its checkpoints, metrics.json, last_eval.json and TensorBoard events",
+    # detectron2 writes these in place (appends, or opens with "w"): a link among them is refused
+    in_place=("config.yaml", "metrics.json", "log.txt"))
+# what --eval-only writes in place (its last_eval.json is renamed into place)
+EVAL_ONLY_IN_PLACE = ("config.yaml", "log.txt")
 
 
 # --------------------------------------------------------------------------- overrides
@@ -214,10 +219,9 @@ def write_last_eval(output_dir: str, results) -> str:
     """The latest evaluation, machine-readable (also in metrics.json when training), as
     strict JSON: a metric that is NaN (COCO's AP of a class without ground truth, ...) is
     written ``null``, since the ``NaN`` that ``json.dump`` writes is no JSON."""
-    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "last_eval.json")
-    with open(path, "w") as f:
-        json.dump(json_compatible(results), f, indent=1, allow_nan=False)
+    # renamed into place: a symbolic link there is replaced, never written through
+    write_text_atomic(path, json.dumps(json_compatible(results), indent=1, allow_nan=False))
     return path
 
 
@@ -297,6 +301,8 @@ def main(args):
     cfg = apply_overrides(cfg, args.opts, args.config_file)
     if str(cfg.train.get("device", "cuda")).startswith("cuda") and not torch.cuda.is_available():
         cfg.train.device = "cpu"
+    if args.eval_only and cfg.train.get("output_dir") and comm.is_main_process():
+        refuse_links(cfg.train.output_dir, EVAL_ONLY_IN_PLACE, "train.output_dir")  # training: in the launcher
     default_setup(cfg, args)
 
     if args.eval_only:
