@@ -238,6 +238,42 @@ def _amp_settings(cfg):
     return enabled, PRECISIONS[precision]
 
 
+# --------------------------------------------------------------------------- resume
+def optimizer_settings(optimizer) -> list:
+    """The settings of each parameter group (lr, weight decay, ...), without the parameters."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def follow_config_on_resume(optimizer, settings: list, source: str, start_iter: int, max_iter: int) -> None:
+    """A resumed run follows its config, not the checkpoint's optimizer settings.
+
+    detectron2 loads the optimizer's parameter groups whole, so the checkpoint's lr (as
+    ``initial_lr``, the base that ``lr_multiplier`` multiplies), weight decay and betas would
+    win over a changed ``optimizer.lr`` / ``optimizer.weight_decay``: the run would train and
+    ignore them. Here the moments stay the checkpoint's and the settings become ``settings``
+    (the config's), with each change logged. ``lr_multiplier`` is evaluated at
+    ``iteration / train.max_iter`` of this run, so a changed ``train.max_iter`` is followed
+    by detectron2 itself; a ``train.max_iter`` below the checkpoint's iteration is refused
+    (one line), as the schedule would end before the point the run has reached."""
+    if start_iter > max_iter:
+        raise SystemExit(f"cannot resume {source}: it is at iteration {start_iter}, past train.max_iter={max_iter}; "
+                         f"a schedule cannot end before the point the run has reached. Give train.max_iter >= "
+                         f"{start_iter}")
+    changes = {}
+    for group, own in zip(optimizer.param_groups, settings):
+        for key, value in own.items():
+            was = group.get("initial_lr", group.get(key)) if key == "lr" else group.get(key)
+            if key != "initial_lr" and was != value:
+                changes.setdefault(key, set()).add((str(was), str(value)))
+        group.update(own)
+        group["initial_lr"] = own["lr"]  # the base lr_multiplier multiplies (detectron2 reads it on resume)
+    if changes:
+        shown = "; ".join(f"{k} {', '.join(f'{a} -> {b}' for a, b in sorted(v)[:3])}"
+                          for k, v in sorted(changes.items()))
+        logger.warning("resuming %s with a changed optimizer config: %s (per parameter group); the run follows the "
+                       "config from iteration %d, the checkpoint's moments are kept", source, shown, start_iter)
+
+
 def do_train(args, cfg):
     model = instantiate(cfg.model)
     logger.info("Model:\n%s", model)
@@ -276,9 +312,11 @@ def do_train(args, cfg):
         ]
     )
 
+    settings = optimizer_settings(optim)  # the config's, before a resume loads the checkpoint's
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     if args.resume and checkpointer.has_checkpoint():
         start_iter = trainer.iter + 1
+        follow_config_on_resume(optim, settings, checkpointer._source, start_iter, cfg.train.max_iter)
     else:
         start_iter = 0
     if comm.is_main_process():
