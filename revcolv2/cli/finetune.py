@@ -51,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     seed_everything(args.seed)
     model = build_model(cfg, "finetune", num_classes)
     if args.finetune and not args.eval:
-        load_pretrained(model, args.finetune, verbose=info.is_main, ema=not args.no_ema)
+        load_pretrained(model, args.finetune, verbose=info.is_main, ema=not args.no_ema, classes=val_set.classes)
     model.to(info.device)
     seed_everything(args.seed + info.rank)
 
