@@ -11,7 +11,7 @@ import os
 import re
 import secrets
 import shutil
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Tuple
 
 import torch
 
@@ -106,6 +106,28 @@ def _create_temporary(folder: str, suffix: str) -> Tuple[int, str]:
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
         except FileExistsError:  # 2**48 names: practically never
             continue
+
+
+def inputs_replaced(outputs: Iterable[str], inputs: Iterable[str]) -> List[Tuple[str, str]]:
+    """(output, input) for each output path whose writing would replace an input file: the
+    same file after symbolic links are resolved, or another name of it (a hard link). The
+    tools refuse these before they write anything: no tool writes over its input."""
+    by_path: Dict[str, str] = {}
+    by_inode: Dict[Tuple[int, int], str] = {}
+    for p in inputs:
+        if p and os.path.exists(p):
+            by_path[os.path.realpath(p)] = p
+            st = os.stat(p)
+            by_inode[(st.st_dev, st.st_ino)] = p
+    clashes = []
+    for out in outputs:
+        hit = by_path.get(os.path.realpath(out))
+        if hit is None and os.path.exists(out):
+            st = os.stat(out)
+            hit = by_inode.get((st.st_dev, st.st_ino))
+        if hit is not None:
+            clashes.append((out, hit))
+    return clashes
 
 
 def follow_umask(path: str) -> None:
