@@ -1,6 +1,6 @@
 """A symbolic link planted in a shared run folder does not make a run write into its target:
 the lock and the files written in place (log.jsonl; detectron2's config.yaml, metrics.json,
-log.txt) are opened without following links or refused while nothing is written yet, and
+text log) are opened without following links or refused while nothing is written yet, and
 the files a run replaces (config.yaml, last_eval.json, the trimmed log, checkpoints, the
 pointer) go through uniquely named temporary files renamed over the link, never through it."""
 import os
