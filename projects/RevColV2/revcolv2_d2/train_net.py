@@ -98,10 +98,18 @@ def _config_keys(node, prefix: str = ""):
             yield from _config_keys(v, key + ".")
 
 
-def _call_accepts(cfg, key: str) -> bool:
-    """Whether ``key`` names an argument of a LazyCall: its parent has a ``_target_`` whose
-    signature has that parameter, or takes ``**kwargs`` (then the call itself rejects an
-    unknown name when the config is instantiated)."""
+class OverrideTypeError(ValueError):
+    """A command-line override whose value is not of the type the config's value has."""
+
+
+_NO_DEFAULT = object()
+
+
+def _call_parameter(cfg, key: str):
+    """``(accepted, default)`` for ``key`` as an argument of a LazyCall: accepted when its
+    parent has a ``_target_`` whose signature has that parameter, or takes ``**kwargs``
+    (then the call itself rejects an unknown name when the config is instantiated); the
+    parameter's default, or ``_NO_DEFAULT``."""
     import inspect
 
     from detectron2.utils.registry import locate
@@ -109,28 +117,86 @@ def _call_accepts(cfg, key: str) -> bool:
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
     if not isinstance(node, DictConfig) or "_target_" not in node:
-        return False
+        return False, _NO_DEFAULT
     target = node._target_
     try:
         target = locate(target) if isinstance(target, str) else target
         params = inspect.signature(target).parameters.values()
     except (TypeError, ValueError, ImportError):
-        return False
-    return any(p.name == leaf or p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+        return False, _NO_DEFAULT
+    for p in params:
+        if p.name == leaf:
+            return True, _NO_DEFAULT if p.default is inspect.Parameter.empty else p.default
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params), _NO_DEFAULT
+
+
+def _call_accepts(cfg, key: str) -> bool:
+    return _call_parameter(cfg, key)[0]
+
+
+def _expected_type(current):
+    """(the types an override of a key holding ``current`` may have, their name in words),
+    or None when anything goes (no value, ``None``, an object)."""
+    if isinstance(current, bool):
+        return (bool,), "true or false"
+    if isinstance(current, int):
+        return (int,), "a whole number"
+    if isinstance(current, float):
+        return (int, float), "a number"
+    if isinstance(current, str):
+        return (str, type(None)), "a string"
+    if isinstance(current, (ListConfig, list, tuple)):
+        return (list, tuple, type(None)), "a list [a, b, ...]"
+    if isinstance(current, (DictConfig, dict)):
+        return (dict, type(None)), "a mapping {key: value, ...}"
+    return None
+
+
+def check_override_type(key: str, value, current, config_file: str) -> None:
+    """:class:`OverrideTypeError` naming the key, the value and the expected type when
+    ``value`` (as Hydra parsed it) cannot stand where the config holds ``current``: a string
+    for a number (``train.max_iter=abc``), ``1.5`` for a whole number, a number for a list.
+    A whole number is a number; ``null`` may replace a string, list or mapping."""
+    expected = _expected_type(current)
+    if expected is None:
+        return
+    types, words = expected
+    if isinstance(value, bool) and bool not in types:
+        ok = False
+    else:
+        ok = isinstance(value, types)
+    if not ok:
+        shown = current if not isinstance(current, (DictConfig, ListConfig)) else OmegaConf.to_container(current)
+        raise OverrideTypeError(
+            f"config override {key}={value!r}: expected {words} ({type(shown).__name__}), as {config_file} has "
+            f"{shown!r} there; nothing was run or written")
 
 
 def apply_overrides(cfg, overrides, config_file: str = "the config"):
-    """detectron2's ``LazyConfig.apply_overrides``, but a key that the config does not have is
-    an error (a typo such as ``trian.max_iter=5`` would otherwise be ignored) naming the key
-    and the closest existing one. An argument of a LazyCall that the config leaves at its
-    default counts as existing. ``+key=value`` adds a new key on purpose."""
+    """detectron2's ``LazyConfig.apply_overrides``, but checked before anything is applied:
+
+    - a key that the config does not have is an error (a typo such as ``trian.max_iter=5``
+      would otherwise be ignored) naming the key and the closest existing one. An argument
+      of a LazyCall that the config leaves at its default counts as existing. ``+key=value``
+      adds a new key on purpose;
+    - a value whose type the config's value (or the argument's default) rules out is an
+      error naming the key, the value and the expected type (:func:`check_override_type`):
+      ``train.max_iter=abc`` would otherwise fail deep in detectron2."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     missing = object()
     for o in OverridesParser.create().parse_overrides(list(overrides)):
         key = o.key_or_group
-        if (o.is_add() or OmegaConf.select(cfg, key, default=missing, throw_on_missing=False) is not missing
-                or _call_accepts(cfg, key)):
+        if o.is_add():
+            continue
+        current = OmegaConf.select(cfg, key, default=missing, throw_on_missing=False)
+        if current is not missing:
+            check_override_type(key, o.value(), current, config_file)
+            continue
+        accepted, default = _call_parameter(cfg, key)
+        if accepted:
+            if default is not _NO_DEFAULT:
+                check_override_type(key, o.value(), default, f"the default of {key.rpartition('.')[0]}")
             continue
         close = difflib.get_close_matches(key, list(_config_keys(cfg)), n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -238,6 +304,23 @@ def _amp_settings(cfg):
     return enabled, PRECISIONS[precision]
 
 
+def _unmark_failed_start(output_dir: str, existing: set) -> None:
+    """A run that failed before its first iteration ended leaves its folder as it found
+    it, as far as "holds a run" goes: detectron2's writers create ``metrics.json`` and a
+    TensorBoard events file when they are built, which would make the corrected command
+    refused as "already holds a run". The empty ``metrics.json`` and the events files this
+    run created are removed (checkpoints never are)."""
+    removed = []
+    for name in sorted(set(os.listdir(output_dir)) - existing):
+        path = os.path.join(output_dir, name)
+        if (name == "metrics.json" and os.path.getsize(path) == 0) or name.startswith("events.out.tfevents."):
+            os.remove(path)
+            removed.append(name)
+    if removed:
+        logger.warning("the run failed before its first iteration ended: removed what it had created in %s (%s), "
+                       "so the folder does not hold a run", output_dir, ", ".join(removed))
+
+
 # --------------------------------------------------------------------------- resume
 def optimizer_settings(optimizer) -> list:
     """The settings of each parameter group (lr, weight decay, ...), without the parameters."""
@@ -275,6 +358,8 @@ def follow_config_on_resume(optimizer, settings: list, source: str, start_iter: 
 
 
 def do_train(args, cfg):
+    # what the folder held before this run's writers create their files
+    existing = set(os.listdir(cfg.train.output_dir)) if os.path.isdir(cfg.train.output_dir) else set()
     model = instantiate(cfg.model)
     logger.info("Model:\n%s", model)
     model.to(cfg.train.device)
@@ -330,6 +415,10 @@ def do_train(args, cfg):
         # every process has ended its hooks (the main one writes its logs) before any exits:
         # the launcher of --num-gpus N ends the others as soon as the first is gone
         comm.synchronize()
+        raise
+    except BaseException:
+        if comm.is_main_process() and trainer.iter <= start_iter:
+            _unmark_failed_start(cfg.train.output_dir, existing)
         raise
 
 
@@ -453,11 +542,15 @@ def invoke_main(argv=None) -> None:
 
 def _training_output_dir(args) -> str:
     """``train.output_dir`` of a training run on the first machine ("" otherwise): the
-    folder to check and lock before any process starts."""
+    folder to check and lock before any process starts. The config and its overrides are
+    checked here, before anything is written: a bad override is one line."""
+    register_all()
+    try:
+        cfg = apply_overrides(load_lazy_config(args.config_file), args.opts, args.config_file)
+    except (OverrideKeyError, OverrideTypeError) as e:
+        raise SystemExit(str(e)) from None
     if args.eval_only or args.machine_rank != 0:
         return ""
-    register_all()
-    cfg = apply_overrides(load_lazy_config(args.config_file), args.opts, args.config_file)
     return str(cfg.train.get("output_dir", "") or "")
 
 

@@ -192,8 +192,8 @@ def _check_segmentation(json_file: str, ann: Dict[str, Any], image: Dict[str, An
                                  "of polygons: write [[x1, y1, x2, y2, ...]]")
         for i, polygon in enumerate(segm):
             if not isinstance(polygon, list) or not _finite_numbers(polygon):
-                raise CocoInputError(f"{where} has {str(polygon)[:80]} as polygon {i} of its segmentation; each polygon "
-                                     "is a list of finite numbers [x1, y1, x2, y2, ...]")
+                raise CocoInputError(f"{where} has {str(polygon)[:80]} as polygon {i} of its segmentation; each "
+                                     "polygon is a list of finite numbers [x1, y1, x2, y2, ...]")
     else:
         raise CocoInputError(f"{where} has a segmentation of type {type(segm).__name__}; "
                              "expected a list of polygons or an RLE dict")
