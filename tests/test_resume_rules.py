@@ -97,6 +97,7 @@ CHANGES = {  # key changed on resume -> the _tiny argument
 }
 
 
+@pytest.mark.slow  # 15 short runs (the issue's case, epochs added, is a unit test below)
 @pytest.mark.parametrize("key", sorted(CHANGES))
 def test_a_resumed_run_follows_the_changed_schedule_from_its_step(tmp_path, capsys, key):
     """Stopped at step 6 of 8, resumed with one setting changed: every later update uses the
