@@ -13,6 +13,7 @@ and the stop-signal policy live in ``config``, ``distributed``, ``rng``, ``optim
 """
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import os
@@ -28,8 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .amp import amp_dtype, autocast
-from .atomic_io import remove_stale_temporaries, save_atomic
-from .checkpoint import CheckpointError, load_file
+from .atomic_io import open_append, remove_stale_temporaries, save_atomic
+from .checkpoint import CheckpointError, ShapeMismatchError, check_shapes, load_file
 from .data import EpochSampler, SeededSamples
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier
 from .metrics_log import LOG_FILE, json_line, trim_log
@@ -37,6 +38,42 @@ from .optim import build_scheduler
 from .rng import gather_rng_states, seed_everything, set_rng_state
 from .run_checkpoints import prune_checkpoints, write_last_checkpoint
 from .signals import StopSignals, TrainingInterrupted, agree_on_signal, ignore_stop_signals
+
+
+class ResumeError(SystemExit):
+    """A checkpoint that this run cannot continue as configured (another batch, a schedule
+    that ends before its step, another model). A ``SystemExit``: the tools stop with this
+    one-line message (status 1), which names the file and what differs, instead of a
+    traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def config_changes(old: Any, new: Any, prefix: str = "") -> List[str]:
+    """``key old -> new`` for every value that differs between two recipes (nested dicts,
+    dotted keys; a key only one of them has shows as missing). Empty when ``old`` is not a
+    dict (a checkpoint that saved no config)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return []
+    out = []
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key, "(missing)"), new.get(key, "(missing)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a} -> {b}")
+    return out
+
+
+def _model_hint(changed: List[str]) -> str:
+    """The model keys of the recipe that changed since the checkpoint, as a hint."""
+    model = [c for c in changed if c.startswith("model.")]
+    return f" (its recipe differs in {'; '.join(model)})" if model else ""
 
 
 class TensorBoard:
@@ -217,6 +254,18 @@ class Trainer:
         return path
 
     def resume(self, path: str) -> None:
+        """Continue from the training checkpoint ``path`` (model, optimizer moments, scaler,
+        step, RNG states), following this run's config.
+
+        The schedule is the one this trainer was built with (its epochs, warm-up, learning
+        rates, minimum lr), taken up at the checkpoint's step; the optimizer's settings
+        (lr, weight decay, betas, layer-decay scales) are this run's too, only its moments
+        come from the checkpoint. The keys of the config that changed since the checkpoint
+        are printed with the lr the run continues at. What cannot be followed stops with
+        one line (:class:`ResumeError`) before anything is loaded: another batch or data
+        size (the step count would mean other images), a schedule that ends before the
+        checkpoint's step, a model of another size.
+        """
         ckpt = load_file(path)  # weights_only: nothing in the file can run code
         needed = ("model", "optimizer", "scaler", "scheduler", "epoch", "step", "step_in_epoch", "rng")
         lacking = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
@@ -225,16 +274,12 @@ class Trainer:
                 f"{path} is not a resumable training checkpoint (it lacks {', '.join(lacking)}); "
                 "to start from its weights, pass it as the initial checkpoint instead (--finetune)"
             )
+        changed = config_changes(ckpt.get("config"), self.config)
+        self._check_resumable(ckpt, path, changed)
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._load_optimizer(ckpt["optimizer"], path)
         self.scaler.load_state_dict(ckpt["scaler"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["steps_per_epoch"] != self.steps_per_epoch or ckpt["effective_batch"] != self.effective_batch:
-            raise ValueError(
-                f"{path} was written with {ckpt['steps_per_epoch']} steps per epoch and batch "
-                f"{ckpt['effective_batch']}; this run has {self.steps_per_epoch} and {self.effective_batch}. "
-                "Resuming needs the same data and effective batch size."
-            )
+        # ckpt["scheduler"] is not loaded: the schedule is this run's, a function of the step
         self.epoch, self.step, self.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
         self._epoch_losses = list(ckpt.get("epoch_losses", []))
         rngs = ckpt["rng"]
@@ -250,6 +295,69 @@ class Trainer:
         if self.info.is_main:
             print(f"resumed from {path}: epoch {self.epoch}, step {self.step} "
                   f"({self.step_in_epoch}/{self.steps_per_epoch} of the epoch)")
+            if changed:
+                print(self._describe_changes(ckpt, changed))
+
+    def _check_resumable(self, ckpt: Dict[str, Any], path: str, changed: List[str]) -> None:
+        """:class:`ResumeError` for what a resume cannot follow; nothing is loaded yet."""
+        def refuse(why: str) -> ResumeError:
+            keys = f" (changed since the checkpoint: {', '.join(changed)})" if changed else ""
+            return ResumeError(f"cannot resume {path}: {why}{keys}")
+
+        if ckpt["steps_per_epoch"] != self.steps_per_epoch or ckpt["effective_batch"] != self.effective_batch:
+            raise refuse(
+                f"it was written with batch {ckpt['effective_batch']} and {ckpt['steps_per_epoch']} steps per epoch, "
+                f"this run has batch {self.effective_batch} and {self.steps_per_epoch}: its step count would "
+                "stand for other images. Resume with the batch size and data it was trained with, or start "
+                "a new run from its weights")
+        if ckpt["step"] > self.total_steps:
+            raise refuse(
+                f"it is at step {ckpt['step']} (epoch {ckpt['epoch']}), past the end of this run's schedule "
+                f"({self.epochs} epochs = {self.total_steps} steps); a schedule cannot end before the point "
+                f"the run has reached. Give at least {math.ceil(ckpt['step'] / self.steps_per_epoch)} epochs")
+        own = self.model.state_dict()
+        try:
+            check_shapes(ckpt["model"], own, path)
+        except ShapeMismatchError as e:
+            raise ResumeError(f"cannot resume {e}{_model_hint(changed)}") from None
+        missing = [k for k in own if k not in ckpt["model"]]
+        unexpected = [k for k in ckpt["model"] if k not in own]
+        if missing or unexpected:
+            first = (f"the model's tensor {missing[0]!r} is not in it" if missing
+                     else f"its tensor {unexpected[0]!r} is not in the model")
+            count = len(missing) + len(unexpected)
+            raise ResumeError(f"cannot resume {path}: {first}" + (f" ({count - 1} more differ)" if count > 1 else "")
+                              + f": the checkpoint is for a different model{_model_hint(changed)}")
+
+    def _load_optimizer(self, state: Dict[str, Any], path: str) -> None:
+        """The checkpoint's optimizer moments under this run's settings: ``load_state_dict``
+        would bring back the checkpoint's lr, weight decay and layer-decay scales, which the
+        config may have changed."""
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(state)
+        except ValueError as e:  # another number or size of parameter groups
+            raise ResumeError(f"cannot resume {path}: its optimizer state does not fit this run's parameter "
+                              f"groups ({e})") from None
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
+
+    def _describe_changes(self, ckpt: Dict[str, Any], changed: List[str]) -> str:
+        """One line: the changed keys, and the lr the run continues at compared with the
+        checkpoint's schedule (its saved state) at the same step."""
+        line = (f"resuming with a changed config: {', '.join(changed)}; the run follows the new values from step "
+                f"{self.step}: lr {self._lr_at(self.scheduler, self.step):.3g} now, ")
+        old = ckpt.get("scheduler")
+        if isinstance(old, dict) and all(k in old for k in ("t_initial", "warmup_t", "lr_min", "base_values")):
+            was = copy.copy(self.scheduler)
+            was.__dict__.update({k: v for k, v in old.items() if k != "optimizer"})
+            line += f"{self._lr_at(was, self.step):.3g} under the checkpoint's schedule, "
+        return line + f"ending at step {self.total_steps} with lr {self._lr_at(self.scheduler, self.total_steps):.3g}"
+
+    def _lr_at(self, scheduler, step: int) -> float:
+        """The largest group lr (the head's under layer decay) ``scheduler`` gives at ``step``."""
+        values = scheduler._get_lr(step)
+        return max(v * g.get("lr_scale", 1.0) for v, g in zip(values, self.optimizer.param_groups))
 
     # ----------------------------------------------------------------- loop
     def _announce_stop(self, signum: int) -> None:
@@ -424,7 +532,7 @@ class Trainer:
         self._epoch_losses = []
         self.tb.scalars({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, self.epoch)
         if self.info.is_main:
-            with open(os.path.join(self.output_dir, LOG_FILE), "a") as f:
+            with open_append(os.path.join(self.output_dir, LOG_FILE)) as f:  # never through a link
                 f.write(json_line(metrics) + "\n")
         return self.save_epoch_checkpoint(epoch + 1)
 

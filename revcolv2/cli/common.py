@@ -14,11 +14,23 @@ from torchvision.datasets import ImageFolder
 
 from ..amp import autocast
 from ..classification import evaluate_checkpoint
-from ..config import load_config, nonneg_int, positive_int, validate_config
+from ..config import (
+    AMP,
+    load_config,
+    mapping,
+    nonneg_int,
+    number,
+    numbers,
+    optional,
+    positive_int,
+    text,
+    validate_config,
+    whole,
+)
 from ..data import RobustImageFolder, check_same_classes, num_workers_default
 from ..distributed import DistInfo, init_distributed
 from ..mim import create_mim_model  # its import of revcolv2.model registers the presets with timm
-from ..model import allow_level_recompiles, compile_for_training
+from ..model import MODEL_CFGS, allow_level_recompiles, compile_for_training
 from ..run_checkpoints import find_resume_checkpoint
 
 TASKS = ("pretrain", "finetune", "linear_probe")
@@ -27,13 +39,12 @@ EXAMPLE_CONFIGS = {"pretrain": "configs/pretrain/revcolv2_base.yaml",
                    "finetune": "configs/finetune/revcolv2_base_in1k.yaml",
                    "linear_probe": "configs/linear_probe/revcolv2_base.yaml"}
 
-# the numbers of a fine-tuning or linear-probing config, checked before anything runs
-CLASSIFICATION_NUMBERS = {
-    "data.input_size": "positive_int", "optim.batch_size": "positive_int", "optim.base_lr": "positive_float",
-    "optim.weight_decay": "nonneg_float", "schedule.epochs": "positive_int",
-    "schedule.warmup_epochs": "nonneg_float", "schedule.min_lr": "nonneg_float",
-    "train.batch_per_gpu": "positive_int", "train.eval_batch": "positive_int", "train.log_every": "positive_int",
-}
+# the keys that fine-tuning and linear probing share: model name and size, data, schedule, run-time
+CLASSIFICATION_MODEL = {"name": text(*MODEL_CFGS), "num_classes": optional(whole(1)), "kwargs": mapping()}
+CLASSIFICATION_DATA = {"input_size": whole(1), "crop_scale": numbers(2, above=0, high=1),
+                       "interpolation": text("bicubic", "bilinear", "nearest", "random"),
+                       "crop_pct": number(above=0, high=1)}
+CLASSIFICATION_TRAIN = {"batch_per_gpu": whole(1), "eval_batch": whole(1), "amp": AMP, "log_every": whole(1)}
 
 
 def training_parser(description: str, task: str) -> argparse.ArgumentParser:
@@ -111,17 +122,18 @@ def compile_if_asked(model: nn.Module, args: argparse.Namespace, info: DistInfo)
             print(f"--compile: {line}")
 
 
-def start_classification(argv: Optional[List[str]], description: str, task: str
+def start_classification(argv: Optional[List[str]], description: str, task: str, schema: Dict[str, Any]
                          ) -> Tuple[argparse.Namespace, dict, DistInfo, str]:
     """The start of fine-tuning or linear probing: the parsed command line (``--num-workers``
-    filled with the machine's default), the recipe (its numbers checked before anything runs),
+    filled with the machine's default), the recipe (every value checked against the tool's
+    ``schema`` before anything runs),
     the process group, and the output folder (``--output-dir``, default
     ``output/<task>/<config name>``)."""
     args = training_parser(description, task).parse_args(argv)
     if args.num_workers is None:
         args.num_workers = num_workers_default()
     cfg = load_config(args.config, args.opts)
-    validate_config(cfg, CLASSIFICATION_NUMBERS)
+    validate_config(cfg, schema, args.config)
     info = init_distributed(args.device)
     out_dir = args.output_dir or os.path.join("output", task, Path(args.config).stem)
     return args, cfg, info, out_dir

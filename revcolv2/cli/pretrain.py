@@ -14,6 +14,7 @@ is written to ``<output>/reconstructions/``.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 from pathlib import Path
 from typing import List, Optional
@@ -23,7 +24,20 @@ from timm.optim import param_groups_weight_decay
 from torchvision import transforms
 from torchvision.utils import save_image
 
-from ..config import load_config, validate_config, write_config
+from ..atomic_io import write_bytes_atomic
+from ..config import (
+    AMP,
+    SCHEDULE,
+    flag,
+    load_config,
+    mapping,
+    number,
+    numbers,
+    text,
+    validate_config,
+    whole,
+    write_config,
+)
 from ..data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -34,6 +48,7 @@ from ..data import (
     prepare_data_root,
 )
 from ..distributed import init_distributed
+from ..model import MODEL_CFGS
 from ..rng import seed_everything
 from ..run_checkpoints import find_resume_checkpoint
 from ..run_dir import claim_output_dir
@@ -41,14 +56,17 @@ from ..trainer import Trainer
 from ..visualization import reconstruction_grid
 from .common import build_model, compile_if_asked, training_parser
 
-# the numbers of a pre-training config, checked before anything runs
-NUMBERS = {
-    "data.input_size": "positive_int", "optim.batch_size": "positive_int", "optim.base_lr": "positive_float",
-    "optim.weight_decay": "nonneg_float", "schedule.epochs": "positive_int",
-    "schedule.warmup_epochs": "nonneg_float", "schedule.min_lr": "nonneg_float",
-    "train.batch_per_gpu": "positive_int", "train.save_every": "positive_int", "train.log_every": "positive_int",
-    "train.vis_every": "positive_int", "train.vis_images": "nonneg_int",
-    "train.keep_last": "nonneg_int", "train.keep_every": "nonneg_int",
+# every key of a pre-training recipe, its type and range: checked before anything runs
+SCHEMA = {
+    "model": {"name": text(*MODEL_CFGS), "reversible": flag(), "kwargs": mapping(),
+              "mask_ratio": number(above=0, below=1), "norm_pix_loss": flag(),
+              "drop_path_rate": number(low=0, below=1)},
+    "data": {"input_size": whole(1), "crop_scale": numbers(2, above=0, high=1), "hflip": number(low=0, high=1)},
+    "optim": {"betas": numbers(2, low=0, below=1), "base_lr": number(above=0), "weight_decay": number(low=0),
+              "batch_size": whole(1)},
+    "schedule": SCHEDULE,
+    "train": {"batch_per_gpu": whole(1), "amp": AMP, "save_every": whole(1), "keep_last": whole(0, default=0),
+              "keep_every": whole(0, default=0), "vis_every": whole(1), "vis_images": whole(0), "log_every": whole(1)},
 }
 
 
@@ -119,9 +137,11 @@ class PretrainTrainer(Trainer):
         done = epoch + 1
         if self.info.is_main and self.vis_images is not None and (done % self.vis_every == 0 or done == self.epochs):
             grid = reconstruction_grid(self.model, self.vis_images)
-            folder = os.path.join(self.output_dir, "reconstructions")
-            os.makedirs(folder, exist_ok=True)
-            save_image(grid, os.path.join(folder, f"epoch_{done:04d}.png"))
+            png = io.BytesIO()
+            save_image(grid, png, format="png")
+            # through a renamed temporary file: a link planted in the run folder is replaced, not written through
+            write_bytes_atomic(os.path.join(self.output_dir, "reconstructions", f"epoch_{done:04d}.png"),
+                               png.getvalue())
             self.tb.image("pretrain/reconstruction", grid, done)
         return {}
 
@@ -129,9 +149,7 @@ class PretrainTrainer(Trainer):
 def main(argv: Optional[List[str]] = None) -> dict:
     args = get_args(argv)
     cfg = load_config(args.config, args.opts)
-    cfg["train"].setdefault("keep_last", 0)
-    cfg["train"].setdefault("keep_every", 0)
-    validate_config(cfg, NUMBERS)
+    validate_config(cfg, SCHEMA, args.config)
     info = init_distributed(args.device)
     out_dir = args.output_dir or os.path.join("output", "pretrain", Path(args.config).stem)
     with claim_output_dir(out_dir, args.resume, args.overwrite, info):  # locked until training ends

@@ -225,7 +225,9 @@ class RevColV2Checkpointer(DetectionCheckpointer):
 
     def get_checkpoint_file(self) -> str:
         """The checkpoint to resume: the one ``last_checkpoint`` names (only a file in
-        ``save_dir``), or the newest readable one when that file is unreadable."""
+        ``save_dir``), even when a file of a higher iteration is there (the abandoned
+        branch of a run rolled back); the readable one of the highest iteration only when
+        the named file is missing or unreadable."""
         pointed = read_last_checkpoint(self.save_dir)
         if pointed is None:
             return ""

@@ -52,10 +52,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.multiprocessing import ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel
 
+from revcolv2.atomic_io import write_text_atomic
 from revcolv2.checkpoint import ShapeMismatchError
 from revcolv2.metrics_log import json_compatible, split_json_lines
 from revcolv2.model import allow_level_recompiles, compile_for_training
-from revcolv2.run_dir import RunLayout, claim_output_dir
+from revcolv2.run_dir import RunLayout, claim_output_dir, refuse_links
 from revcolv2.signals import StopSignals, TrainingInterrupted, agree_on_signal, end_launcher, exit_launcher
 
 from .backbone import RevColV2Backbone
@@ -73,7 +74,11 @@ DETECTRON2_RUN = RunLayout(
     is_run_file=lambda n: (n in ("last_checkpoint", "metrics.json", "last_eval.json")
                            or bool(re.match(r"^model_(\d+|final)\.pth$", n)) or n.startswith("events.out.tfevents.")),
     resume="--resume", elsewhere="write to another train.output_dir=DIR", restart="iteration 0",
-    deleted="its checkpoints, metrics.json, last_eval.json and TensorBoard events")
+    deleted="its checkpoints, metrics.json, last_eval.json and TensorBoard events",
+    # detectron2 writes these in place (appends, or opens with "w"): a link among them is refused
+    in_place=("config.yaml", "metrics.json", "log.txt"))
+# what --eval-only writes in place (its last_eval.json is renamed into place)
+EVAL_ONLY_IN_PLACE = ("config.yaml", "log.txt")
 
 
 # --------------------------------------------------------------------------- overrides
@@ -95,10 +100,18 @@ def _config_keys(node, prefix: str = ""):
             yield from _config_keys(v, key + ".")
 
 
-def _call_accepts(cfg, key: str) -> bool:
-    """Whether ``key`` names an argument of a LazyCall: its parent has a ``_target_`` whose
-    signature has that parameter, or takes ``**kwargs`` (then the call itself rejects an
-    unknown name when the config is instantiated)."""
+class OverrideTypeError(ValueError):
+    """A command-line override whose value is not of the type the config's value has."""
+
+
+_NO_DEFAULT = object()
+
+
+def _call_parameter(cfg, key: str):
+    """``(accepted, default)`` for ``key`` as an argument of a LazyCall: accepted when its
+    parent has a ``_target_`` whose signature has that parameter, or takes ``**kwargs``
+    (then the call itself rejects an unknown name when the config is instantiated); the
+    parameter's default, or ``_NO_DEFAULT``."""
     import inspect
 
     from detectron2.utils.registry import locate
@@ -106,28 +119,86 @@ def _call_accepts(cfg, key: str) -> bool:
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
     if not isinstance(node, DictConfig) or "_target_" not in node:
-        return False
+        return False, _NO_DEFAULT
     target = node._target_
     try:
         target = locate(target) if isinstance(target, str) else target
         params = inspect.signature(target).parameters.values()
     except (TypeError, ValueError, ImportError):
-        return False
-    return any(p.name == leaf or p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+        return False, _NO_DEFAULT
+    for p in params:
+        if p.name == leaf:
+            return True, _NO_DEFAULT if p.default is inspect.Parameter.empty else p.default
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params), _NO_DEFAULT
+
+
+def _call_accepts(cfg, key: str) -> bool:
+    return _call_parameter(cfg, key)[0]
+
+
+def _expected_type(current):
+    """(the types an override of a key holding ``current`` may have, their name in words),
+    or None when anything goes (no value, ``None``, an object)."""
+    if isinstance(current, bool):
+        return (bool,), "true or false"
+    if isinstance(current, int):
+        return (int,), "a whole number"
+    if isinstance(current, float):
+        return (int, float), "a number"
+    if isinstance(current, str):
+        return (str, type(None)), "a string"
+    if isinstance(current, (ListConfig, list, tuple)):
+        return (list, tuple, type(None)), "a list [a, b, ...]"
+    if isinstance(current, (DictConfig, dict)):
+        return (dict, type(None)), "a mapping {key: value, ...}"
+    return None
+
+
+def check_override_type(key: str, value, current, config_file: str) -> None:
+    """:class:`OverrideTypeError` naming the key, the value and the expected type when
+    ``value`` (as Hydra parsed it) cannot stand where the config holds ``current``: a string
+    for a number (``train.max_iter=abc``), ``1.5`` for a whole number, a number for a list.
+    A whole number is a number; ``null`` may replace a string, list or mapping."""
+    expected = _expected_type(current)
+    if expected is None:
+        return
+    types, words = expected
+    if isinstance(value, bool) and bool not in types:
+        ok = False
+    else:
+        ok = isinstance(value, types)
+    if not ok:
+        shown = current if not isinstance(current, (DictConfig, ListConfig)) else OmegaConf.to_container(current)
+        raise OverrideTypeError(
+            f"config override {key}={value!r}: expected {words} ({type(shown).__name__}), as {config_file} has "
+            f"{shown!r} there; nothing was run or written")
 
 
 def apply_overrides(cfg, overrides, config_file: str = "the config"):
-    """detectron2's ``LazyConfig.apply_overrides``, but a key that the config does not have is
-    an error (a typo such as ``trian.max_iter=5`` would otherwise be ignored) naming the key
-    and the closest existing one. An argument of a LazyCall that the config leaves at its
-    default counts as existing. ``+key=value`` adds a new key on purpose."""
+    """detectron2's ``LazyConfig.apply_overrides``, but checked before anything is applied:
+
+    - a key that the config does not have is an error (a typo such as ``trian.max_iter=5``
+      would otherwise be ignored) naming the key and the closest existing one. An argument
+      of a LazyCall that the config leaves at its default counts as existing. ``+key=value``
+      adds a new key on purpose;
+    - a value whose type the config's value (or the argument's default) rules out is an
+      error naming the key, the value and the expected type (:func:`check_override_type`):
+      ``train.max_iter=abc`` would otherwise fail deep in detectron2."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     missing = object()
     for o in OverridesParser.create().parse_overrides(list(overrides)):
         key = o.key_or_group
-        if (o.is_add() or OmegaConf.select(cfg, key, default=missing, throw_on_missing=False) is not missing
-                or _call_accepts(cfg, key)):
+        if o.is_add():
+            continue
+        current = OmegaConf.select(cfg, key, default=missing, throw_on_missing=False)
+        if current is not missing:
+            check_override_type(key, o.value(), current, config_file)
+            continue
+        accepted, default = _call_parameter(cfg, key)
+        if accepted:
+            if default is not _NO_DEFAULT:
+                check_override_type(key, o.value(), default, f"the default of {key.rpartition('.')[0]}")
             continue
         close = difflib.get_close_matches(key, list(_config_keys(cfg)), n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -216,10 +287,9 @@ def write_last_eval(output_dir: str, results) -> str:
     """The latest evaluation, machine-readable (also in metrics.json when training), as
     strict JSON: a metric that is NaN (COCO's AP of a class without ground truth, ...) is
     written ``null``, since the ``NaN`` that ``json.dump`` writes is no JSON."""
-    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "last_eval.json")
-    with open(path, "w") as f:
-        json.dump(json_compatible(results), f, indent=1, allow_nan=False)
+    # renamed into place: a symbolic link there is replaced, never written through
+    write_text_atomic(path, json.dumps(json_compatible(results), indent=1, allow_nan=False))
     return path
 
 
@@ -252,9 +322,62 @@ def compile_if_configured(cfg, model) -> list:
         for line in compile_for_training(backbone):
             logger.info("train.compile: %s", line)
     return backbones
+def _unmark_failed_start(output_dir: str, existing: set) -> None:
+    """A run that failed before its first iteration ended leaves its folder as it found
+    it, as far as "holds a run" goes: detectron2's writers create ``metrics.json`` and a
+    TensorBoard events file when they are built, which would make the corrected command
+    refused as "already holds a run". The empty ``metrics.json`` and the events files this
+    run created are removed (checkpoints never are)."""
+    removed = []
+    for name in sorted(set(os.listdir(output_dir)) - existing):
+        path = os.path.join(output_dir, name)
+        if (name == "metrics.json" and os.path.getsize(path) == 0) or name.startswith("events.out.tfevents."):
+            os.remove(path)
+            removed.append(name)
+    if removed:
+        logger.warning("the run failed before its first iteration ended: removed what it had created in %s (%s), "
+                       "so the folder does not hold a run", output_dir, ", ".join(removed))
+
+
+# --------------------------------------------------------------------------- resume
+def optimizer_settings(optimizer) -> list:
+    """The settings of each parameter group (lr, weight decay, ...), without the parameters."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def follow_config_on_resume(optimizer, settings: list, source: str, start_iter: int, max_iter: int) -> None:
+    """A resumed run follows its config, not the checkpoint's optimizer settings.
+
+    detectron2 loads the optimizer's parameter groups whole, so the checkpoint's lr (as
+    ``initial_lr``, the base that ``lr_multiplier`` multiplies), weight decay and betas would
+    win over a changed ``optimizer.lr`` / ``optimizer.weight_decay``: the run would train and
+    ignore them. Here the moments stay the checkpoint's and the settings become ``settings``
+    (the config's), with each change logged. ``lr_multiplier`` is evaluated at
+    ``iteration / train.max_iter`` of this run, so a changed ``train.max_iter`` is followed
+    by detectron2 itself; a ``train.max_iter`` below the checkpoint's iteration is refused
+    (one line), as the schedule would end before the point the run has reached."""
+    if start_iter > max_iter:
+        raise SystemExit(f"cannot resume {source}: it is at iteration {start_iter}, past train.max_iter={max_iter}; "
+                         f"a schedule cannot end before the point the run has reached. Give train.max_iter >= "
+                         f"{start_iter}")
+    changes = {}
+    for group, own in zip(optimizer.param_groups, settings):
+        for key, value in own.items():
+            was = group.get("initial_lr", group.get(key)) if key == "lr" else group.get(key)
+            if key != "initial_lr" and was != value:
+                changes.setdefault(key, set()).add((str(was), str(value)))
+        group.update(own)
+        group["initial_lr"] = own["lr"]  # the base lr_multiplier multiplies (detectron2 reads it on resume)
+    if changes:
+        shown = "; ".join(f"{k} {', '.join(f'{a} -> {b}' for a, b in sorted(v)[:3])}"
+                          for k, v in sorted(changes.items()))
+        logger.warning("resuming %s with a changed optimizer config: %s (per parameter group); the run follows the "
+                       "config from iteration %d, the checkpoint's moments are kept", source, shown, start_iter)
 
 
 def do_train(args, cfg):
+    # what the folder held before this run's writers create their files
+    existing = set(os.listdir(cfg.train.output_dir)) if os.path.isdir(cfg.train.output_dir) else set()
     model = instantiate(cfg.model)
     logger.info("Model:\n%s", model)
     model.to(cfg.train.device)
@@ -293,9 +416,11 @@ def do_train(args, cfg):
         ]
     )
 
+    settings = optimizer_settings(optim)  # the config's, before a resume loads the checkpoint's
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     if args.resume and checkpointer.has_checkpoint():
         start_iter = trainer.iter + 1
+        follow_config_on_resume(optim, settings, checkpointer._source, start_iter, cfg.train.max_iter)
     else:
         start_iter = 0
     if comm.is_main_process():
@@ -310,6 +435,10 @@ def do_train(args, cfg):
         # the launcher of --num-gpus N ends the others as soon as the first is gone
         comm.synchronize()
         raise
+    except BaseException:
+        if comm.is_main_process() and trainer.iter <= start_iter:
+            _unmark_failed_start(cfg.train.output_dir, existing)
+        raise
 
 
 def main(args):
@@ -318,6 +447,8 @@ def main(args):
     cfg = apply_overrides(cfg, args.opts, args.config_file)
     if str(cfg.train.get("device", "cuda")).startswith("cuda") and not torch.cuda.is_available():
         cfg.train.device = "cpu"
+    if args.eval_only and cfg.train.get("output_dir") and comm.is_main_process():
+        refuse_links(cfg.train.output_dir, EVAL_ONLY_IN_PLACE, "train.output_dir")  # training: in the launcher
     default_setup(cfg, args)
 
     if args.eval_only:
@@ -430,11 +561,15 @@ def invoke_main(argv=None) -> None:
 
 def _training_output_dir(args) -> str:
     """``train.output_dir`` of a training run on the first machine ("" otherwise): the
-    folder to check and lock before any process starts."""
+    folder to check and lock before any process starts. The config and its overrides are
+    checked here, before anything is written: a bad override is one line."""
+    register_all()
+    try:
+        cfg = apply_overrides(load_lazy_config(args.config_file), args.opts, args.config_file)
+    except (OverrideKeyError, OverrideTypeError) as e:
+        raise SystemExit(str(e)) from None
     if args.eval_only or args.machine_rank != 0:
         return ""
-    register_all()
-    cfg = apply_overrides(load_lazy_config(args.config_file), args.opts, args.config_file)
     return str(cfg.train.get("output_dir", "") or "")
 
 
