@@ -58,8 +58,11 @@ from revcolv2.run_dir import RunLayout, claim_output_dir
 from revcolv2.signals import StopSignals, TrainingInterrupted, agree_on_signal, end_launcher, exit_launcher
 
 from .checkpoint import RevColV2Checkpointer
+from .classes import ClassMismatchError, check_loaded_classes, check_model_fits_dataset, dataset_name
 from .data import register_all
+from .data.custom import CustomDatasetError, register_config_datasets
 from .safe_config import load_lazy_config
+from .tta import build_tta_model, enabled_test_aug
 
 logger = logging.getLogger("detectron2")
 
@@ -198,16 +201,44 @@ def ddp_model(model, device, **ddp_kwargs):
     return create_ddp_model(model, **ddp_kwargs)
 
 
-def do_test(cfg, model):
+def do_test(cfg, model, checkpointer=None):
+    """Evaluate on the config's test set (checking that the model, and the checkpoint
+    ``checkpointer`` loaded, predict that dataset's classes); with ``test.aug.enabled`` also
+    with test-time augmentation, whose results come under ``<task>_TTA``."""
     if "evaluator" not in cfg.dataloader:
         return {}
-    ret = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    )
+    loader = instantiate(cfg.dataloader.test)
+    name = dataset_name(OmegaConf.select(cfg, "dataloader.test.dataset.names", default=None))
+    names = check_model_fits_dataset(model, name, custom="dataset" in cfg)
+    if checkpointer is not None:
+        check_loaded_classes(checkpointer, names, name)
+    ret = inference_on_dataset(model, loader, instantiate(cfg.dataloader.evaluator))
     print_csv_format(ret)
+    aug = enabled_test_aug(cfg)
+    if aug is not None:
+        logger.info("Evaluating with test-time augmentation: scales %s of the test size%s", aug["scales"],
+                    ", each also flipped" if aug["flip"] else "")
+        tta = inference_on_dataset(build_tta_model(model, aug["scales"], aug["flip"]), loader,
+                                   instantiate(cfg.dataloader.evaluator))
+        tta = {f"{task}_TTA": res for task, res in tta.items()}
+        print_csv_format(tta)
+        for line in compare_tta(ret, tta):
+            logger.info(line)
+        ret = {**ret, **tta}
     if comm.is_main_process() and cfg.train.get("output_dir"):
         write_last_eval(cfg.train.output_dir, ret)
     return ret
+
+
+def compare_tta(single, tta) -> list:
+    """One line per task: its main metric single-scale and with test-time augmentation."""
+    lines = []
+    for task, res in single.items():
+        metric = next((m for m in ("mIoU", "AP") if m in res), None)
+        if metric is not None and metric in tta.get(f"{task}_TTA", {}):
+            lines.append(f"{task} {metric}: single-scale {res[metric]:.2f}, test-time augmentation "
+                         f"{tta[task + '_TTA'][metric]:.2f}")
+    return lines
 
 
 def write_last_eval(output_dir: str, results) -> str:
@@ -242,6 +273,8 @@ def do_train(args, cfg):
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
+    train_name = dataset_name(OmegaConf.select(cfg, "dataloader.train.dataset.names", default=None))
+    classes = check_model_fits_dataset(model, train_name, custom="dataset" in cfg)  # recorded in checkpoints
 
     model = ddp_model(model, cfg.train.device, **cfg.train.ddp)
     amp_enabled, amp_dtype = _amp_settings(cfg)
@@ -251,7 +284,8 @@ def do_train(args, cfg):
         trainer = AMPTrainer(model, train_loader, optim, grad_scaler=grad_scaler, precision=amp_dtype)
     else:
         trainer = SimpleTrainer(model, train_loader, optim)
-    checkpointer = RevColV2Checkpointer(model, cfg.train.output_dir, ema=not args.no_ema, trainer=trainer)
+    checkpointer = RevColV2Checkpointer(model, cfg.train.output_dir, ema=not args.no_ema, trainer=trainer,
+                                        classes=classes)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
@@ -273,10 +307,10 @@ def do_train(args, cfg):
     )
 
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
-    if args.resume and checkpointer.has_checkpoint():
-        start_iter = trainer.iter + 1
-    else:
-        start_iter = 0
+    resumed = args.resume and checkpointer.has_checkpoint()
+    # a run continues only on its own classes; a new run may start its heads from others'
+    check_loaded_classes(checkpointer, classes, train_name, refuse=resumed)
+    start_iter = trainer.iter + 1 if resumed else 0
     if comm.is_main_process():
         dropped = trim_metrics(cfg.train.output_dir, start_iter)
         if dropped:
@@ -295,6 +329,10 @@ def main(args):
     register_all()
     cfg = load_lazy_config(args.config_file)  # YAML: plain data only (detectron2 would unsafe_load it)
     cfg = apply_overrides(cfg, args.opts, args.config_file)
+    try:
+        register_config_datasets(cfg)  # the config's own data (configs/custom/), from its dataset.* paths
+    except (CustomDatasetError, FileNotFoundError) as e:
+        raise SystemExit(f"{args.config_file}: {e}") from None
     if str(cfg.train.get("device", "cuda")).startswith("cuda") and not torch.cuda.is_available():
         cfg.train.device = "cpu"
     default_setup(cfg, args)
@@ -307,10 +345,15 @@ def main(args):
         checkpointer = RevColV2Checkpointer(model, cfg.train.output_dir, ema=not args.no_ema)
         try:
             checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+            return do_test(cfg, model, checkpointer)
         except ShapeMismatchError as e:
             raise SystemExit(_eval_config_hint(e, args.config_file)) from None
-        return do_test(cfg, model)
-    do_train(args, cfg)
+        except (ClassMismatchError, CustomDatasetError) as e:
+            raise SystemExit(str(e)) from None
+    try:
+        do_train(args, cfg)
+    except (ClassMismatchError, CustomDatasetError) as e:
+        raise SystemExit(str(e)) from None
 
 
 def _eval_config_hint(error: ShapeMismatchError, config_file: str) -> str:

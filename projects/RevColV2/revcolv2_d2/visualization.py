@@ -23,7 +23,9 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from .checkpoint import RevColV2Checkpointer
+from .classes import ClassMismatchError, check_loaded_classes, check_model_fits_dataset
 from .data import register_all
+from .data.custom import CustomDatasetError, register_config_datasets
 from .safe_config import load_lazy_config
 
 USAGE = """Draw a RevColV2 detectron2 model's predictions (or a dataset's ground truth) on images.
@@ -64,8 +66,9 @@ class LazyPredictor:
     def __init__(self, cfg, checkpoint: str, device: Optional[str] = None, ema: bool = True):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = instantiate(cfg.model).to(self.device).eval()
+        self.checkpointer = RevColV2Checkpointer(self.model, ema=ema)
         if checkpoint:
-            RevColV2Checkpointer(self.model, ema=ema).load(checkpoint)
+            self.checkpointer.load(checkpoint)
         else:
             logger.warning("No checkpoint given: drawing the predictions of an untrained model")
         mapper = cfg.dataloader.test.get("mapper", {}) if "dataloader" in cfg else {}
@@ -205,6 +208,16 @@ def metadata_for(cfg, name: Optional[str]):
     return MetadataCatalog.get(name) if name else MetadataCatalog.get("__unused")
 
 
+def check_classes(predictor: LazyPredictor, name: str, custom: bool = False) -> None:
+    """The names drawn are those of dataset ``name``: the model must predict its classes,
+    and the checkpoint must have been trained on them (a checkpoint that records no class
+    names is drawn with a note)."""
+    if name == "__unused":
+        return
+    names = check_model_fits_dataset(predictor.model, name, custom)
+    check_loaded_classes(predictor.checkpointer, names, name)
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tools/visualize.py", description=USAGE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -252,8 +265,13 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
         raise SystemExit("no input: give --input (images, folders, videos) or --dataset")
     cfg = LazyConfig.apply_overrides(load_lazy_config(args.config_file), args.opts)
     checkpoint = args.checkpoint if args.checkpoint is not None else cfg.train.get("init_checkpoint", "")
-    predictor = LazyPredictor(cfg, checkpoint, args.device, ema=not args.no_ema)
-    metadata = metadata_for(cfg, args.metadata)
+    try:
+        register_config_datasets(cfg)  # a custom config's data (its dataset.* overrides)
+        predictor = LazyPredictor(cfg, checkpoint, args.device, ema=not args.no_ema)
+        metadata = metadata_for(cfg, args.metadata)
+        check_classes(predictor, metadata.name, custom="dataset" in cfg)
+    except (ClassMismatchError, CustomDatasetError) as e:
+        raise SystemExit(str(e)) from None
     videos = [p.lower().endswith(VIDEO_EXTS) for p in inputs]
     for path, is_video, out in zip(inputs, videos, _prepare_outputs(args.output, output_names(inputs, videos))):
         if is_video:
