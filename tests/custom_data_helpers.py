@@ -91,7 +91,7 @@ def write_sem_seg_split(root: Path, split: str, num_images: int, seed: int, size
 
 
 def write_sem_seg_dataset(root: Path, num_train: int = 4, num_val: int = 2) -> Dict[str, str]:
-    """Both splits and ``classes.txt``; returns the ``dataset.*`` overrides of the custom
+    """Both splits and a class list file; returns the ``dataset.*`` overrides of the custom
     semantic-segmentation config."""
     train_images, train_labels = write_sem_seg_split(root, "train", num_train, seed=0)
     val_images, val_labels = write_sem_seg_split(root, "val", num_val, seed=1)

@@ -35,7 +35,8 @@ ALLOWED_TARGET_MODULES = (
     "detectron2.data", "detectron2.evaluation", "detectron2.layers", "detectron2.modeling", "detectron2.solver",
     "fvcore.common.param_scheduler",
     "revcolv2.model", "revcolv2.layer_decay", "revcolv2.mim", "revcolv2.reversible",
-    "revcolv2_d2.backbone", "revcolv2_d2.data", "revcolv2_d2.mask2former", "revcolv2_d2.upernet",
+    "revcolv2_d2.backbone", "revcolv2_d2.data", "revcolv2_d2.mask2former", "revcolv2_d2.schedules",
+    "revcolv2_d2.upernet",
     "torch.nn", "torch.optim", "torchvision.ops", "torchvision.transforms",
     "transformers.models.mask2former",
 )

@@ -119,6 +119,7 @@ class SemanticSegmentorWithTTA(nn.Module):
         if output not in ("logits", "probabilities"):
             raise ValueError(f"sem_seg_output must be 'logits' or 'probabilities', got {output!r}")
         self.probabilities = output == "probabilities"
+        self.train(self.model.training)  # inference_on_dataset restores this mode, also on the model
 
     def forward(self, batched_inputs: List[Dict[str, Any]]) -> List[Dict[str, torch.Tensor]]:
         return [{"sem_seg": self.average(x)} for x in batched_inputs]
@@ -160,6 +161,7 @@ class RCNNWithTTA(GeneralizedRCNNWithTTA):
         cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST = float(predictor.test_nms_thresh)
         cfg.TEST.DETECTIONS_PER_IMAGE = int(predictor.test_topk_per_image)
         super().__init__(cfg, model, tta_mapper=tta_mapper, batch_size=batch_size)
+        self.train(model.training)  # inference_on_dataset restores this mode, also on the model
 
     def _batch_inference(self, batched_inputs, detected_instances=None):
         size = max(max(d["image"].shape[-2:]) for d in batched_inputs)
