@@ -285,3 +285,27 @@ def test_long_class_lists_show_where_they_differ():
     msg = compare_class_names(a, b, "ckpt.pth", "ade")
     assert "1 position(s) differ" in msg and "37: 'c37' vs 'other'" in msg
     assert compare_class_names(a, list(a), "ckpt.pth", "ade") == ""
+
+
+@pytest.mark.slow  # detectron2's drawing, a few seconds
+def test_visualize_draws_a_custom_datasets_ground_truth_by_its_name(coco, tmp_path):
+    from revcolv2_d2 import visualization
+
+    written = visualization.main(["--config-file", COCO_CONFIG, "--dataset", "custom_val", "--num-images", "2",
+                                  "--output", str(tmp_path / "gt"), "--opts"]
+                                 + [f"dataset.{k}={v}" for k, v in coco.items()])
+    assert [os.path.basename(p) for p in written] == ["val_000.png", "val_001.png"]
+    drawn = np.asarray(Image.open(written[0]).convert("RGB")).astype(int)
+    original = np.asarray(Image.open(os.path.join(coco["val_images"], "val_000.jpg")).convert("RGB")).astype(int)
+    assert drawn.shape == original.shape and np.abs(drawn - original).mean() > 2  # boxes, masks and names drawn
+
+
+def test_the_training_tools_help_names_the_custom_configs_and_tta():
+    from revcolv2_d2.train_net import argument_parser
+
+    text = argument_parser().format_help()
+    assert "custom/mask_rcnn_revcolv2_b_coco_format.py" in text and "dataset.train_json=FILE" in text
+    assert "custom/upernet_revcolv2_b_sem_seg_folders.py" in text and "dataset.classes=FILE" in text
+    assert "test.aug.enabled=True" in text
+    for config in (COCO_CONFIG, SEM_CONFIG):
+        assert os.path.isfile(config)

@@ -384,6 +384,11 @@ configs (projects/RevColV2/configs/; a .py config is code: run only those you tr
   demo/mask2former_revcolv2_tiny_synthetic.py     Mask2Former on the same scenes, CPU
   COCO/mask_rcnn_revcolv2_{b,l}_50ep.py, COCO/cascade_mask_rcnn_revcolv2_{b,l}_100ep.py
   ADE20K/upernet_revcolv2_{b,l}_160k.py, ADE20K/mask2former_revcolv2_{b,l}_160k.py
+  custom/mask_rcnn_revcolv2_b_coco_format.py     your COCO-format data: dataset.train_json=FILE dataset.train_images=DIR
+                                                 dataset.val_json=FILE dataset.val_images=DIR (docs/DETECTION.md)
+  custom/upernet_revcolv2_b_sem_seg_folders.py   your images + label PNGs: dataset.train_images=DIR
+                                                 dataset.train_labels=DIR dataset.val_images=DIR dataset.val_labels=DIR
+                                                 dataset.classes=FILE (docs/SEGMENTATION.md)
   The demo configs use the revcolv2_tiny preset, the size that
   `tools/pretrain.py --config configs/pretrain/revcolv2_tiny_demo.yaml` pre-trains.
   Datasets are found in $DETECTRON2_DATASETS (default ./datasets): coco/,
@@ -397,6 +402,8 @@ examples:
   python tools/lazyconfig_train_net.py --num-gpus 8 --config-file CFG train.init_checkpoint=MIM.pth
   python tools/lazyconfig_train_net.py --config-file CFG --resume
   python tools/lazyconfig_train_net.py --config-file CFG --eval-only train.init_checkpoint=output/model_final.pth
+  # also multi-scale + flip (test-time augmentation): both results are reported
+  python tools/lazyconfig_train_net.py --config-file CFG --eval-only train.init_checkpoint=M.pth test.aug.enabled=True
 
 the output folder (train.output_dir):
   A folder that holds a run is not trained into again by accident: --resume continues it

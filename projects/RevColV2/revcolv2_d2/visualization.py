@@ -228,7 +228,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="from a checkpoint with EMA weights (model_ema), draw with the raw ones ('model')")
     p.add_argument("--input", nargs="+", default=[], help="images, folders, glob patterns or videos")
     p.add_argument("--video-input", default=None, help="a video file (same as giving it to --input)")
-    p.add_argument("--dataset", default=None, help="draw this registered dataset's ground truth instead")
+    p.add_argument("--dataset", default=None,
+                   help="draw this registered dataset's ground truth instead (with --config-file: also the datasets "
+                        "its dataset.* overrides register, e.g. custom_val)")
     p.add_argument("--num-images", type=int, default=16, help="with --dataset: how many records to draw")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score of drawn instances")
@@ -249,8 +251,13 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     written: List[str] = []
 
     if args.dataset:
-        metadata = MetadataCatalog.get(args.metadata or args.dataset)
-        records = DatasetCatalog.get(args.dataset)[: args.num_images]
+        try:
+            if args.config_file:  # a custom config's data (its dataset.* overrides) by name
+                register_config_datasets(LazyConfig.apply_overrides(load_lazy_config(args.config_file), args.opts))
+            metadata = MetadataCatalog.get(args.metadata or args.dataset)
+            records = DatasetCatalog.get(args.dataset)[: args.num_images]
+        except CustomDatasetError as e:
+            raise SystemExit(str(e)) from None
         outs = _prepare_outputs(args.output, output_names([r["file_name"] for r in records]))
         for record, out in zip(records, outs):
             cv2.imwrite(out, draw_ground_truth(record, metadata)[:, :, ::-1])
