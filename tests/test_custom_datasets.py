@@ -20,6 +20,7 @@ from revcolv2_d2.classes import (
     ClassMismatchError,
     check_loaded_classes,
     check_model_fits_dataset,
+    check_training_classes,
     checkpoint_num_classes,
     compare_class_names,
 )
@@ -276,6 +277,18 @@ def test_a_checkpoint_of_another_class_count_names_both_numbers(sem_model, tmp_p
     with pytest.raises(ClassMismatchError, match=r"two\.pth was trained on 2 classes \(a, b\) but the model "
                                                  r"predicts 3"):
         RevColV2Checkpointer(sem_model).load(str(tmp_path / "two.pth"))
+
+
+def test_training_and_evaluation_data_must_have_the_same_classes(sem, sem_model):
+    register_sem_seg_folders("t_doors", val_images=sem["val_images"], val_labels=sem["val_labels"],
+                             classes=["floor", "wall", "door"])
+    assert check_training_classes(sem_model, "custom_train", "custom_val", custom=True) == SEM_CLASSES
+    with pytest.raises(ClassMismatchError, match=r"the model \(on custom_train\) was trained on 3 classes that differ "
+                                                 r"from the 3 classes of dataset t_doors_val: .*\[floor, wall, door\]"):
+        check_training_classes(sem_model, "custom_train", "t_doors_val", custom=True)
+    register_sem_seg_folders("t_two", val_images=sem["val_images"], val_labels=sem["val_labels"], classes=["a", "b"])
+    with pytest.raises(ClassMismatchError, match=r"num_classes is 3 but dataset t_two_val has 2 classes"):
+        check_training_classes(sem_model, "custom_train", "t_two_val", custom=True)
 
 
 def test_long_class_lists_show_where_they_differ():

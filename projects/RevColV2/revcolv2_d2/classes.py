@@ -25,7 +25,8 @@ from detectron2.data import MetadataCatalog
 from torch import nn
 
 __all__ = ["ClassMismatchError", "model_num_classes", "dataset_name", "dataset_class_names",
-           "check_model_fits_dataset", "checkpoint_num_classes", "compare_class_names", "check_loaded_classes"]
+           "check_model_fits_dataset", "check_training_classes", "checkpoint_num_classes", "compare_class_names",
+           "check_loaded_classes"]
 
 logger = logging.getLogger("detectron2").getChild(__name__)
 
@@ -100,6 +101,19 @@ def check_model_fits_dataset(model: nn.Module, name: Optional[str], custom: bool
                else f"set {key}={len(names)}")
         raise ClassMismatchError(f"{key} is {count} but dataset {name} has {len(names)} classes "
                                  f"({_listed(names)}): the model must predict exactly the dataset's classes; {how}")
+    return names
+
+
+def check_training_classes(model: nn.Module, train_name: Optional[str], test_name: Optional[str] = None,
+                           custom: bool = False) -> Optional[List[str]]:
+    """The class names of the training dataset (what checkpoints record), after checking
+    that the model predicts them (:func:`check_model_fits_dataset`) and that the evaluation
+    dataset ``test_name``, when given and naming its classes, has the same ones."""
+    names = check_model_fits_dataset(model, train_name, custom)
+    test = check_model_fits_dataset(model, test_name, custom) if test_name else None
+    if names is not None and test is not None and names != test:
+        raise ClassMismatchError(compare_class_names(names, test, f"the model (on {train_name})", str(test_name))
+                                 + ": the evaluation would name its predictions with the wrong classes")
     return names
 
 

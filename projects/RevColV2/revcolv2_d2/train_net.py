@@ -58,7 +58,13 @@ from revcolv2.run_dir import RunLayout, claim_output_dir
 from revcolv2.signals import StopSignals, TrainingInterrupted, agree_on_signal, end_launcher, exit_launcher
 
 from .checkpoint import RevColV2Checkpointer
-from .classes import ClassMismatchError, check_loaded_classes, check_model_fits_dataset, dataset_name
+from .classes import (
+    ClassMismatchError,
+    check_loaded_classes,
+    check_model_fits_dataset,
+    check_training_classes,
+    dataset_name,
+)
 from .data import register_all
 from .data.custom import CustomDatasetError, register_config_datasets
 from .safe_config import load_lazy_config
@@ -274,7 +280,11 @@ def do_train(args, cfg):
     optim = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
     train_name = dataset_name(OmegaConf.select(cfg, "dataloader.train.dataset.names", default=None))
-    classes = check_model_fits_dataset(model, train_name, custom="dataset" in cfg)  # recorded in checkpoints
+    # the training data's classes, recorded in checkpoints; the evaluation's must be the same (checked now,
+    # not at the first evaluation)
+    test_name = dataset_name(OmegaConf.select(cfg, "dataloader.test.dataset.names", default=None))
+    classes = check_training_classes(model, train_name, test_name if "evaluator" in cfg.dataloader else None,
+                                     custom="dataset" in cfg)
 
     model = ddp_model(model, cfg.train.device, **cfg.train.ddp)
     amp_enabled, amp_dtype = _amp_settings(cfg)
