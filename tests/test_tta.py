@@ -220,6 +220,8 @@ def test_upernet_slides_its_windows_within_every_scale(monkeypatch):
     assert enabled_test_aug(cfg) is None  # single-scale unless asked
     cfg.test.aug.enabled = True
     assert enabled_test_aug(cfg) == {"scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "flip": True}
+    cfg.test.aug.flip = False
+    assert enabled_test_aug(cfg)["flip"] is False
     image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)
     item = {"image": image, "height": 96, "width": 128}
     with torch.no_grad():
