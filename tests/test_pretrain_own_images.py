@@ -186,3 +186,13 @@ def test_pretraining_on_a_flat_folder_then_init_from_its_checkpoint(tmp_path, ca
     pretrain(listing, tmp_path / "second", "optim.base_lr=1e-12", "optim.weight_decay=0",
              extra=("--init", ckpt, "--resume", "auto"))
     assert "not applied: continuing the run" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # tools/pretrain.py starts
+def test_init_from_another_size_stops_the_tool_in_one_line(mim_checkpoint, tmp_path):
+    path, _ = mim_checkpoint  # embed_dim 32; the run below builds 64
+    flat = write_flat_images(tmp_path / "imgs")
+    with pytest.raises(SystemExit, match=r"^--init: .*mim\.pth: checkpoint tensor '.*' has shape .* but the model "
+                                         r"expects"):
+        pretrain(flat, tmp_path / "out", "model.kwargs={embed_dim: 64, num_heads: 2, patch_size: 8}",
+                 extra=("--init", path))

@@ -180,7 +180,7 @@ def train(args: argparse.Namespace, cfg: dict, info, out_dir: str) -> dict:
         try:  # every rank loads the same weights; the main one prints the report
             init_from_checkpoint(model, args.init, log=print if info.is_main else None)
         except (CheckpointError, ShapeMismatchError, FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"--init {args.init}: {e}") from None
+            raise SystemExit(f"--init: {e}") from None
     history = trainer.fit(stop_at_step=args.stop_at_step)
     return {"history": history, "output_dir": out_dir, "trainer": trainer}
 
