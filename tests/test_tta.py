@@ -428,3 +428,24 @@ def test_the_tta_model_follows_the_model():
     assert list(cfg.test.aug.scales) == [0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25, 1.375, 1.5]
     with pytest.raises(TypeError, match="no test-time augmentation for a Linear"):
         build_tta_model(nn.Linear(2, 2), [1.0])
+
+
+@pytest.mark.slow  # builds Mask2Former (transformers' modules)
+def test_mask2former_probabilities_are_averaged_as_the_model_returns_them():
+    cfg = LazyConfig.load(os.path.join(CONFIGS, "ADE20K", "mask2former_revcolv2_b_160k.py"))
+    cfg.model.backbone.embed_dim, cfg.model.backbone.num_heads = 32, 2
+    head = cfg.model.sem_seg_head
+    head.conv_dim = head.mask_dim = head.hidden_dim = 32
+    head.num_heads, head.num_queries, head.encoder_layers, head.encoder_feedforward_dim = 2, 8, 1, 32
+    head.decoder_layers, head.dim_feedforward = 2, 32
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).eval()
+    assert model.sem_seg_output == "probabilities"
+    item = {"image": torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8), "height": 64, "width": 96}
+    with torch.no_grad():
+        own = model([dict(item)])[0]["sem_seg"]
+        one = build_tta_model(model, [1.0], flip=False)([dict(item)])[0]["sem_seg"]
+        both = build_tta_model(model, [1.0], flip=True)([dict(item)])[0]["sem_seg"]
+        flipped = model([dict(item, image=item["image"].flip(-1))])[0]["sem_seg"].flip(-1)
+    assert torch.equal(one, own)  # no softmax on top of Mask2Former's scores
+    assert torch.allclose(both, (own + flipped) / 2, atol=1e-6)
