@@ -9,6 +9,10 @@
   where the crop allows), to uint8 tensors that :func:`normalize_uint8` normalizes on the
   device; the same random draws and, but for the reduced decodes, the same pixels as
   torchvision's transforms on the decoded image.
+- :class:`ImageFiles`: unlabelled images for pre-training, every image under a folder
+  (searched recursively) or the files a text file lists, with the same conversion and the
+  same skipping and counting of unreadable files; :func:`pretraining_images` picks it or
+  an ImageNet-style folder for ``--data-path``.
 - :class:`SeededSamples` + :class:`EpochSampler`: every sample's augmentation randomness is a
   pure function of (seed, epoch, index), and the order of an epoch is a pure function of
   (seed, epoch). A run resumed in the middle of an epoch therefore sees exactly the batches
@@ -33,6 +37,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .distributed import DistInfo, barrier
 from .synthetic_imagenet import SYNTHETIC_NAME, ensure_synthetic_imagenet
@@ -254,6 +259,95 @@ def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(3, 1, 1)
     return images.to(torch.float32).div(255).sub_(mean).div_(std)
+
+
+def list_image_files(source: str) -> List[str]:
+    """The image files of ``source``: every file with an image extension under a folder
+    (recursively, sorted), or the lines of a text file (one path a line; blank lines and
+    lines starting with ``#`` skipped; relative paths are relative to the list's folder)."""
+    if os.path.isdir(source):
+        found = []
+        for folder, subfolders, names in os.walk(source, followlinks=True):
+            subfolders.sort()
+            found += [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS)]
+        if not found:
+            raise UnreadableImageError(f"no image files ({', '.join(IMG_EXTENSIONS)}) under {source}")
+        return found
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"{source}: no such folder or image list")
+    base = os.path.dirname(os.path.abspath(source))
+    with open(source, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    paths = [os.path.join(base, line) for line in lines if line and not line.startswith("#")]
+    if not paths:
+        raise UnreadableImageError(f"the image list {source} names no file")
+    return paths
+
+
+def _missing_or_empty(path: str) -> Optional[str]:
+    try:
+        return f"{path}: empty file" if os.path.getsize(path) == 0 else None
+    except OSError as e:
+        return f"{path}: {e.strerror or e}"
+
+
+class ImageFiles(Dataset):
+    """Unlabelled images: a folder searched recursively, or a text file of image paths
+    (:func:`list_image_files`). Items are ``(image, 0)``, as an image folder's with one class.
+
+    Like :class:`RobustImageFolder`, images are converted to RGB (:func:`load_rgb`) and
+    unreadable or missing files are skipped with one warning that counts and names them
+    (``verify``: decode every file once at construction; ``"auto"``: only up to
+    ``VERIFY_AUTO_LIMIT`` files, larger sets drop missing and empty files up front and skip
+    undecodable ones when met); ``strict=True`` makes the first one an error.
+    """
+
+    def __init__(self, source: str, transform: Optional[Callable] = None, strict: bool = False, verify="auto",
+                 num_threads: int = 8, files: Optional[List[str]] = None, loader: Callable = load_rgb):
+        self.root = source
+        self.transform, self.target_transform = transform, None
+        self.loader = loader
+        self.strict = strict
+        paths = list_image_files(source) if files is None else list(files)
+        if verify == "auto":
+            verify = len(paths) <= VERIFY_AUTO_LIMIT
+        if verify:
+            with ThreadPoolExecutor(max(1, num_threads)) as pool:
+                problems = list(pool.map(_check_readable, paths))
+        else:
+            problems = [_missing_or_empty(p) for p in paths]
+        bad = [msg for msg in problems if msg is not None]
+        self.skipped: List[str] = []
+        if bad:
+            if strict:
+                raise UnreadableImageError(
+                    f"{len(bad)} unreadable image file(s) in {source} (strict data mode), first: {bad[0]}")
+            self.skipped = bad
+            warnings.warn(f"skipped {len(bad)} unreadable image file(s) of {len(paths)} in {source}: "
+                          + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""), stacklevel=2)
+        self.samples = [(p, 0) for p, msg in zip(paths, problems) if msg is None]
+        if not self.samples:
+            raise UnreadableImageError(f"no readable images in {source}")
+        self._load_failures = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    # the same replacement of files that break after construction, counted and reported
+    __getitem__ = RobustImageFolder.__getitem__
+
+
+def pretraining_images(data_path: Optional[str], info: DistInfo, transform: Optional[Callable] = None,
+                       strict: bool = False, loader: Callable = load_rgb) -> Tuple[Dataset, str]:
+    """The images of ``tools/pretrain.py --data-path`` and where they come from: an
+    ImageNet-style folder's ``train/`` split (class folders play no part), else any folder
+    of images (recursive) or a text file listing image paths (:class:`ImageFiles`); without
+    ``--data-path`` the built-in dataset. ``loader`` reads a file (path -> sample; e.g. a
+    :class:`RandomResizedCropDecoder`), ``transform`` then transforms it."""
+    if data_path and not (Path(data_path) / "train").is_dir():
+        return ImageFiles(data_path, transform=transform, strict=strict, loader=loader), data_path
+    train = str(prepare_data_root(data_path, info) / "train")
+    return RobustImageFolder(train, transform=transform, strict=strict, loader=loader), train
 
 
 def _posterize_at_least_one_bit(img, bits_to_keep, **kwargs):

@@ -72,7 +72,21 @@ _STEP_BENCH = {
 FLAG_TESTS = {
     "pretrain.py": {
         **_TRAINING,
-        "--compile": "test_compile_flag.py::test_pretrain_with_compile_trains_like_eager_through_compiled_levels"},
+        "--compile": "test_compile_flag.py::test_pretrain_with_compile_trains_like_eager_through_compiled_levels",
+        "--init": "test_pretrain_own_images.py::test_pretraining_on_a_flat_folder_then_init_from_its_checkpoint"},
+    "reconstruct.py": {
+        **{flag: "test_inspect_tools.py::test_reconstruct_writes_the_grid_panels_for_every_image"
+           for flag in ("images", "--checkpoint", "--output")},
+        **{flag: "test_inspect_tools.py::test_mask_ratio_seed_input_size_and_ema_change_the_panels"
+           for flag in ("--mask-ratio", "--seed", "--input-size", "--no-ema")},
+        "--help": HELP,
+    },
+    "analyze_levels.py": {
+        **{flag: "test_inspect_tools.py::test_analyze_levels_of_a_mim_checkpoint"
+           for flag in ("--checkpoint", "--data", "--output", "--input-size", "--max-images", "--no-ema")},
+        "--model": "test_inspect_tools.py::test_analyze_levels_of_detectron2_checkpoints",
+        "--help": HELP,
+    },
     "finetune.py": {**_TRAINING, **_CLASSIFICATION,
                     "--config": "test_timm_arguments.py::test_finetune_transforms",
                     "--compile": "test_compile_flag.py::test_finetune_with_compile_keeps_its_ema_copy_eager"},
@@ -430,7 +444,7 @@ def test_train_net_no_ema_evaluates_the_raw_weights(tmp_path, monkeypatch, ema_c
     from revcolv2_d2 import train_net
 
     path, raw, ema = ema_checkpoint
-    monkeypatch.setattr(train_net, "do_test", lambda cfg, model: model)  # the loaded model, not its metrics
+    monkeypatch.setattr(train_net, "do_test", lambda cfg, model, checkpointer=None: model)  # the model, not metrics
     for flags, want in ((["--no-ema"], raw), ([], ema)):
         args = train_net.argument_parser().parse_args(
             ["--eval-only", *flags, "--config-file", DEMO_CONFIG, "model.backbone.bottom_up.embed_dim=32",

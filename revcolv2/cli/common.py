@@ -58,9 +58,19 @@ def training_parser(description: str, task: str) -> argparse.ArgumentParser:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help=f"YAML recipe, e.g. {EXAMPLE_CONFIGS[task]}")
-    p.add_argument("--data-path", default=None, help="ImageNet-style folder with train/<class>/* and val/<class>/*; "
-                   "default: the built-in synthetic dataset")
+    p.add_argument("--data-path", default=None,
+                   help="a folder of images, searched recursively (no class folders needed), a text file with one "
+                        "image path a line, or an ImageNet-style folder (train/<class>/*); default: the built-in "
+                        "synthetic dataset" if task == "pretrain" else
+                        "ImageNet-style folder with train/<class>/* and val/<class>/*; default: the built-in "
+                        "synthetic dataset")
     p.add_argument("--output-dir", default=None, help=f"default: output/{task}/<config name>")
+    if task == "pretrain":
+        p.add_argument("--init", default=None, metavar="CKPT",
+                       help="start a new run from this checkpoint's weights, with a fresh optimizer and schedule: a "
+                            "MIM checkpoint gives encoder and decoder; a fine-tuned or detectron2 checkpoint gives "
+                            "what matches (the report lists what is left out). Not applied when --resume finds a "
+                            "checkpoint")
     if task != "pretrain":
         p.add_argument("--finetune", default=None,
                        help="the pre-trained (MIM) checkpoint to probe" if task == "linear_probe" else

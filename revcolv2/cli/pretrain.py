@@ -4,7 +4,12 @@
     torchrun --nproc_per_node 8 tools/pretrain.py --config configs/pretrain/revcolv2_base.yaml \\
         --data-path /data/imagenet --batch-per-gpu 128
 
-Without ``--data-path`` the built-in synthetic dataset is used (generated once). The
+Without ``--data-path`` the built-in synthetic dataset is used (generated once).
+``--data-path`` is an ImageNet-style folder (its ``train/`` split), any folder of images
+(searched recursively: no class folders needed) or a text file with one image path a line.
+``--init CKPT`` starts a new run from a checkpoint's weights (a MIM checkpoint: encoder and
+decoder; a fine-tuned or detectron2 one: what matches, the rest listed) with a fresh
+optimizer and schedule; ``--resume`` continues a run instead. The
 effective batch of the config is reached by gradient accumulation; ``--resume auto``
 continues the latest checkpoint in the output folder exactly where it stopped (Ctrl-C or
 SIGTERM write one before exiting). Every ``train.vis_every`` epochs a PNG grid
@@ -25,6 +30,8 @@ from torchvision import transforms
 from torchvision.utils import save_image
 
 from ..atomic_io import write_bytes_atomic
+from ..checkpoint import CheckpointError, ShapeMismatchError
+from ..checkpoint_models import init_from_checkpoint
 from ..config import (
     AMP,
     SCHEDULE,
@@ -41,11 +48,12 @@ from ..config import (
 from ..data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ImageFiles,
     RandomResizedCropDecoder,
     RobustImageFolder,
     normalize_uint8,
     num_workers_default,
-    prepare_data_root,
+    pretraining_images,
 )
 from ..distributed import init_distributed
 from ..model import MODEL_CFGS
@@ -104,8 +112,14 @@ def eval_transform(size: int) -> transforms.Compose:
     ])
 
 
-def fixed_images(root: Path, size: int, count: int) -> torch.Tensor:
-    """The first image of each of the first ``count`` classes (val if present), (K, 3, H, W)."""
+def fixed_images(dataset, size: int, count: int) -> torch.Tensor:
+    """The pictures of the reconstruction grids, (K, 3, H, W): of an ImageNet-style folder,
+    the first image of each of the first ``count`` classes (val if present); of unlabelled
+    images (:class:`ImageFiles`), the first ``count``."""
+    if isinstance(dataset, ImageFiles):
+        ds = ImageFiles(dataset.root, transform=eval_transform(size), files=[p for p, _ in dataset.samples[:count]])
+        return torch.stack([ds[i][0] for i in range(len(ds))])
+    root = Path(dataset.root).parent
     folder = root / "val" if (root / "val").is_dir() else root / "train"
     ds = RobustImageFolder(str(folder), transform=eval_transform(size), verify=False)
     picks, seen = [], set()
@@ -164,8 +178,7 @@ def train(args: argparse.Namespace, cfg: dict, info, out_dir: str) -> dict:
     model = build_model(cfg, "pretrain").to(info.device)
     seed_everything(args.seed + info.rank)  # per-rank masks and drop-path
 
-    root = prepare_data_root(args.data_path, info)
-    dataset = RobustImageFolder(str(root / "train"), loader=pretrain_decoder(cfg), strict=args.strict_data)
+    dataset, source = pretraining_images(args.data_path, info, loader=pretrain_decoder(cfg), strict=args.strict_data)
     write_config(cfg, out_dir, info)
 
     batch = optim_cfg["batch_size"]
@@ -175,13 +188,13 @@ def train(args: argparse.Namespace, cfg: dict, info, out_dir: str) -> dict:
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg["betas"]))
     if info.is_main:
         print(f"model {cfg['model']['name']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-              f"reversible={model.reversible}), {len(dataset)} training images in {root / 'train'}, "
+              f"reversible={model.reversible}), {len(dataset)} training images in {source}, "
               f"lr {lr:.3g} (base {optim_cfg['base_lr']} x {batch}/256)")
 
     compile_if_asked(model, args, info)
     vis = None
     if info.is_main and train_cfg.get("vis_images", 0) > 0:
-        vis = fixed_images(root, cfg["data"]["input_size"], train_cfg["vis_images"])
+        vis = fixed_images(dataset, cfg["data"]["input_size"], train_cfg["vis_images"])
     trainer = PretrainTrainer(
         model=model, optimizer=optimizer, dataset=dataset, info=info, output_dir=out_dir,
         effective_batch=batch,
@@ -195,6 +208,13 @@ def train(args: argparse.Namespace, cfg: dict, info, out_dir: str) -> dict:
     resume = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
     if resume:
         trainer.resume(resume)
+        if args.init and info.is_main:
+            print(f"--init {args.init} not applied: continuing the run from {resume}")
+    elif args.init:
+        try:  # every rank loads the same weights; the main one prints the report
+            init_from_checkpoint(model, args.init, log=print if info.is_main else None)
+        except (CheckpointError, ShapeMismatchError, FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--init: {e}") from None
     history = trainer.fit(stop_at_step=args.stop_at_step)
     return {"history": history, "output_dir": out_dir, "trainer": trainer}
 

@@ -71,6 +71,20 @@ ALLOWED_TARGETS: Dict[str, str] = {
         "RandomLighting", "RandomRotation")},
     "revcolv2_d2.data.ade20k.PhotometricDistortion": _AUGMENTATION,
     "revcolv2_d2.data.ade20k.ResizeLongShortScale": _AUGMENTATION,
+    # your own data (configs/custom/): detectron2's registration of a COCO-format JSON or of
+    # image + label-PNG folders, and the class count read from the same files
+    "revcolv2_d2.data.custom.register_coco_format":
+        "registers a COCO-format JSON and image folder through detectron2's register_coco_instances (json, "
+        f"pycocotools, images read as images when the data is loaded); otherwise {_COMPUTES}",
+    "revcolv2_d2.data.custom.coco_num_classes":
+        "counts the categories of COCO-format JSON files, read with json (which runs no code); imports nothing "
+        "by name, evaluates no string",
+    "revcolv2_d2.data.custom.register_sem_seg_folders":
+        "registers image and label-PNG folders through detectron2's load_sem_seg (file names; the images are read "
+        f"as images when the data is loaded) and reads the class-list text file; otherwise {_COMPUTES}",
+    "revcolv2_d2.data.custom.sem_seg_num_classes":
+        "counts the class names given, or the lines of a class-list text file (read as text); imports nothing "
+        "by name, evaluates no string",
     # evaluation
     "detectron2.evaluation.coco_evaluation.COCOEvaluator":
         "reads the dataset's JSON annotations (pycocotools, json) and writes its results into output_dir when "
@@ -108,6 +122,8 @@ ALLOWED_TARGETS: Dict[str, str] = {
     "revcolv2_d2.mask2former.mask2former_optimizer_params": _PARAM_GROUPS,
     "revcolv2.layer_decay.lr_factor_func": f"the layer-decay factor of each parameter name of a model: {_COMPUTES}",
     "detectron2.solver.lr_scheduler.WarmupParamScheduler": _SCHEDULE,
+    "revcolv2_d2.schedules.vitdet_multistep": _SCHEDULE + " (ViTDet's step schedule, for a given max_iter)",
+    "revcolv2_d2.schedules.warmup_poly": _SCHEDULE + " (warm-up then polynomial decay, for a given max_iter)",
     **{f"fvcore.common.param_scheduler.{name}": _SCHEDULE for name in (
         "MultiStepParamScheduler", "PolynomialDecayParamScheduler", "CosineParamScheduler", "LinearParamScheduler",
         "ConstantParamScheduler", "StepParamScheduler", "StepWithFixedGammaParamScheduler",

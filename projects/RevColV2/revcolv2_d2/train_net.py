@@ -61,8 +61,17 @@ from revcolv2.signals import StopSignals, TrainingInterrupted, agree_on_signal, 
 
 from .backbone import RevColV2Backbone
 from .checkpoint import RevColV2Checkpointer
+from .classes import (
+    ClassMismatchError,
+    check_loaded_classes,
+    check_model_fits_dataset,
+    check_training_classes,
+    dataset_name,
+)
 from .data import register_all
+from .data.custom import CustomDatasetError, register_config_datasets
 from .safe_config import load_lazy_config
+from .tta import build_tta_model, enabled_test_aug
 
 logger = logging.getLogger("detectron2")
 
@@ -271,16 +280,44 @@ def ddp_model(model, device, **ddp_kwargs):
     return create_ddp_model(model, **ddp_kwargs)
 
 
-def do_test(cfg, model):
+def do_test(cfg, model, checkpointer=None):
+    """Evaluate on the config's test set (checking that the model, and the checkpoint
+    ``checkpointer`` loaded, predict that dataset's classes); with ``test.aug.enabled`` also
+    with test-time augmentation, whose results come under ``<task>_TTA``."""
     if "evaluator" not in cfg.dataloader:
         return {}
-    ret = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    )
+    loader = instantiate(cfg.dataloader.test)
+    name = dataset_name(OmegaConf.select(cfg, "dataloader.test.dataset.names", default=None))
+    names = check_model_fits_dataset(model, name, custom="dataset" in cfg)
+    if checkpointer is not None:
+        check_loaded_classes(checkpointer, names, name)
+    ret = inference_on_dataset(model, loader, instantiate(cfg.dataloader.evaluator))
     print_csv_format(ret)
+    aug = enabled_test_aug(cfg)
+    if aug is not None:
+        logger.info("Evaluating with test-time augmentation: scales %s of the test size%s", aug["scales"],
+                    ", each also flipped" if aug["flip"] else "")
+        tta = inference_on_dataset(build_tta_model(model, aug["scales"], aug["flip"]), loader,
+                                   instantiate(cfg.dataloader.evaluator))
+        tta = {f"{task}_TTA": res for task, res in tta.items()}
+        print_csv_format(tta)
+        for line in compare_tta(ret, tta):
+            logger.info(line)
+        ret = {**ret, **tta}
     if comm.is_main_process() and cfg.train.get("output_dir"):
         write_last_eval(cfg.train.output_dir, ret)
     return ret
+
+
+def compare_tta(single, tta) -> list:
+    """One line per task: its main metric single-scale and with test-time augmentation."""
+    lines = []
+    for task, res in single.items():
+        metric = next((m for m in ("mIoU", "AP") if m in res), None)
+        if metric is not None and metric in tta.get(f"{task}_TTA", {}):
+            lines.append(f"{task} {metric}: single-scale {res[metric]:.2f}, test-time augmentation "
+                         f"{tta[task + '_TTA'][metric]:.2f}")
+    return lines
 
 
 def write_last_eval(output_dir: str, results) -> str:
@@ -386,6 +423,12 @@ def do_train(args, cfg):
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
+    train_name = dataset_name(OmegaConf.select(cfg, "dataloader.train.dataset.names", default=None))
+    # the training data's classes, recorded in checkpoints; the evaluation's must be the same (checked now,
+    # not at the first evaluation)
+    test_name = dataset_name(OmegaConf.select(cfg, "dataloader.test.dataset.names", default=None))
+    classes = check_training_classes(model, train_name, test_name if "evaluator" in cfg.dataloader else None,
+                                     custom="dataset" in cfg)
 
     model = ddp_model(model, cfg.train.device, **cfg.train.ddp)
     amp_enabled, amp_dtype = _amp_settings(cfg)
@@ -395,7 +438,8 @@ def do_train(args, cfg):
         trainer = AMPTrainer(model, train_loader, optim, grad_scaler=grad_scaler, precision=amp_dtype)
     else:
         trainer = SimpleTrainer(model, train_loader, optim)
-    checkpointer = RevColV2Checkpointer(model, cfg.train.output_dir, ema=not args.no_ema, trainer=trainer)
+    checkpointer = RevColV2Checkpointer(model, cfg.train.output_dir, ema=not args.no_ema, trainer=trainer,
+                                        classes=classes)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
@@ -418,7 +462,10 @@ def do_train(args, cfg):
 
     settings = optimizer_settings(optim)  # the config's, before a resume loads the checkpoint's
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
-    if args.resume and checkpointer.has_checkpoint():
+    resumed = args.resume and checkpointer.has_checkpoint()
+    # a run continues only on its own classes; a new run may start its heads from others'
+    check_loaded_classes(checkpointer, classes, train_name, refuse=resumed)
+    if resumed:
         start_iter = trainer.iter + 1
         follow_config_on_resume(optim, settings, checkpointer._source, start_iter, cfg.train.max_iter)
     else:
@@ -445,6 +492,10 @@ def main(args):
     register_all()
     cfg = load_lazy_config(args.config_file)  # YAML: plain data only (detectron2 would unsafe_load it)
     cfg = apply_overrides(cfg, args.opts, args.config_file)
+    try:
+        register_config_datasets(cfg)  # the config's own data (configs/custom/), from its dataset.* paths
+    except (CustomDatasetError, FileNotFoundError) as e:
+        raise SystemExit(f"{args.config_file}: {e}") from None
     if str(cfg.train.get("device", "cuda")).startswith("cuda") and not torch.cuda.is_available():
         cfg.train.device = "cpu"
     if args.eval_only and cfg.train.get("output_dir") and comm.is_main_process():
@@ -459,10 +510,15 @@ def main(args):
         checkpointer = RevColV2Checkpointer(model, cfg.train.output_dir, ema=not args.no_ema)
         try:
             checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+            return do_test(cfg, model, checkpointer)
         except ShapeMismatchError as e:
             raise SystemExit(_eval_config_hint(e, args.config_file)) from None
-        return do_test(cfg, model)
-    do_train(args, cfg)
+        except (ClassMismatchError, CustomDatasetError) as e:
+            raise SystemExit(str(e)) from None
+    try:
+        do_train(args, cfg)
+    except (ClassMismatchError, CustomDatasetError) as e:
+        raise SystemExit(str(e)) from None
 
 
 def _eval_config_hint(error: ShapeMismatchError, config_file: str) -> str:
@@ -493,6 +549,11 @@ configs (projects/RevColV2/configs/; a .py config is code: run only those you tr
   demo/mask2former_revcolv2_tiny_synthetic.py     Mask2Former on the same scenes, CPU
   COCO/mask_rcnn_revcolv2_{b,l}_50ep.py, COCO/cascade_mask_rcnn_revcolv2_{b,l}_100ep.py
   ADE20K/upernet_revcolv2_{b,l}_160k.py, ADE20K/mask2former_revcolv2_{b,l}_160k.py
+  custom/mask_rcnn_revcolv2_b_coco_format.py     your COCO-format data: dataset.train_json=FILE dataset.train_images=DIR
+                                                 dataset.val_json=FILE dataset.val_images=DIR (docs/DETECTION.md)
+  custom/upernet_revcolv2_b_sem_seg_folders.py   your images + label PNGs: dataset.train_images=DIR
+                                                 dataset.train_labels=DIR dataset.val_images=DIR dataset.val_labels=DIR
+                                                 dataset.classes=FILE (docs/SEGMENTATION.md)
   The demo configs use the revcolv2_tiny preset, the size that
   `tools/pretrain.py --config configs/pretrain/revcolv2_tiny_demo.yaml` pre-trains.
   Datasets are found in $DETECTRON2_DATASETS (default ./datasets): coco/,
@@ -506,6 +567,8 @@ examples:
   python tools/lazyconfig_train_net.py --num-gpus 8 --config-file CFG train.init_checkpoint=MIM.pth
   python tools/lazyconfig_train_net.py --config-file CFG --resume
   python tools/lazyconfig_train_net.py --config-file CFG --eval-only train.init_checkpoint=output/model_final.pth
+  # also multi-scale + flip (test-time augmentation): both results are reported
+  python tools/lazyconfig_train_net.py --config-file CFG --eval-only train.init_checkpoint=M.pth test.aug.enabled=True
 
 the output folder (train.output_dir):
   A folder that holds a run is not trained into again by accident: --resume continues it

@@ -26,7 +26,9 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from revcolv2.atomic_io import TMP_PREFIX, DiskFullError, inputs_replaced, write_bytes_atomic
 
 from .checkpoint import RevColV2Checkpointer
+from .classes import ClassMismatchError, check_loaded_classes, check_model_fits_dataset
 from .data import register_all
+from .data.custom import CustomDatasetError, register_config_datasets
 from .safe_config import load_lazy_config
 
 USAGE = """Draw a RevColV2 detectron2 model's predictions (or a dataset's ground truth) on images.
@@ -70,8 +72,9 @@ class LazyPredictor:
     def __init__(self, cfg, checkpoint: str, device: Optional[str] = None, ema: bool = True):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = instantiate(cfg.model).to(self.device).eval()
+        self.checkpointer = RevColV2Checkpointer(self.model, ema=ema)
         if checkpoint:
-            RevColV2Checkpointer(self.model, ema=ema).load(checkpoint)
+            self.checkpointer.load(checkpoint)
         else:
             logger.warning("No checkpoint given: drawing the predictions of an untrained model")
         mapper = cfg.dataloader.test.get("mapper", {}) if "dataloader" in cfg else {}
@@ -269,6 +272,16 @@ def metadata_for(cfg, name: Optional[str]):
     return MetadataCatalog.get(name) if name else MetadataCatalog.get("__unused")
 
 
+def check_classes(predictor: LazyPredictor, name: str, custom: bool = False) -> None:
+    """The names drawn are those of dataset ``name``: the model must predict its classes,
+    and the checkpoint must have been trained on them (a checkpoint that records no class
+    names is drawn with a note)."""
+    if name == "__unused":
+        return
+    names = check_model_fits_dataset(predictor.model, name, custom)
+    check_loaded_classes(predictor.checkpointer, names, name)
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tools/visualize.py", description=USAGE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -279,7 +292,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="from a checkpoint with EMA weights (model_ema), draw with the raw ones ('model')")
     p.add_argument("--input", nargs="+", default=[], help="images, folders, glob patterns or videos")
     p.add_argument("--video-input", default=None, help="a video file (same as giving it to --input)")
-    p.add_argument("--dataset", default=None, help="draw this registered dataset's ground truth instead")
+    p.add_argument("--dataset", default=None,
+                   help="draw this registered dataset's ground truth instead (with --config-file: also the datasets "
+                        "its dataset.* overrides register, e.g. custom_val)")
     p.add_argument("--num-images", type=int, default=16, help="with --dataset: how many records to draw")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score of drawn instances")
@@ -300,8 +315,13 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     written: List[str] = []
 
     if args.dataset:
-        metadata = MetadataCatalog.get(args.metadata or args.dataset)
-        records = DatasetCatalog.get(args.dataset)[: args.num_images]
+        try:
+            if args.config_file:  # a custom config's data (its dataset.* overrides) by name
+                register_config_datasets(LazyConfig.apply_overrides(load_lazy_config(args.config_file), args.opts))
+            metadata = MetadataCatalog.get(args.metadata or args.dataset)
+            records = DatasetCatalog.get(args.dataset)[: args.num_images]
+        except CustomDatasetError as e:
+            raise SystemExit(str(e)) from None
         files = [r["file_name"] for r in records]
         outs = _prepare_outputs(args.output, output_names(files), files)
         for record, out in zip(records, outs):
@@ -319,8 +339,13 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     videos = [p.lower().endswith(VIDEO_EXTS) for p in inputs]
     outs = _prepare_outputs(args.output, output_names(inputs, videos), inputs + [args.config_file])
     checkpoint = args.checkpoint if args.checkpoint is not None else cfg.train.get("init_checkpoint", "")
-    predictor = LazyPredictor(cfg, checkpoint, args.device, ema=not args.no_ema)
-    metadata = metadata_for(cfg, args.metadata)
+    try:
+        register_config_datasets(cfg)  # a custom config's data (its dataset.* overrides)
+        predictor = LazyPredictor(cfg, checkpoint, args.device, ema=not args.no_ema)
+        metadata = metadata_for(cfg, args.metadata)
+        check_classes(predictor, metadata.name, custom="dataset" in cfg)
+    except (ClassMismatchError, CustomDatasetError) as e:
+        raise SystemExit(str(e)) from None
     for path, is_video, out in zip(inputs, videos, outs):
         if is_video:
             n = visualize_video(path, out, predictor, metadata, args.confidence_threshold)

@@ -14,7 +14,7 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from revcolv2_d2.backbone import revcolv2_optimizer_params
 
-from ..common.coco_loader_lsj import dataloader
+from ..common.coco_loader_lsj import dataloader, test
 from ..common.mask_rcnn_revcolv2 import model
 
 model.backbone.bottom_up.drop_path_rate = 0.2

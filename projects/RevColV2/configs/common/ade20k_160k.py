@@ -5,7 +5,7 @@ learning-rate schedule and optimizer; the demos (``ade20k_synthetic_demo.py``) s
 """
 from detectron2 import model_zoo
 
-from .ade20k_loader import dataloader
+from .ade20k_loader import dataloader, test
 
 # A RevColV2 MIM (or ImageNet fine-tuned) checkpoint of the same size; its keys are mapped
 # to backbone.net.* by the RevColV2Checkpointer. No public weights exist.

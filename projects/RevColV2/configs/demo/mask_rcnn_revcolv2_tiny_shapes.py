@@ -20,7 +20,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-from ..common.coco_loader_lsj import dataloader
+from ..common.coco_loader_lsj import dataloader, test
 from ..common.mask_rcnn_revcolv2 import model
 
 image_size = 256
