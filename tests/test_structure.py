@@ -146,6 +146,7 @@ def test_no_module_of_the_project_patches_detectron2_timm_or_torch_when_imported
     assert not found, "\n".join(found)
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and detectron2 (seconds each)
 @pytest.mark.parametrize("module", ["revcolv2_d2.train_net", "revcolv2_d2.data.loader"])
 def test_importing_the_detectron2_project_leaves_detectron2_s_loader_as_it_was(module):
     code = ("import detectron2.data.build as b\n"

@@ -215,6 +215,7 @@ def _tiny_upernet():
     return cfg, instantiate(cfg.model).eval()
 
 
+@pytest.mark.slow  # builds the UperNet demo config and slides at six scales (about 10 s)
 def test_upernet_slides_its_windows_within_every_scale(monkeypatch):
     cfg, model = _tiny_upernet()
     assert enabled_test_aug(cfg) is None  # single-scale unless asked
