@@ -40,20 +40,30 @@ SEM_TINY = ["model.backbone.embed_dim=32", "model.backbone.num_heads=2", "model.
             "dataloader.test.mapper.augmentations.0.target_width=128"]
 
 
-@pytest.fixture(scope="module")
-def coco_run(tmp_path_factory):
-    data = write_coco_dataset(tmp_path_factory.mktemp("my_coco"))
-    out = tmp_path_factory.mktemp("coco_out")
-    log = train_net(["--config-file", COCO_CONFIG, *overrides(data), f"train.output_dir={out}", *SHORT, *COCO_TINY],
+def _custom_run(tmp_path_factory, name, write_dataset, config, *opts):
+    """Two training iterations and an evaluation of ``config`` on a dataset ``write_dataset``
+    writes: the dataset's paths, the output folder and the log."""
+    data = write_dataset(tmp_path_factory.mktemp(f"my_{name}"))
+    out = tmp_path_factory.mktemp(f"{name}_out")
+    log = train_net(["--config-file", config, *overrides(data), f"train.output_dir={out}", *SHORT, *opts],
                     tmp_path_factory.mktemp("datasets"))
     return data, out, log
 
 
+def _trained_two_iterations_and_evaluated(out, loss):
+    """The run in ``out`` logged ``loss`` at iterations 0 and 1; its last evaluation's results."""
+    assert [r["iteration"] for r in train_metrics(out) if loss in r] == [0, 1]
+    return json.loads((out / "last_eval.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def coco_run(tmp_path_factory):
+    return _custom_run(tmp_path_factory, "coco", write_coco_dataset, COCO_CONFIG, *COCO_TINY)
+
+
 def test_a_coco_format_dataset_trains_and_evaluates_through_the_custom_config(coco_run):
     data, out, log = coco_run
-    records = train_metrics(out)
-    assert [r["iteration"] for r in records if "total_loss" in r] == [0, 1]
-    result = json.loads((out / "last_eval.json").read_text())
+    result = _trained_two_iterations_and_evaluated(out, "total_loss")
     assert {"bbox", "segm"} <= set(result)
     # scored under the file's category names (ids 3, 7, 12 mapped to 0-2 and back by the evaluator)
     assert {f"AP-{c['name']}" for c in CATEGORIES} <= set(result["bbox"])
@@ -95,18 +105,13 @@ def test_visualize_draws_the_custom_models_predictions(coco_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def sem_run(tmp_path_factory):
-    data = write_sem_seg_dataset(tmp_path_factory.mktemp("my_sem"))
-    out = tmp_path_factory.mktemp("sem_out")
-    log = train_net(["--config-file", SEM_CONFIG, *overrides(data), f"train.output_dir={out}", *SHORT, *SEM_TINY,
-                     "test.aug.enabled=True", "test.aug.scales=[0.75,1.0,1.5]"], tmp_path_factory.mktemp("datasets"))
-    return data, out, log
+    return _custom_run(tmp_path_factory, "sem", write_sem_seg_dataset, SEM_CONFIG, *SEM_TINY,
+                       "test.aug.enabled=True", "test.aug.scales=[0.75,1.0,1.5]")
 
 
 def test_a_label_png_dataset_trains_and_evaluates_single_scale_and_with_tta(sem_run):
     data, out, log = sem_run
-    records = train_metrics(out)
-    assert [r["iteration"] for r in records if "loss_sem_seg" in r] == [0, 1]
-    result = json.loads((out / "last_eval.json").read_text())
+    result = _trained_two_iterations_and_evaluated(out, "loss_sem_seg")
     assert {"sem_seg", "sem_seg_TTA"} <= set(result)
     for task in ("sem_seg", "sem_seg_TTA"):
         assert {f"IoU-{c}" for c in SEM_CLASSES} <= set(result[task])  # the class list's names

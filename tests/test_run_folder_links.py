@@ -7,12 +7,10 @@ import os
 
 import pytest
 from d2_helpers import DEMO_CONFIG, TINY_OVERRIDES
-from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
+from training_helpers import tiny_dataset, tiny_pretrain
 
 from revcolv2.metrics_log import trim_log
 from revcolv2.run_dir import RunFolderError, locked_run_dir
-
-PRETRAIN = REPO / "configs" / "pretrain" / "revcolv2_tiny_demo.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +18,7 @@ def data(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("data"))  # 4 steps of 8 images per epoch
 
 
-def pretrain(data, out, *opts, extra=()):
-    return run_tool(
-        "pretrain", "--config", PRETRAIN, "--data-path", data, "--output-dir", out, "--num-workers", "0",
-        *extra, "--opts", "data.input_size=32", f"model.kwargs={TINY_MODEL}", "optim.batch_size=8",
-        "train.batch_per_gpu=8", "train.vis_images=0", "schedule.warmup_epochs=0", "schedule.epochs=1", *opts,
-    )
+pretrain = tiny_pretrain
 
 
 def plant(folder, name, victim, content=b"another user's file\n"):

@@ -9,13 +9,11 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
+from training_helpers import tiny_dataset, tiny_pretrain
 
 from revcolv2.distributed import DistInfo
 from revcolv2.metrics_log import trim_log
 from revcolv2.trainer import Trainer
-
-PRETRAIN = REPO / "configs" / "pretrain" / "revcolv2_tiny_demo.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +22,7 @@ def data(tmp_path_factory):
 
 
 def pretrain(data, out, *opts, extra=()):
-    return run_tool(
-        "pretrain", "--config", PRETRAIN, "--data-path", data, "--output-dir", out, "--num-workers", "0",
-        *extra, "--opts", "data.input_size=32", f"model.kwargs={TINY_MODEL}", "optim.batch_size=8",
-        "train.batch_per_gpu=8", "train.vis_images=0", "schedule.warmup_epochs=0", "schedule.epochs=2", *opts,
-    )
+    return tiny_pretrain(data, out, "schedule.epochs=2", *opts, extra=extra)
 
 
 class _FailsAtStep2(Trainer):

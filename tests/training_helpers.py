@@ -39,6 +39,20 @@ def run_tool(name: str, *argv: str, quiet: bool = True) -> dict:
         return importlib.import_module(f"revcolv2.cli.{name}").main([str(a) for a in argv])
 
 
+PRETRAIN_DEMO = REPO / "configs" / "pretrain" / "revcolv2_tiny_demo.yaml"
+
+
+def tiny_pretrain(data, out, *opts, extra=()) -> dict:
+    """``tools/pretrain.py`` on :data:`TINY_MODEL` at 32x32: one epoch of 8-image batches,
+    no warm-up, no reconstruction grids, no loader workers; ``extra``: more flags, ``opts``:
+    more (or overriding) ``--opts`` values."""
+    return run_tool(
+        "pretrain", "--config", PRETRAIN_DEMO, "--data-path", data, "--output-dir", out, "--num-workers", "0",
+        *extra, "--opts", "data.input_size=32", f"model.kwargs={TINY_MODEL}", "optim.batch_size=8",
+        "train.batch_per_gpu=8", "train.vis_images=0", "schedule.warmup_epochs=0", "schedule.epochs=1", *opts,
+    )
+
+
 class Captured(Exception):
     """Raised by :func:`built_for_training`'s stand-in trainer: everything up to training was built."""
 

@@ -136,6 +136,25 @@ def _checked_pair(split: str, paths: Dict[str, str], what: Dict[str, str]) -> bo
     return bool(given)
 
 
+def _given_splits(name: str, given: Dict[str, Tuple[str, str]], fields: Sequence[str]):
+    """``(<name>_<split>, paths)`` of each split in ``given``; a split not given is registered
+    as a dataset whose loading says which ``dataset.*`` fields to set."""
+    for split in SPLITS:
+        if split in given:
+            yield f"{name}_{split}", given[split]
+        else:
+            _register_unset(name, split, fields)
+
+
+def _nothing_given(**fields: str) -> CustomDatasetError:
+    """The error for a config given no split: the ``dataset.<split>_<field>=VALUE`` to set."""
+    def split(name: str) -> str:
+        return " ".join(f"dataset.{name}_{field}={value}" for field, value in fields.items())
+
+    return CustomDatasetError(f"no data given: set {split('train')} (training) and/or {split('val')} (evaluation) "
+                              "on the command line")
+
+
 def _register_unset(name: str, split: str, fields: Sequence[str]) -> None:
     """Register a split the command line did not give, whose loading says which overrides
     to set (instead of detectron2's 'not registered' and its list of every dataset)."""
@@ -166,17 +185,10 @@ def register_coco_format(name: str = "custom", train_json: str = "", train_image
                          {"json": "COCO annotation file", "images": "image folder"}):
             given[split] = (json_file, images)
     if not given:
-        raise CustomDatasetError("no data given: set dataset.train_json=FILE dataset.train_images=FOLDER "
-                                 "(training) and/or dataset.val_json=FILE dataset.val_images=FOLDER "
-                                 "(evaluation) on the command line")
+        raise _nothing_given(json="FILE", images="FOLDER")
     names = coco_class_names(*(j for j, _ in given.values()))  # the splits' categories agree
     ids = [c["id"] for c in coco_categories(next(iter(given.values()))[0])]
-    for split in SPLITS:
-        full = f"{name}_{split}"
-        if split not in given:
-            _register_unset(name, split, ("json", "images"))
-            continue
-        json_file, images = given[split]
+    for full, (json_file, images) in _given_splits(name, given, ("json", "images")):
         register_checked_coco_instances(full, {}, json_file, images)
         _check_images_on_load(full, json_file, images)
         MetadataCatalog.get(full).set(thing_classes=list(names),
@@ -278,15 +290,8 @@ def register_sem_seg_folders(name: str = "custom", train_images: str = "", train
              if _checked_pair(split, {"images": pair[0], "labels": pair[1]},
                               {"images": "image folder", "labels": "label folder"})}
     if not given:
-        raise CustomDatasetError("no data given: set dataset.train_images=FOLDER dataset.train_labels=FOLDER "
-                                 "(training) and/or dataset.val_images=FOLDER dataset.val_labels=FOLDER "
-                                 "(evaluation) on the command line")
-    for split in SPLITS:
-        full = f"{name}_{split}"
-        if split not in given:
-            _register_unset(name, split, ("images", "labels"))
-            continue
-        images, labels = given[split]
+        raise _nothing_given(images="FOLDER", labels="FOLDER")
+    for full, (images, labels) in _given_splits(name, given, ("images", "labels")):
         if full in DatasetCatalog.list():
             DatasetCatalog.remove(full)
             MetadataCatalog.remove(full)
