@@ -7,7 +7,8 @@ from torch import nn
 from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
 from revcolv2.classification import LinearProbe
-from revcolv2.model import RevColV2, allow_level_recompiles, compile_for_training
+from revcolv2.compiling import allow_level_recompiles, compile_for_training
+from revcolv2.model import RevColV2
 
 
 def _compiled(module: nn.Module) -> bool:

@@ -14,6 +14,7 @@ from torchvision.datasets import ImageFolder
 
 from ..amp import autocast
 from ..classification import evaluate_checkpoint
+from ..compiling import allow_level_recompiles, compile_for_training
 from ..config import (
     AMP,
     load_config,
@@ -30,7 +31,7 @@ from ..config import (
 from ..data import RobustImageFolder, check_same_classes, num_workers_default
 from ..distributed import DistInfo, init_distributed
 from ..mim import create_mim_model  # its import of revcolv2.model registers the presets with timm
-from ..model import MODEL_CFGS, allow_level_recompiles, compile_for_training
+from ..model import MODEL_CFGS
 from ..run_checkpoints import find_resume_checkpoint
 
 TASKS = ("pretrain", "finetune", "linear_probe")
@@ -121,7 +122,7 @@ def build_model(cfg: dict, task: str, num_classes: Optional[int] = None) -> nn.M
 
 
 def compile_if_asked(model: nn.Module, args: argparse.Namespace, info: DistInfo) -> None:
-    """``--compile``: :func:`revcolv2.model.compile_for_training` on ``model``, after the
+    """``--compile``: :func:`revcolv2.compiling.compile_for_training` on ``model``, after the
     recompile limit that ``compile_levels()`` needs is raised (a process-wide switch: the
     entry point's to set). Call it once the model is complete and copied (EMA)."""
     if not args.compile:

@@ -54,8 +54,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from revcolv2.atomic_io import write_text_atomic
 from revcolv2.checkpoint import ShapeMismatchError
+from revcolv2.compiling import allow_level_recompiles, compile_for_training
 from revcolv2.metrics_log import json_compatible, split_json_lines
-from revcolv2.model import allow_level_recompiles, compile_for_training
 from revcolv2.run_dir import RunLayout, claim_output_dir, refuse_links
 from revcolv2.signals import StopSignals, TrainingInterrupted, agree_on_signal, end_launcher, exit_launcher
 
@@ -344,7 +344,7 @@ def _amp_settings(cfg):
 
 
 def compile_if_configured(cfg, model) -> list:
-    """``train.compile=True``: :func:`revcolv2.model.compile_for_training` on each RevColV2
+    """``train.compile=True``: :func:`revcolv2.compiling.compile_for_training` on each RevColV2
     backbone of ``model`` (``compile_levels()`` when reversible, the backbone module whole when
     plain), after raising the recompile limit that ``compile_levels()`` needs (process-wide:
     the program's step). The heads stay eager: proposals, instances and matching have
