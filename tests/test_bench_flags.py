@@ -107,6 +107,19 @@ def test_compile_adds_the_compiled_rows(module, saving, other, monkeypatch, caps
     assert {(k, 4) for k in compiled} <= {(c["key"], c["batch"]) for c in calls}
 
 
+@pytest.mark.slow  # the first torch.compile of a process imports dynamo (seconds)
+@pytest.mark.parametrize("module,other", [(backbone, "vit"), (backbone, "plain"), (pretrain, "mae")],
+                         ids=["vit", "plain", "mae"])
+def test_a_compiled_row_measures_the_compiled_model(module, other):
+    """The worker of a ``-compiled`` row that --compile adds measures ``torch.compile`` of its
+    model, the eager row the model itself (built here, not run: compiling a step on the CPU
+    takes over a minute; ``rev-compiled`` switches dynamo's recompile limit for its whole
+    process, so it is left to its own worker process)."""
+    optimized = torch._dynamo.eval_frame.OptimizedModule
+    assert isinstance(module.build(f"{other}-compiled", "revcolv2_tiny", 32, "cpu"), optimized)
+    assert not isinstance(module.build(other, "revcolv2_tiny", 32, "cpu"), optimized)
+
+
 def test_worker_timeout_reports_a_worker_that_outlives_it(monkeypatch, capsys, tmp_path):
     """--worker-timeout S: each (row, batch) process gets S seconds; one that takes longer (a
     real process sleeping for a minute) is stopped and reported as timed out, and the other
