@@ -163,6 +163,10 @@ def main() -> None:
                     help="write the targets and the tables to docs/BENCHMARKS.md (or PATH) as the current GPU run")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    wanted = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in {name for name, _, _ in STEPS}]
+    if unknown:
+        raise SystemExit(f"--steps: unknown steps {unknown}; choose from {[name for name, _, _ in STEPS]}")
     import torch
 
     if not torch.cuda.is_available():
@@ -175,7 +179,6 @@ def main() -> None:
     # in its own process, so that this one holds no CUDA context while the rows run
     if subprocess.run([sys.executable, "-m", __spec__.name, "--smoke"]).returncode:
         raise SystemExit("smoke check failed: the engine is broken on this GPU, nothing measured")
-    wanted = args.steps.split(",")
     results: Dict[str, Optional[List[Dict]]] = {}
     for name, module, extra in STEPS:
         if name not in wanted:

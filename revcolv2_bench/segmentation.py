@@ -36,7 +36,7 @@ from revcolv2.amp import autocast
 from .cli import benchmark_parser, fill_device_defaults
 from .detectron2_runs import detectron2_train_infer
 from .measure import print_result, run_workers
-from .report import CPU_RATIO_NOTE, add_ratio_columns, markdown_table, print_and_report
+from .report import CPU_RATIO_NOTE, add_ratio_columns, markdown_table, print_and_report, write_rows_json
 
 TOOL = "benchmark_segmentation.py"
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,6 +179,7 @@ def main():
     print_and_report(TOOL, table,
                      verdict if cuda else f"(CPU run: the target is for a GPU; CPU-time ratio {ratio:.2f}x)",
                      args.report, "ADE20K heads: RevColV2-B UperNet vs Mask2Former", args.device, body)
+    write_rows_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -59,16 +59,18 @@ _BENCH_COMMON = {
 _STEP_BENCH = {
     **_BENCH_COMMON,
     "--rows": "test_benchmarks.py::test_pretrain_benchmark_fills_the_analysis_columns",
-    "--compile": None,
+    "--compile": "test_bench_flags.py::test_compile_adds_the_compiled_rows",
     "--batch-sizes": "test_tool_flags.py::test_backbone_benchmark_flags",
-    "--all-batches": None,
+    "--all-batches": "test_bench_flags.py::test_all_batches_runs_every_row_at_every_batch_size",
     "--img-size": "test_tool_flags.py::test_backbone_benchmark_flags",
     "--variant": "test_tool_flags.py::test_backbone_benchmark_flags",
     "--no-analysis": "test_tool_flags.py::test_backbone_benchmark_flags",
-    "--worker-timeout": None,
+    "--worker-timeout": "test_bench_flags.py::test_worker_timeout_reports_a_worker_that_outlives_it",
     "--profile-dir": "test_benchmarks.py::test_backbone_benchmark_fills_the_analysis_and_profile_columns",
-    "--profile-rows": None,
+    "--profile-rows": "test_bench_flags.py::test_profile_rows_profiles_only_the_rows_named_at_the_first_batch_size",
 }
+_BATCH_AND_SIZE = {flag: "test_bench_flags.py::test_batch_and_size_are_what_the_workers_build_and_measure"
+                   for flag in ("--batch", "--size")}
 FLAG_TESTS = {
     "pretrain.py": {
         **_TRAINING,
@@ -171,8 +173,8 @@ FLAG_TESTS = {
     },
     "benchmark_backbone.py": _STEP_BENCH,
     "benchmark_pretrain.py": _STEP_BENCH,
-    "benchmark_detection.py": {**_BENCH_COMMON, "--batch": None, "--size": None},
-    "benchmark_segmentation.py": {**_BENCH_COMMON, "--batch": None, "--size": None},
+    "benchmark_detection.py": {**_BENCH_COMMON, **_BATCH_AND_SIZE},
+    "benchmark_segmentation.py": {**_BENCH_COMMON, **_BATCH_AND_SIZE},
     "benchmark_activation_peak.py": {
         "--variant": "test_tool_flags.py::test_activation_peak_benchmark_flags",
         "--img-size": "test_tool_flags.py::test_activation_peak_benchmark_flags",
@@ -180,15 +182,16 @@ FLAG_TESTS = {
         "--device": "test_tool_flags.py::test_activation_peak_benchmark_flags",
         "--help": HELP,
     },
-    "benchmark_gpu_targets.py": {"--out": None, "--budget-s": None, "--steps": None, "--report": None,
-                                 "--help": HELP},
+    "benchmark_gpu_targets.py": {
+        "--out": "test_bench_flags.py::test_gpu_targets_out_and_steps",
+        "--steps": "test_bench_flags.py::test_gpu_targets_out_and_steps",
+        "--budget-s": "test_bench_flags.py::test_gpu_targets_budget_skips_the_steps_it_has_no_time_for",
+        "--report": "test_bench_flags.py::test_gpu_targets_report_writes_the_targets_and_tables_to_path",
+        "--help": HELP,
+    },
 }
 # tools whose options are another program's (torchrun: PyTorch's elastic launcher)
 PASS_THROUGH = {"torchrun.py": "test_exit_codes.py::test_torchrun_exit_codes"}
-# flags whose effect no test asserts yet (None above): the benchmark scripts' less used
-# options, each needing a full benchmark run (minutes) or CUDA; they move to the
-# revcolv2_bench package, whose tests should take them
-KNOWN_GAPS = {(tool, flag) for tool, flags in FLAG_TESTS.items() for flag, test in flags.items() if test is None}
 
 
 def _help_flags(text: str):
@@ -213,7 +216,9 @@ def _test_exists(ref: str) -> bool:
 def test_every_named_test_exists_and_every_tool_is_listed():
     tools = {p.name for p in (REPO / "tools").glob("*.py") if p.name != "bench_common.py"}
     assert tools == set(FLAG_TESTS) | set(PASS_THROUGH)
-    refs = {ref for flags in FLAG_TESTS.values() for ref in flags.values() if ref not in (None, HELP)}
+    untested = sorted((tool, flag) for tool, flags in FLAG_TESTS.items() for flag, ref in flags.items() if not ref)
+    assert not untested, f"flags without a test asserting their effect: {untested}"
+    refs = {ref for flags in FLAG_TESTS.values() for ref in flags.values() if ref != HELP}
     missing = sorted(ref for ref in refs | set(PASS_THROUGH.values()) if not _test_exists(ref))
     assert not missing, missing
 
