@@ -1,6 +1,7 @@
 """torch.compile per level (``compile_levels``): no graph breaks, eager gradients, both modes."""
 import pytest
 import torch
+from training_helpers import randomize_parameters
 
 from revcolv2.model import LEVEL_RECOMPILE_LIMIT, RevColV2, allow_level_recompiles
 
@@ -9,8 +10,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def _model():
     torch.manual_seed(0)
-    return RevColV2(embed_dim=32, num_heads=2, num_classes=5, num_bu_columns=1, num_td_columns=1, num_levels=2,
-                    drop_path_rate=0.2, out_levels="all").train()  # the loss reads every level
+    model = RevColV2(embed_dim=32, num_heads=2, num_classes=5, num_bu_columns=1, num_td_columns=1, num_levels=2,
+                     drop_path_rate=0.2, out_levels="all", layer_scale_init=0.1)  # the loss reads every level
+    return randomize_parameters(model, alphas="large").train()
 
 
 def _grads(model, x, reversible):

@@ -192,3 +192,58 @@ def test_a_launcher_exits_like_its_training_process_with_one_line(capsys, status
         exit_launcher("run", status, ", saved; continue", "training process 1")
     assert e.value.code == exit_status
     assert capsys.readouterr().err == line + "\n"
+
+
+def _failure(rank: int, exitcode: int):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file="")
+
+
+@pytest.mark.parametrize("raised, exit_status, line", [
+    ("agent SIGTERM", 143, "torchrun: stopped by signal 15; the training processes save checkpoint-last.pth before "
+                           "they exit (see their last lines): continue with --resume auto"),
+    ("agent SIGINT", 130, "torchrun: stopped by signal 2; the training processes save checkpoint-last.pth before "
+                          "they exit (see their last lines): continue with --resume auto"),
+    ((143, 143), 143, "torchrun: stopped by signal 15 to the training processes; the training processes save "
+                      "checkpoint-last.pth before they exit (see their last lines): continue with --resume auto"),
+    ((130,), 130, "torchrun: stopped by signal 2 to the training processes; the training processes save "
+                  "checkpoint-last.pth before they exit (see their last lines): continue with --resume auto"),
+    ((143, 1), "ChildFailedError", ""),  # a crash among the stopped processes: torchrun's own report
+    ((1,), "ChildFailedError", ""),
+    ((137,), "ChildFailedError", ""),
+    (None, None, ""),
+])
+def test_torchrun_launcher_turns_stops_into_128_plus_the_signal(monkeypatch, capsys, raised, exit_status, line):
+    """revcolv2.cli.torchrun in process (the subprocess runs are test_exit_codes.py and
+    test_stop_under_launchers.py): torchrun's own argv; a stopped agent or processes that all
+    ended stopped by the same signal exit 128 + signal with one line; any other failure is
+    torchrun's ChildFailedError; success returns."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from revcolv2.cli import torchrun
+
+    calls = []
+
+    def fake_torchrun(argv):
+        calls.append(argv)
+        if isinstance(raised, str):
+            raise SignalException("stopped", signal.SIGTERM if raised.endswith("SIGTERM") else signal.SIGINT)
+        if raised is not None:
+            raise ChildFailedError("train.py", {rank: _failure(rank, code) for rank, code in enumerate(raised)})
+
+    monkeypatch.setattr(torchrun, "torchrun", fake_torchrun)
+    argv = ["--nproc_per_node", "2", "tools/pretrain.py", "--config", "x.yaml"]
+    if exit_status is None:
+        assert torchrun.main(argv) is None
+    elif exit_status == "ChildFailedError":
+        with pytest.raises(ChildFailedError) as e:
+            torchrun.main(argv)
+        assert sorted(f.exitcode for f in e.value.failures.values()) == sorted(raised)
+    else:
+        with pytest.raises(SystemExit) as e:
+            torchrun.main(argv)
+        assert e.value.code == exit_status
+    assert calls == [argv]
+    assert capsys.readouterr().err == (line + "\n" if line else "")
