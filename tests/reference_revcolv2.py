@@ -39,10 +39,10 @@ def gelu(x):
     return 0.5 * x * (1 + torch.erf(x / math.sqrt(2.0)))
 
 
-def attention(x, attn):
-    """Global multi-head attention over the tokens of ``x`` (B, N, D)."""
+def attention(x, attn, heads):
+    """Global attention with ``heads`` heads (the model's configuration, not the module's
+    attribute) over the tokens of ``x`` (B, N, D)."""
     b, n, d = x.shape
-    heads = attn.num_heads
     dh = d // heads
     qkv = linear(x, attn.qkv)
     outs = []
@@ -55,7 +55,7 @@ def attention(x, attn):
     return linear(torch.cat(outs, dim=-1), attn.proj)
 
 
-def windowed_attention(x, attn, hw, ws):
+def windowed_attention(x, attn, hw, ws, heads):
     """Attention within ws x ws windows of the (H, W) grid, zero-padded at the bottom and
     right to multiples of ``ws`` (the padded tokens take part, as in ViTDet)."""
     b, n, d = x.shape
@@ -68,7 +68,7 @@ def windowed_attention(x, attn, hw, ws):
         cols = []
         for c in range(0, wp, ws):
             win = grid[:, r:r + ws, c:c + ws].reshape(b, ws * ws, d)
-            cols.append(attention(win, attn).reshape(b, ws, ws, d))
+            cols.append(attention(win, attn, heads).reshape(b, ws, ws, d))
         rows.append(torch.cat(cols, dim=2))
     return torch.cat(rows, dim=1)[:, :h, :w].reshape(b, n, d)
 
@@ -81,11 +81,14 @@ def _per_sample(scale, x):
     return 1.0 if scale is None else scale.to(x.dtype).view(-1, 1, 1)
 
 
-def block(blk, x, scales=None, hw=None):
+def block(blk, x, scales=None, hw=None, heads=2):
     """A pre-norm ViT block: x + s_a * gamma1 * attn(LN1(x)), then + s_m * gamma2 * mlp(LN2(.)).
     ``scales`` (B, 2): the drop-path factors of the attention and the MLP branch."""
     y = layer_norm(x, blk.norm1.weight.to(x.dtype), blk.norm1.bias.to(x.dtype))
-    a = windowed_attention(y, blk.attn, hw, blk.window_size) if blk.window_size and hw else attention(y, blk.attn)
+    if blk.window_size and hw:
+        a = windowed_attention(y, blk.attn, hw, blk.window_size, heads)
+    else:
+        a = attention(y, blk.attn, heads)
     if blk.gamma1 is not None:
         a = a * blk.gamma1.to(x.dtype)
     x = x + _per_sample(None if scales is None else scales[:, 0], x) * a
@@ -102,12 +105,12 @@ def fusion(fus, cross):
     return linear(layer_norm(cross, fus.norm.weight.to(cross.dtype), fus.norm.bias.to(cross.dtype)), fus.proj)
 
 
-def level(lvl, inp, cross, scales=None, hw=None):
+def level(lvl, inp, cross, scales=None, hw=None, heads=2):
     """F_l: ``inp + fusion(cross)`` (no fusion without a cross input), then the blocks;
     ``scales`` (B, blocks, 2)."""
     x = inp if cross is None else inp + fusion(lvl.fusion, cross)
     for b, blk in enumerate(lvl.blocks):
-        x = block(blk, x, None if scales is None else scales[:, b], hw)
+        x = block(blk, x, None if scales is None else scales[:, b], hw, heads)
     return x
 
 
@@ -148,9 +151,11 @@ def scatter_back(t, visible_ids, fill):
     return out
 
 
-def columns(model, x, drop_scales=None, visible_ids=None, mask_token=None) -> List[List[Optional[torch.Tensor]]]:
+def columns(model, x, drop_scales=None, visible_ids=None, mask_token=None, heads=2
+            ) -> List[List[Optional[torch.Tensor]]]:
     """The state of every column (L levels each; None for a level the model does not build).
-    ``drop_scales`` (columns, B, blocks per column, 2) as ``RevColV2.draw_drop_scales`` draws them."""
+    ``drop_scales`` (columns, B, blocks per column, 2) as ``RevColV2.draw_drop_scales`` draws
+    them; ``heads``: the attention heads the model was configured with."""
     nb, L, bpl = model.num_bu_columns, model.num_levels, model.blocks_per_level
     tokens, pos, hw = embed(model, x)
     source = tokens if visible_ids is None else torch.stack([tokens[b, visible_ids[b]] for b in range(len(x))])
@@ -175,7 +180,7 @@ def columns(model, x, drop_scales=None, visible_ids=None, mask_token=None) -> Li
             scales = None
             if drop_scales is not None:
                 scales = drop_scales[j][:, pos_in_order * bpl:(pos_in_order + 1) * bpl]
-            f = level(lvl, inp, cross, scales, grid)
+            f = level(lvl, inp, cross, scales, grid, heads)
             new[l] = f if prev is None else clamped_alpha(col.alphas[l].to(x.dtype)) * prev[l] + f
         states.append(new)
         prev = new
@@ -192,8 +197,8 @@ def newest_levels(states):
     return newest
 
 
-def classifier_logits(model, x, drop_scales=None):
-    top = newest_levels(columns(model, x, drop_scales))[-1]
+def classifier_logits(model, x, drop_scales=None, heads=2):
+    top = newest_levels(columns(model, x, drop_scales, heads=heads))[-1]
     pooled = top.mean(dim=1)
     if hasattr(model.fc_norm, "weight"):
         pooled = layer_norm(pooled, model.fc_norm.weight.to(x.dtype), model.fc_norm.bias.to(x.dtype))
@@ -212,11 +217,11 @@ def patch_targets(x, p, normalise=True):
     return target
 
 
-def mim_outputs(model, x, visible_ids, drop_scales=None):
+def mim_outputs(model, x, visible_ids, drop_scales=None, heads=2):
     """(prediction (B, N, p*p*3), loss) of the MIM model: the decoder on level 0 of the last TD
     column; the loss is the mean over masked patches of the per-patch MSE against the
     patch's pixels, each patch normalised by its mean and sqrt(var + 1e-6) when ``norm_pix_loss``."""
-    states = columns(model, x, drop_scales, visible_ids, model.mask_token)
+    states = columns(model, x, drop_scales, visible_ids, model.mask_token, heads)
     td0 = states[-1][0]
     pred = linear(layer_norm(td0, model.decoder_norm.weight.to(x.dtype), model.decoder_norm.bias.to(x.dtype)),
                   model.decoder_pred)

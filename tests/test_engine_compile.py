@@ -43,13 +43,15 @@ def test_compiled_levels_give_eager_gradients_without_graph_breaks():
     assert not counters["graph_break"]
 
 
-def test_compile_levels_refuses_a_recompile_limit_it_would_exceed(monkeypatch):
+def test_compile_levels_refuses_a_recompile_limit_it_would_exceed():
     """The limit is process-wide: compile_levels() never changes it, and says how to."""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    with pytest.raises(RuntimeError, match="allow_level_recompiles"):
-        _model().compile_levels()
-    assert torch._dynamo.config.recompile_limit == 8
-    allow_level_recompiles()
-    assert torch._dynamo.config.recompile_limit == LEVEL_RECOMPILE_LIMIT
+    # dynamo's own patch restores the value on exit (pytest's monkeypatch of this config
+    # module leaves the entry deleted for the tests after it)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        with pytest.raises(RuntimeError, match="allow_level_recompiles"):
+            _model().compile_levels()
+        assert torch._dynamo.config.recompile_limit == 8
+        allow_level_recompiles()
+        assert torch._dynamo.config.recompile_limit == LEVEL_RECOMPILE_LIMIT

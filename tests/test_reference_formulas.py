@@ -35,17 +35,33 @@ def _close(got, ref, what, tol=1e-10):
 
 
 # ----------------------------------------------------------------------------- one block, one fusion
-@pytest.mark.parametrize("window,layer_scale", [(0, None), (0, 0.1), (3, 0.1)])
+@pytest.mark.parametrize("window,layer_scale", [(0, None), (0, 0.1), (3, 0.1), (1, None)])
 def test_a_block_is_its_formula(window, layer_scale):
-    """LayerNorms with their own weight and bias, attention (in 3x3 windows of a 4x5 grid
-    padded to 6x6), the MLP, gamma1 on the attention branch and gamma2 on the MLP branch,
-    each branch scaled by its own per-sample drop-path factor."""
+    """LayerNorms with their own weight and bias, attention with 2 heads (in 3x3 windows of a
+    4x5 grid padded to 6x6; in 1x1 windows), the MLP, gamma1 on the attention branch and
+    gamma2 on the MLP branch, each branch scaled by its own per-sample drop-path factor."""
     torch.manual_seed(0)
     blk = randomize_parameters(Block(32, 2, layer_scale_init=layer_scale, window_size=window), seed=1).double()
     x = torch.randn(3, 20, 32, dtype=torch.float64)
     scales = torch.tensor([[0.0, 1.25], [1.25, 0.0], [1.25, 1.25]], dtype=torch.float32)
     for s in (None, scales):
         _close(blk(x, s, (4, 5)), ref_block(blk, x, s, (4, 5)), f"block, drop scales {s is not None}")
+
+
+def test_a_block_holds_the_layers_it_is_configured_with():
+    """Defaults: MLP ratio 4, qkv bias, global attention, no layer scale; each argument reaches
+    its layer, and layer_scale_init gives both branches their gamma."""
+    blk = Block(32, 2)
+    assert blk.window_size == 0 and blk.gamma1 is None and blk.gamma2 is None
+    assert blk.mlp.fc1.weight.shape == (128, 32) and blk.mlp.fc2.weight.shape == (32, 128)
+    assert blk.attn.num_heads == 2 and blk.attn.qkv.bias is not None
+    assert blk.norm1.eps == blk.norm2.eps == 1e-6
+    blk = Block(32, 4, mlp_ratio=2.0, qkv_bias=False, layer_scale_init=0.1, window_size=7)
+    assert blk.window_size == 7 and blk.attn.num_heads == 4 and blk.attn.qkv.bias is None
+    assert blk.mlp.fc1.weight.shape == (64, 32)
+    for gamma in (blk.gamma1, blk.gamma2):
+        assert isinstance(gamma, torch.nn.Parameter) and torch.equal(gamma, torch.full((32,), 0.1))
+    assert {"gamma1", "gamma2"} <= {n for n, _ in blk.named_parameters()}
 
 
 def test_a_fusion_is_its_formula():

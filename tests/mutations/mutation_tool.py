@@ -106,7 +106,7 @@ ENGINE_TESTS = (
 
 TARGETS: Dict[str, Target] = {t.name: t for t in [
     Target("revcolv2/reversible.py", ENGINE_TESTS),
-    Target("revcolv2/layers.py", ENGINE_TESTS + ("tests/test_d2_backbone.py",)),
+    Target("revcolv2/layers.py", ENGINE_TESTS + ("tests/test_layers.py", "tests/test_d2_backbone.py")),
     Target("revcolv2/model.py", ENGINE_TESTS, functions=("xǁBlockǁ*",), label="revcolv2/model.py::Block"),
     # the launchers' subprocess runs (test_exit_codes.py, slow) cannot report trampoline hits: the in-process tests
     Target("revcolv2/cli/torchrun.py", ("tests/test_signals.py",)),
@@ -206,6 +206,12 @@ def missing(repo: Path, target: Target) -> List[str]:
     return out
 
 
+def deselected(target: Target) -> List[str]:
+    """The tests of ``DESELECT`` that the row's test files hold."""
+    files = {t.split("::")[0] for t in target.tests}
+    return [t for t in DESELECT if t.split("::")[0] in files]
+
+
 def _scratch_copy(dest: Path) -> None:
     out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                          check=True, capture_output=True).stdout.decode()
@@ -230,13 +236,25 @@ def parse_results(text: str) -> Dict[str, str]:
     return out
 
 
+def check_mutmut() -> None:
+    """The results in docs/TESTING.md are mutmut 3.8.1's: another version mutates differently."""
+    try:
+        from importlib.metadata import version
+
+        found = version("mutmut")
+    except Exception:  # PackageNotFoundError
+        raise SystemExit(f"mutmut is not installed: pip install mutmut=={MUTMUT_VERSION}") from None
+    if found != MUTMUT_VERSION:
+        raise SystemExit(f"mutmut {found} is installed; these runs use mutmut=={MUTMUT_VERSION}")
+
+
 def run(target: Target, max_children: int, mutants: List[str], keep: bool, show: bool) -> dict:
     work = Path(tempfile.mkdtemp(prefix="revcolv2_mutmut_"))
     copy = work / "repo"
     copy.mkdir()
     try:
         _scratch_copy(copy)
-        deselect = [t for t in DESELECT if t.split("::")[0] in {s.split("::")[0] for s in target.tests}]
+        deselect = deselected(target)
         with open(copy / "pyproject.toml", "a") as f:
             f.write(mutmut_config(target, deselect))
         (copy / "run_mutmut.py").write_text(_LAUNCHER)
@@ -283,6 +301,18 @@ def run(target: Target, max_children: int, mutants: List[str], keep: bool, show:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def markdown_row(target: Target, r: dict, max_children: int, mutants: List[str]) -> str:
+    """One line of the table in docs/TESTING.md, with the driver's command that made it."""
+    c = dict(r["counts"])
+    killed, survived, timeout = (c.pop(k, 0) for k in ("killed", "survived", "timeout"))
+    other = ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "0"
+    command = f"python tests/mutations/mutation_tool.py {target.name} --max-children {max_children}"
+    if mutants:
+        command += " --mutants " + " ".join(f"'{m}'" for m in mutants)
+    return (f"| `{target.name}` | {len(r['statuses'])} | {killed} | {survived} | {timeout} | {other} "
+            f"| {r['seconds'] / 60:.0f} min | `{command}` |")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("targets", nargs="*", help="rows of TARGETS (default: every row without a pending run)")
@@ -293,6 +323,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the scratch copy (mutmut show / results work there)")
     p.add_argument("--no-diffs", action="store_true", help="do not print the diff of each surviving mutant")
     p.add_argument("--json", type=Path, help="also write the statuses to this file")
+    p.add_argument("--markdown", action="store_true",
+                   help="end with each row's line of docs/TESTING.md (mutants, killed, survived, timeout, command)")
     args = p.parse_args(argv)
 
     unknown = set(args.targets) - set(TARGETS)
@@ -311,7 +343,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"{key}: not found: {gone}")
         return 1 if bad else 0
 
+    check_mutmut()
     exit_status = 0
+    rows = []
     for target in selected:
         r = run(target, args.max_children, args.mutants, args.keep, not args.no_diffs)
         c = r["counts"]
@@ -328,6 +362,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.json.write_text(json.dumps(data, indent=1, sort_keys=True))
         if any(s != "killed" for s in r["statuses"].values()):
             exit_status = 1
+        rows.append(markdown_row(target, r, args.max_children, args.mutants))
+    if args.markdown:
+        print("\n| Module | Mutants | Killed | Survived | Timeout | Other | Time | Command |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
     return exit_status
 
 
