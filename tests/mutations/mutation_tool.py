@@ -99,6 +99,7 @@ DESELECT = {
 
 ENGINE_TESTS = (
     "tests/test_reference_formulas.py", "tests/test_bf16_exact.py", "tests/test_engine_grads.py",
+    "tests/test_engine_buffer.py",
     "tests/test_reversible.py", "tests/test_engine_layout.py", "tests/test_execution_order.py",
     "tests/test_mim.py", "tests/test_paper_statements.py", "tests/test_non_square_grids.py", "tests/test_model.py",
     "tests/test_timm_contract.py",
