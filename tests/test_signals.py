@@ -184,6 +184,7 @@ def test_a_training_process_stopped_by_a_signal_exits_128_plus_the_signal():
     (130, 130, "run: stopped by signal 2, saved; continue"),
     (-9, 137, "run: training process 1 was killed by signal 9"),
     (1, 1, "run: training process 1 exited with status 1 (its message is above)"),
+    (0, 0, "run: training process 1 exited with status 0 (its message is above)"),  # not a signal
 ])
 def test_a_launcher_exits_like_its_training_process_with_one_line(capsys, status, exit_status, line):
     from revcolv2.signals import exit_launcher
@@ -192,6 +193,15 @@ def test_a_launcher_exits_like_its_training_process_with_one_line(capsys, status
         exit_launcher("run", status, ", saved; continue", "training process 1")
     assert e.value.code == exit_status
     assert capsys.readouterr().err == line + "\n"
+
+
+def test_a_launcher_names_a_training_process_by_default(capsys):
+    from revcolv2.signals import exit_launcher
+
+    with pytest.raises(SystemExit) as e:
+        exit_launcher("run", -15, "")
+    assert e.value.code == 143
+    assert capsys.readouterr().err == "run: a training process was killed by signal 15\n"
 
 
 def _failure(rank: int, exitcode: int):

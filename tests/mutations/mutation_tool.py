@@ -52,6 +52,7 @@ import ast
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -307,7 +308,7 @@ def markdown_row(target: Target, r: dict, max_children: int, mutants: List[str])
     c = dict(r["counts"])
     killed, survived, timeout = (c.pop(k, 0) for k in ("killed", "survived", "timeout"))
     other = ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "0"
-    command = f"python tests/mutations/mutation_tool.py {target.name} --max-children {max_children}"
+    command = f"python tests/mutations/mutation_tool.py {shlex.quote(target.name)} --max-children {max_children}"
     if mutants:
         command += " --mutants " + " ".join(f"'{m}'" for m in mutants)
     return (f"| `{target.name}` | {len(r['statuses'])} | {killed} | {survived} | {timeout} | {other} "
