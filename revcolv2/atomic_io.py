@@ -11,7 +11,7 @@ import os
 import re
 import secrets
 import shutil
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Tuple
 
 import torch
 
@@ -53,6 +53,26 @@ def write_text_atomic(path: str, text: str) -> None:
              "the file was not replaced. Free space in {folder}, then run again")
 
 
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` as :func:`write_text_atomic` writes text (a drawing, an
+    encoded image): whole or not at all, and a link at ``path`` is replaced, not followed."""
+    _replace(path, "_" + os.path.basename(path), lambda f: f.write(data),
+             "the file was not replaced. Free space in {folder}, then run again")
+
+
+def open_append(path: str):
+    """``open(path, "a")`` for a log that a run appends to in place, without following a
+    symbolic link at ``path`` (``O_NOFOLLOW``): in a shared run folder a link planted there
+    would make the run write into its target. A link is an ``OSError`` (ELOOP) naming it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(e.errno, f"{path} is a symbolic link; refusing to append to it", path) from None
+        raise
+    return os.fdopen(fd, "a")
+
+
 def _replace(path: str, suffix: str, write: Callable[[Any], Any], when_full: str) -> None:
     """``write(binary file)`` into a new temporary file beside ``path``, flushed to the disk,
     then renamed over ``path``; on any error the temporary file is removed, and a full disk
@@ -86,6 +106,28 @@ def _create_temporary(folder: str, suffix: str) -> Tuple[int, str]:
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
         except FileExistsError:  # 2**48 names: practically never
             continue
+
+
+def inputs_replaced(outputs: Iterable[str], inputs: Iterable[str]) -> List[Tuple[str, str]]:
+    """(output, input) for each output path whose writing would replace an input file: the
+    same file after symbolic links are resolved, or another name of it (a hard link). The
+    tools refuse these before they write anything: no tool writes over its input."""
+    by_path: Dict[str, str] = {}
+    by_inode: Dict[Tuple[int, int], str] = {}
+    for p in inputs:
+        if p and os.path.exists(p):
+            by_path[os.path.realpath(p)] = p
+            st = os.stat(p)
+            by_inode[(st.st_dev, st.st_ino)] = p
+    clashes = []
+    for out in outputs:
+        hit = by_path.get(os.path.realpath(out))
+        if hit is None and os.path.exists(out):
+            st = os.stat(out)
+            hit = by_inode.get((st.st_dev, st.st_ino))
+        if hit is not None:
+            clashes.append((out, hit))
+    return clashes
 
 
 def follow_umask(path: str) -> None:

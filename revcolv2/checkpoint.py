@@ -293,3 +293,19 @@ def load_checkpoint(
     if verbose:
         print(report)
     return report
+
+
+def group_keys(keys: Iterable[str], limit: int = 16) -> str:
+    """Tensor names grouped by the part of the model that holds them, with counts: a
+    column's level (``columns.2.levels.0.* (14)``), else their module cut after two name
+    parts (``decoder_pred.* (2)``, ``roi_heads.box_head.* (12)``, ``mask_token``); at most
+    ``limit`` groups shown, then how many more."""
+    groups: Dict[str, int] = {}
+    for k in keys:
+        module = k.split(".")[:-1]
+        module = module[:4] if module[:1] == ["columns"] else module[:2]
+        group = ".".join(module) + ".*" if module else k
+        groups[group] = groups.get(group, 0) + 1
+    shown = [f"{g} ({n})" if n > 1 else g for g, n in list(groups.items())[:limit]]
+    more = len(groups) - limit
+    return ", ".join(shown) + (f", ... ({more} more)" if more > 0 else "")

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,60 @@ from .trainer import Trainer
 CLASSIFIER_ONLY_PREFIXES = ("head.", "fc_norm.")
 
 
-def load_pretrained(model: nn.Module, path: str, verbose: bool = True, ema: bool = True) -> LoadReport:
+class ClassMismatchError(SystemExit):
+    """A classifier checkpoint trained on other classes than the data's. A ``SystemExit``:
+    the tools stop with this one-line message (status 1), which names the file and both
+    lists, instead of reporting a score of one set of classes measured on another."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _names(classes: Sequence[str], shown: int = 10) -> str:
+    listed = list(classes)[:shown]
+    return f"{len(classes)} classes {listed!r}" + (f" (first {shown} shown)" if len(classes) > shown else "")
+
+
+def class_difference(recorded: Sequence[str], here: Sequence[str]) -> str:
+    """'' when the two lists are equal; else the two lists (up to ten names each) and the
+    first index at which they differ (a class index means that class of that list)."""
+    recorded, here = list(recorded), list(here)
+    if recorded == here:
+        return ""
+    first = next((i for i, (a, b) in enumerate(zip(recorded, here)) if a != b), min(len(recorded), len(here)))
+    at = (f"first difference at index {first}: {recorded[first]!r} in the checkpoint, {here[first]!r} here"
+          if first < min(len(recorded), len(here)) else f"the lists differ in length after index {first - 1}")
+    return f"it was trained on {_names(recorded)}, the data has {_names(here)}; {at}"
+
+
+def recorded_classes(checkpoint: Any) -> Optional[List[str]]:
+    """The class names a classifier checkpoint of ours records (``classes``), or None."""
+    classes = checkpoint.get("classes") if isinstance(checkpoint, dict) else None
+    return [str(c) for c in classes] if isinstance(classes, (list, tuple)) else None
+
+
+def check_classes(checkpoint: Any, path: str, classes: Sequence[str], what: str, log=print) -> None:
+    """Refuse (:class:`ClassMismatchError`) a checkpoint whose recorded class names are not
+    ``classes``, in order; a checkpoint without names (written before they were recorded)
+    passes with a note through ``log``."""
+    recorded = recorded_classes(checkpoint)
+    if recorded is None:
+        if log is not None:
+            log(f"note: {path} records no class names (written before checkpoints recorded them): its classifier "
+                f"outputs are taken to be the data's {_names(classes)}, in this order")
+        return
+    difference = class_difference(recorded, classes)
+    if difference:
+        raise ClassMismatchError(f"{what} {path}: {difference}. Give the data it was trained on (or, to "
+                                 "fine-tune it on these classes, --finetune, which leaves its classifier out)")
+
+
+def load_pretrained(model: nn.Module, path: str, verbose: bool = True, ema: bool = True,
+                    classes: Optional[Sequence[str]] = None) -> LoadReport:
     """Initialise ``model`` (a RevColV2 classifier) from a pre-training or fine-tuning checkpoint.
 
     The weights follow the one rule of :func:`revcolv2.checkpoint.select_weights`: the EMA
@@ -43,18 +96,31 @@ def load_pretrained(model: nn.Module, path: str, verbose: bool = True, ema: bool
     printed. Allowed to differ: the pre-training-only tensors (mask token, reconstruction
     head) and the levels the classifier does not build (``model.plan.pruned_prefixes()``) may stay
     unused, and the classifier (``head``, ``fc_norm``) may be missing; a classifier for
-    another number of classes (e.g. IN-22K -> IN-1K) is dropped with a note. Every tensor
-    left out is listed in the printed report. Anything else unmatched raises ``ValueError``.
+    another number of classes (e.g. IN-22K -> IN-1K) is dropped with a note, and so is one
+    whose recorded class names (``classes`` of our checkpoints) are not ``classes``, the
+    data's (both lists are printed). Every tensor left out is listed in the printed report.
+    Anything else unmatched raises ``ValueError``.
     """
     if verbose:
         print(f"loading {path}")
-    sd, _ = select_weights(load_file(path), ema=ema, source=path, log=print if verbose else None)
+    checkpoint = load_file(path)
+    sd, _ = select_weights(checkpoint, ema=ema, source=path, log=print if verbose else None)
     own = model.state_dict()
     stale = [k for k in sd if k.startswith("head.") and (k not in own or own[k].shape != sd[k].shape)]
     if stale:
         if verbose:
             print(f"not loading the checkpoint's classifier ({', '.join(stale)}): other number of classes")
         sd = {k: v for k, v in sd.items() if k not in stale}
+    head = [k for k in sd if k.startswith("head.") and k in own]
+    recorded = recorded_classes(checkpoint)
+    if head and classes is not None and recorded is not None and class_difference(recorded, classes):
+        if verbose:
+            print(f"not loading the checkpoint's classifier ({', '.join(head)}): "
+                  f"{class_difference(recorded, classes)}")
+        sd = {k: v for k, v in sd.items() if k not in head}
+    elif head and classes is not None and recorded is None and verbose:
+        print(f"note: {path} records no class names (written before checkpoints recorded them): its classifier is "
+              f"loaded as one for the data's {_names(classes)}, in this order")
     plan = getattr(model, "plan", None)
     not_built = plan.pruned_prefixes() if plan is not None else ()
     left_out = [k for k in sd if k.startswith(not_built)]
@@ -117,6 +183,8 @@ class ClassificationTrainer(Trainer):
                  ema: Optional[nn.Module] = None, eval_batch: int = 128, **kwargs):
         super().__init__(**kwargs)
         self.val_dataset = val_dataset
+        # recorded in every checkpoint (best, last, on a stop) and checked by whatever reads its head
+        self.classes = [str(c) for c in getattr(val_dataset, "classes", [])]
         self.criterion = criterion
         self.mixup = mixup
         self.ema = ema
@@ -151,7 +219,8 @@ class ClassificationTrainer(Trainer):
         best_key = "ema_top1" if self.ema is not None and metrics["ema_top1"] > metrics["top1"] else "top1"
         if metrics[best_key] > self.best["top1"]:
             self.best = {"top1": metrics[best_key], "epoch": epoch + 1, "weights": best_key.replace("top1", "model")}
-            state = {"model": self.model.state_dict(), "epoch": epoch + 1, "metrics": metrics, "config": self.config}
+            state = {"model": self.model.state_dict(), "epoch": epoch + 1, "metrics": metrics, "config": self.config,
+                     "classes": self.classes}
             if self.ema is not None:
                 state["model_ema"] = self.ema.module.state_dict()
             if self.info.is_main:
@@ -167,10 +236,17 @@ class ClassificationTrainer(Trainer):
         return True
 
     def extra_state(self) -> Dict[str, Any]:
-        state: Dict[str, Any] = {"best": self.best}
+        state: Dict[str, Any] = {"best": self.best, "classes": self.classes}
         if self.ema is not None:
             state["model_ema"] = self.ema.module.state_dict()
         return state
+
+    def _check_resumable(self, ckpt: Dict[str, Any], path: str, changed: List[str]) -> None:
+        recorded = recorded_classes(ckpt)
+        if recorded is not None and class_difference(recorded, self.classes):
+            raise ClassMismatchError(f"cannot resume {path}: {class_difference(recorded, self.classes)}. Resume on "
+                                     "the data it was trained on")
+        super()._check_resumable(ckpt, path, changed)
 
     def load_extra_state(self, ckpt: Dict[str, Any]) -> None:
         self.best = ckpt.get("best", self.best)
@@ -181,10 +257,14 @@ class ClassificationTrainer(Trainer):
 def evaluate_checkpoint(model: nn.Module, path: str, val_dataset, info, batch: int, num_workers: int,
                         autocast, ema: bool = True) -> List[Dict[str, float]]:
     """``--eval``: top-1/top-5 of a checkpoint's weights, and of its EMA weights if it has them
-    (unless ``ema=False``). Each result names the weights it measured."""
+    (unless ``ema=False``). Each result names the weights it measured. A checkpoint whose
+    recorded class names are not ``val_dataset.classes`` is refused naming both lists
+    (:class:`ClassMismatchError`); one without names is measured, with a note."""
     ckpt = load_file(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint")
+    check_classes(ckpt, path, [str(c) for c in val_dataset.classes], "--eval of",
+                  log=print if info.is_main else None)
     keys = [k for k in ("model", "model_ema") if isinstance(ckpt.get(k), dict) and (ema or k == "model")]
     if not keys:  # a raw or otherwise wrapped state dict
         sd, key = select_weights(ckpt, ema=ema, source=path, log=None)

@@ -4,6 +4,15 @@
   converts every image to RGB (grayscale, palette, RGBA, CMYK ...) and skips files it cannot
   decode, with one warning that counts them; ``strict=True`` turns the first unreadable
   file into an error instead.
+- :class:`RandomResizedCropDecoder`: the MIM pipeline's decode, random resized crop and flip
+  in one step from the file (the crop drawn from the JPEG header, decoding at reduced size
+  where the crop allows), to uint8 tensors that :func:`normalize_uint8` normalizes on the
+  device; the same random draws and, but for the reduced decodes, the same pixels as
+  torchvision's transforms on the decoded image.
+- :class:`ImageFiles`: unlabelled images for pre-training, every image under a folder
+  (searched recursively) or the files a text file lists, with the same conversion and the
+  same skipping and counting of unreadable files; :func:`pretraining_images` picks it or
+  an ImageNet-style folder for ``--data-path``.
 - :class:`SeededSamples` + :class:`EpochSampler`: every sample's augmentation randomness is a
   pure function of (seed, epoch, index), and the order of an epoch is a pure function of
   (seed, epoch). A run resumed in the middle of an epoch therefore sees exactly the batches
@@ -26,7 +35,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
+from torchvision import transforms
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .distributed import DistInfo, barrier
 from .synthetic_imagenet import SYNTHETIC_NAME, ensure_synthetic_imagenet
@@ -113,6 +124,8 @@ class RobustImageFolder(ImageFolder):
             (``"auto"``: only for folders with at most ``VERIFY_AUTO_LIMIT`` files; larger
             folders drop empty files up front and skip undecodable ones when loading them).
         num_threads: threads for the up-front check.
+        loader: path -> sample (default :func:`load_rgb`); it raises
+            :class:`UnreadableImageError` for a file it cannot decode.
     """
 
     def __init__(
@@ -122,8 +135,9 @@ class RobustImageFolder(ImageFolder):
         strict: bool = False,
         verify="auto",
         num_threads: int = 8,
+        loader: Callable = load_rgb,
     ):
-        super().__init__(root, transform=transform, loader=load_rgb)
+        super().__init__(root, transform=transform, loader=loader)
         self.strict = strict
         self.skipped: List[str] = []
         if verify == "auto":
@@ -172,6 +186,168 @@ class RobustImageFolder(ImageFolder):
                 target = self.target_transform(target)
             return img, target
         raise UnreadableImageError(f"no readable image left in {self.root}")
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+class RandomResizedCropDecoder:
+    """The MIM pipeline from the file: torchvision's ``RandomResizedCrop(size, scale, ratio,
+    bicubic)`` then ``RandomHorizontalFlip(hflip)``, with the same random draws, to a uint8
+    (3, size, size) tensor. Normalize it where it is trained (:func:`normalize_uint8`).
+
+    What makes it faster than decoding and then transforming (``tools/benchmark_loader.py``
+    measures both):
+
+    - the crop is drawn from the size in the JPEG header, before anything is decoded;
+    - a JPEG is decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling, PIL's
+      ``draft``) when the crop at that scale still has at least ``size`` pixels on both
+      sides, so that only downscaling follows (never for 500x375 images at 224, often for
+      larger photos);
+    - the worker returns uint8: no float conversion and normalization there, and a quarter
+      of the bytes through shared and pinned memory.
+
+    The output is torchvision's pixel for pixel (the same crop, resampling and flip of the
+    decoded image) except after a reduced decode, whose pixels differ slightly (the DCT's
+    downscaling instead of the first part of the bicubic one). Files other than plain RGB
+    JPEGs (PNG, grayscale, CMYK, an EXIF rotation) are decoded by :func:`load_rgb` first.
+    Raises :class:`UnreadableImageError` for a file it cannot decode.
+    """
+
+    def __init__(self, size: int, scale: Tuple[float, float] = (0.08, 1.0),
+                 ratio: Tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5):
+        self.size, self.scale, self.ratio, self.hflip = int(size), tuple(scale), tuple(ratio), float(hflip)
+
+    def __call__(self, path: str) -> torch.Tensor:
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f)  # the header only
+                if img.format == "JPEG" and img.mode == "RGB" and img.getexif().get(_EXIF_ORIENTATION, 1) == 1:
+                    return self._crop(img, lazy=True)
+        except UnreadableImageError:
+            raise
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+            raise UnreadableImageError(f"{path}: {type(e).__name__}: {e}") from e
+        return self._crop(load_rgb(path), lazy=False)
+
+    def _crop(self, img: Image.Image, lazy: bool) -> torch.Tensor:
+        # the draws of RandomResizedCrop, then of RandomHorizontalFlip, in their order
+        top, left, h, w = transforms.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+        flip = bool(torch.rand(1) < self.hflip)
+        reduce = 1
+        while lazy and reduce < 8 and min(h, w) // (2 * reduce) >= self.size:
+            reduce *= 2
+        if reduce > 1:
+            full_width = img.size[0]
+            img.draft("RGB", (img.size[0] // reduce, img.size[1] // reduce))
+            img.load()
+            s = 1 / round(full_width / img.size[0])  # DCT scaling by 1/2, 1/4 or 1/8 (sizes round up)
+            out = img.resize((self.size, self.size), Image.Resampling.BICUBIC,
+                             box=(left * s, top * s, (left + w) * s, (top + h) * s))
+        else:
+            if lazy:
+                img.load()
+            out = img.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.Resampling.BICUBIC)
+        if flip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return transforms.functional.pil_to_tensor(out)
+
+
+def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (..., 3, H, W) as float, ImageNet-normalized on their device: the same
+    operations (and values) as ``ToTensor()`` + ``Normalize(IMAGENET_MEAN, IMAGENET_STD)``."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    return images.to(torch.float32).div(255).sub_(mean).div_(std)
+
+
+def list_image_files(source: str) -> List[str]:
+    """The image files of ``source``: every file with an image extension under a folder
+    (recursively, sorted), or the lines of a text file (one path a line; blank lines and
+    lines starting with ``#`` skipped; relative paths are relative to the list's folder)."""
+    if os.path.isdir(source):
+        found = []
+        for folder, subfolders, names in os.walk(source, followlinks=True):
+            subfolders.sort()
+            found += [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS)]
+        if not found:
+            raise UnreadableImageError(f"no image files ({', '.join(IMG_EXTENSIONS)}) under {source}")
+        return found
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"{source}: no such folder or image list")
+    base = os.path.dirname(os.path.abspath(source))
+    with open(source, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    paths = [os.path.join(base, line) for line in lines if line and not line.startswith("#")]
+    if not paths:
+        raise UnreadableImageError(f"the image list {source} names no file")
+    return paths
+
+
+def _missing_or_empty(path: str) -> Optional[str]:
+    try:
+        return f"{path}: empty file" if os.path.getsize(path) == 0 else None
+    except OSError as e:
+        return f"{path}: {e.strerror or e}"
+
+
+class ImageFiles(Dataset):
+    """Unlabelled images: a folder searched recursively, or a text file of image paths
+    (:func:`list_image_files`). Items are ``(image, 0)``, as an image folder's with one class.
+
+    Like :class:`RobustImageFolder`, images are converted to RGB (:func:`load_rgb`) and
+    unreadable or missing files are skipped with one warning that counts and names them
+    (``verify``: decode every file once at construction; ``"auto"``: only up to
+    ``VERIFY_AUTO_LIMIT`` files, larger sets drop missing and empty files up front and skip
+    undecodable ones when met); ``strict=True`` makes the first one an error.
+    """
+
+    def __init__(self, source: str, transform: Optional[Callable] = None, strict: bool = False, verify="auto",
+                 num_threads: int = 8, files: Optional[List[str]] = None, loader: Callable = load_rgb):
+        self.root = source
+        self.transform, self.target_transform = transform, None
+        self.loader = loader
+        self.strict = strict
+        paths = list_image_files(source) if files is None else list(files)
+        if verify == "auto":
+            verify = len(paths) <= VERIFY_AUTO_LIMIT
+        if verify:
+            with ThreadPoolExecutor(max(1, num_threads)) as pool:
+                problems = list(pool.map(_check_readable, paths))
+        else:
+            problems = [_missing_or_empty(p) for p in paths]
+        bad = [msg for msg in problems if msg is not None]
+        self.skipped: List[str] = []
+        if bad:
+            if strict:
+                raise UnreadableImageError(
+                    f"{len(bad)} unreadable image file(s) in {source} (strict data mode), first: {bad[0]}")
+            self.skipped = bad
+            warnings.warn(f"skipped {len(bad)} unreadable image file(s) of {len(paths)} in {source}: "
+                          + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""), stacklevel=2)
+        self.samples = [(p, 0) for p, msg in zip(paths, problems) if msg is None]
+        if not self.samples:
+            raise UnreadableImageError(f"no readable images in {source}")
+        self._load_failures = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    # the same replacement of files that break after construction, counted and reported
+    __getitem__ = RobustImageFolder.__getitem__
+
+
+def pretraining_images(data_path: Optional[str], info: DistInfo, transform: Optional[Callable] = None,
+                       strict: bool = False, loader: Callable = load_rgb) -> Tuple[Dataset, str]:
+    """The images of ``tools/pretrain.py --data-path`` and where they come from: an
+    ImageNet-style folder's ``train/`` split (class folders play no part), else any folder
+    of images (recursive) or a text file listing image paths (:class:`ImageFiles`); without
+    ``--data-path`` the built-in dataset. ``loader`` reads a file (path -> sample; e.g. a
+    :class:`RandomResizedCropDecoder`), ``transform`` then transforms it."""
+    if data_path and not (Path(data_path) / "train").is_dir():
+        return ImageFiles(data_path, transform=transform, strict=strict, loader=loader), data_path
+    train = str(prepare_data_root(data_path, info) / "train")
+    return RobustImageFolder(train, transform=transform, strict=strict, loader=loader), train
 
 
 def _posterize_at_least_one_bit(img, bits_to_keep, **kwargs):
@@ -228,7 +404,9 @@ class SeededSamples(Dataset):
         s = _epoch_seed(self.seed, epoch, index)
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
+            # the CPU generator only (what transforms draw from; torch.manual_seed would also
+            # reseed every CUDA device, ~0.1 ms per image, and fork_rng restores only the CPU's)
+            torch.default_generator.manual_seed(s)
             random.seed(s)
             np.random.seed(s)
             try:

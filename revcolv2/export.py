@@ -41,7 +41,8 @@ from .atomic_io import follow_umask
 from .checkpoint import PRETRAIN_ONLY_PREFIXES, load_checkpoint, load_file, select_weights
 from .model import RevColV2, create_revcolv2
 
-__all__ = ["backbone_state_dict", "export_to_folder", "export_onnx", "model_from_checkpoint", "LOAD_NOTE"]
+__all__ = ["backbone_state_dict", "export_to_folder", "export_onnx", "model_from_checkpoint", "LOAD_NOTE",
+           "ExportError", "check_img_size"]
 
 _STEM_KEY = "patch_embed.proj.weight"
 # a LinearProbe checkpoint: the RevColV2 model below "backbone.", the probe's head beside it
@@ -180,6 +181,29 @@ class FeatureMaps(nn.Module):
         return tuple(self.model.forward_intermediates(x, intermediates_only=True))
 
 
+class ExportError(SystemExit):
+    """An export that cannot be made as asked (an input size the model cannot take, an
+    output that would replace an input). A ``SystemExit``: ``tools/export.py`` stops with
+    this one-line message (status 1), before the exporter runs."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def check_img_size(model: RevColV2, img_size: int) -> None:
+    """:class:`ExportError` unless ``img_size`` is a positive multiple of the model's patch
+    size (the model's own input check, made before the exporter traces it)."""
+    patch = model.patch_size
+    if img_size <= 0 or img_size % patch:
+        nearest = max(patch, -(-img_size // patch) * patch)  # the next multiple up
+        raise ExportError(f"--img-size {img_size} is not divisible by the patch size {patch} of the checkpoint's "
+                          f"model; give a multiple of {patch} (e.g. --img-size {nearest})")
+
+
 def export_onnx(
     model: RevColV2,
     path: str,
@@ -194,10 +218,13 @@ def export_onnx(
     absolute difference to PyTorch under onnxruntime (CPU) over ``check_batches``.
 
     ``features`` (default: when the model has no classifier) exports the four level maps
-    instead of the logits. Raises ``RuntimeError`` when a difference exceeds ``atol``.
+    instead of the logits. An ``img_size`` the model cannot take is an :class:`ExportError`
+    before anything runs; the folder of ``path`` is created. Raises ``RuntimeError`` when a
+    difference exceeds ``atol``.
     """
     import onnxruntime as ort
 
+    check_img_size(model, img_size)
     model = model.eval()
     features = model.num_classes == 0 if features is None else features
     module = (FeatureMaps(model) if features else model).eval()
@@ -207,6 +234,7 @@ def export_onnx(
     with torch.no_grad():
         program = torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes=dims,
                                     input_names=["images"], output_names=names, verbose=False)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as every output of the project
     program.save(path)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     worst = 0.0

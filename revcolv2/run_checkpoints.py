@@ -52,49 +52,64 @@ def read_last_checkpoint(folder: str) -> Optional[str]:
 # --------------------------------------------------------------------------- the checkpoint to resume
 def newest_readable_checkpoint(candidates: Iterable[str], step_key: str, pointed: Optional[str] = None,
                                required: Iterable[str] = (), log=print) -> Optional[Tuple[str, int]]:
-    """(path, step) of the candidate with the highest ``ckpt[step_key]``, the ``pointed``
-    one on a tie (then the newest file); None when no candidate is a readable checkpoint
-    holding ``step_key`` and the ``required`` keys.
+    """(path, step) of the checkpoint to resume: the ``pointed`` one (what ``last_checkpoint``
+    names) when it is a readable checkpoint holding ``step_key`` and the ``required`` keys;
+    otherwise the candidate with the highest ``ckpt[step_key]`` (then the newest file), with
+    a line that says so; None when no candidate is such a checkpoint.
 
-    Each candidate is memory-mapped, not read, so this costs little even for large files;
-    an unreadable one (truncated, corrupt, not a checkpoint) is skipped with a warning
-    naming it, which is how a resume falls back past a write that was cut short.
+    The pointer wins over a higher step: a run rolled back to an earlier checkpoint and
+    continued points at its own newest checkpoint, while the abandoned branch's files (a
+    higher step) may still be in the folder. Each candidate is memory-mapped, not read, so
+    this costs little even for large files; an unreadable one (truncated, corrupt, not a
+    checkpoint) is skipped with a warning naming it, which is how a resume falls back past
+    a write that was cut short.
     """
     say = log or (lambda *a, **k: None)
-    best: Optional[Tuple[tuple, str]] = None
-    for path in candidates:
+    required = tuple(required)
+
+    def step_of(path: str) -> Optional[int]:
         if not os.path.isfile(path):
             if path == pointed:
                 say(f"warning: {LAST_CHECKPOINT_FILE} names {path}, which does not exist")
-            continue
+            return None
         try:
             ckpt = load_file(path, mmap=True)
         except (CheckpointError, OSError) as e:
             say(f"warning: skipping an unreadable checkpoint: {e}")
-            continue
+            return None
         if not (isinstance(ckpt, dict) and isinstance(ckpt.get(step_key), int)
                 and all(k in ckpt for k in required)):
-            continue  # e.g. checkpoint-best.pth: weights only, not a resume point
-        key = (ckpt[step_key], path == pointed, os.path.getmtime(path))
-        if best is None or key > best[0]:
-            best = (key, path)
-        del ckpt
+            return None  # e.g. checkpoint-best.pth: weights only, not a resume point
+        return ckpt[step_key]
+
+    if pointed:
+        step = step_of(pointed)
+        if step is not None:
+            return pointed, step
+    best: Optional[Tuple[tuple, str]] = None
+    for path in candidates:
+        if path == pointed:
+            continue
+        step = step_of(path)
+        if step is not None and (best is None or (step, os.path.getmtime(path)) > best[0]):
+            best = ((step, os.path.getmtime(path)), path)
     if best is None:
         return None
-    if pointed and best[1] != pointed:
-        say(f"resuming from {best[1]} ({step_key} {best[0][0]}), the newest readable checkpoint, "
-            f"not from {pointed}, which {LAST_CHECKPOINT_FILE} names")
+    if pointed:
+        say(f"resuming from {best[1]} ({step_key} {best[0][0]}), the readable checkpoint with the highest "
+            f"{step_key}: {pointed}, which {LAST_CHECKPOINT_FILE} names, cannot be resumed")
     return best[1], best[0][0]
 
 
 def find_resume_checkpoint(resume: Optional[str], output_dir: str, verbose: bool = True) -> Optional[str]:
-    """``--resume``: a path, ``auto`` (the newest readable checkpoint in ``output_dir``) or None.
+    """``--resume``: a path, ``auto`` (the run's resume point in ``output_dir``) or None.
 
-    ``auto`` reads the ``step`` of the checkpoint the ``last_checkpoint`` pointer names and of
-    every ``checkpoint-*.pth`` beside it, and takes the highest (the pointer's on a tie). An
-    unreadable file (truncated, corrupt, not a checkpoint) is skipped with a warning naming
-    it, so a write cut short falls back to the previous good checkpoint. A pointer naming a
-    file outside ``output_dir`` is an error. Returns None (and says so) when nothing is there.
+    ``auto`` takes the checkpoint the ``last_checkpoint`` pointer names. Without a pointer,
+    or when the file it names is missing or unreadable (truncated, corrupt, not a
+    checkpoint), it takes the ``checkpoint-*.pth`` with the highest ``step`` and says so
+    (:func:`newest_readable_checkpoint`), so a write cut short falls back to the previous
+    good checkpoint. A pointer naming a file outside ``output_dir`` is an error. Returns
+    None (and says so) when nothing is there.
     """
     if not resume:
         return None

@@ -6,13 +6,14 @@ What a run writes there has its own modules: checkpoints and the resume pointer
 log (:mod:`revcolv2.metrics_log`), the config (:func:`revcolv2.config.write_config`)."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Iterable, List, Optional, Tuple
 
 from .distributed import DistInfo, barrier
 from .metrics_log import LOG_FILE
@@ -51,6 +52,9 @@ class RunLayout:
     elsewhere: str   # how to write somewhere else
     restart: str     # where --overwrite starts again
     deleted: str     # what --overwrite deletes, in words
+    # the files a run opens in place (appends to, or writes without a rename): a symbolic
+    # link among them is refused before the run writes anything (see :func:`refuse_links`)
+    in_place: Tuple[str, ...] = ()
 
 
 # tools/pretrain.py, finetune.py, linear_probe.py (checkpoint-best.pth is not part of it:
@@ -58,7 +62,7 @@ class RunLayout:
 CLASSIFICATION_RUN = RunLayout(
     is_run_file=lambda n: bool(_RESUME_POINT.match(n)) or n in (LAST_CHECKPOINT_FILE, LOG_FILE),
     resume="--resume auto", elsewhere="write to a new --output-dir", restart="step 0",
-    deleted="its checkpoints and log")
+    deleted="its checkpoints and log", in_place=(LOG_FILE,))
 
 
 def run_files(output_dir: str, layout: RunLayout = CLASSIFICATION_RUN) -> List[str]:
@@ -120,8 +124,27 @@ def claim_output_dir(output_dir: str, resume: Optional[str], overwrite: bool, in
     The lock is released when the ``with`` block ends, or by the OS when the process dies."""
     info = info or DistInfo()
     with locked_run_dir(output_dir, info, option):
+        if info.is_main:
+            refuse_links(output_dir, layout.in_place, option)
         check_output_dir(output_dir, resume, overwrite, info, layout)
         yield
+
+
+def refuse_links(output_dir: str, names: Iterable[str], option: str = "--output-dir") -> None:
+    """Stop with one line when one of ``names`` in ``output_dir`` is a symbolic link.
+
+    A run opens these files in place (appends to them, or a library writes them without a
+    rename); in a shared run folder, a link planted there would make the run write into
+    another file, with the run's permissions. The files a run replaces by renaming a
+    temporary file over them (checkpoints, the pointer, the config) need no check: the
+    rename replaces a link, it never writes through it."""
+    for name in names:
+        path = os.path.join(output_dir, name)
+        if os.path.islink(path):
+            raise RunFolderError(
+                f"{option} {output_dir}: {name} is a symbolic link (to {os.readlink(path)}); a run writes this file "
+                "in place and will not write through a link. Remove the link (or give "
+                f"{option} another path)")
 
 
 @contextmanager
@@ -137,7 +160,15 @@ def locked_run_dir(output_dir: str, info: Optional["DistInfo"] = None, option: s
         return
     make_output_dir(output_dir, option)
     path = os.path.join(output_dir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:  # never through a link: it would empty another file and write our pid into it
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise RunFolderError(
+            f"{option} {output_dir}: {LOCK_FILE} is a symbolic link (to {os.readlink(path)}); the lock file is "
+            "never opened through a link. Remove the link (or give "
+            f"{option} another path)") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -13,10 +13,13 @@ and the stop-signal policy live in ``config``, ``distributed``, ``rng``, ``optim
 """
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import os
+import statistics
 import time
+from collections import deque
 from contextlib import nullcontext
 from typing import Any, Dict, List, Optional
 
@@ -26,15 +29,51 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .amp import amp_dtype, autocast
-from .atomic_io import remove_stale_temporaries, save_atomic
-from .checkpoint import CheckpointError, load_file
+from .atomic_io import open_append, remove_stale_temporaries, save_atomic
+from .checkpoint import CheckpointError, ShapeMismatchError, check_shapes, load_file
 from .data import EpochSampler, SeededSamples
-from .distributed import DistInfo, all_reduce_sum, barrier
+from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier
 from .metrics_log import LOG_FILE, json_line, trim_log
 from .optim import build_scheduler
 from .rng import gather_rng_states, seed_everything, set_rng_state
 from .run_checkpoints import prune_checkpoints, write_last_checkpoint
 from .signals import StopSignals, TrainingInterrupted, agree_on_signal, ignore_stop_signals
+
+
+class ResumeError(SystemExit):
+    """A checkpoint that this run cannot continue as configured (another batch, a schedule
+    that ends before its step, another model). A ``SystemExit``: the tools stop with this
+    one-line message (status 1), which names the file and what differs, instead of a
+    traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def config_changes(old: Any, new: Any, prefix: str = "") -> List[str]:
+    """``key old -> new`` for every value that differs between two recipes (nested dicts,
+    dotted keys; a key only one of them has shows as missing). Empty when ``old`` is not a
+    dict (a checkpoint that saved no config)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return []
+    out = []
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key, "(missing)"), new.get(key, "(missing)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a} -> {b}")
+    return out
+
+
+def _model_hint(changed: List[str]) -> str:
+    """The model keys of the recipe that changed since the checkpoint, as a hint."""
+    model = [c for c in changed if c.startswith("model.")]
+    return f" (its recipe differs in {'; '.join(model)})" if model else ""
 
 
 class TensorBoard:
@@ -91,7 +130,15 @@ class Trainer:
 
     One *step* is one optimizer update over ``accum`` micro-batches of ``micro_batch``
     images on each of ``world_size`` processes.
+
+    Its *data time* is how long the step waited for its micro-batches (detectron2's
+    ``data_time``): about zero when the loader keeps up, the step's input-bound share when
+    it does not. The progress bar shows ``data=`` (this process, median of the last
+    ``DATA_WINDOW`` steps); TensorBoard gets ``<name>/data_time`` every ``log_every`` steps
+    (the mean over those steps, of the slowest process: it holds the others back).
     """
+
+    DATA_WINDOW = 20
 
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset,
                  info: DistInfo, output_dir: str, effective_batch: int, micro_batch: int,
@@ -149,6 +196,10 @@ class Trainer:
         self.step_in_epoch = 0  # updates done in the epoch in progress
         self.history: Dict[int, float] = {}  # step -> training loss of that update (this rank)
         self._epoch_losses: List[float] = []
+        # seconds each step waited for its micro-batches (the progress bar's median of the last
+        # DATA_WINDOW steps; TensorBoard's mean since the last write, the slowest process's)
+        self._data_window: deque = deque(maxlen=self.DATA_WINDOW)
+        self._data_since_log: List[float] = []
         self._signals = StopSignals(self._announce_stop)  # .signum: the first stop signal, once one arrived
         if info.is_main:  # temporary files of a killed checkpoint write
             remove_stale_temporaries(output_dir)
@@ -203,6 +254,18 @@ class Trainer:
         return path
 
     def resume(self, path: str) -> None:
+        """Continue from the training checkpoint ``path`` (model, optimizer moments, scaler,
+        step, RNG states), following this run's config.
+
+        The schedule is the one this trainer was built with (its epochs, warm-up, learning
+        rates, minimum lr), taken up at the checkpoint's step; the optimizer's settings
+        (lr, weight decay, betas, layer-decay scales) are this run's too, only its moments
+        come from the checkpoint. The keys of the config that changed since the checkpoint
+        are printed with the lr the run continues at. What cannot be followed stops with
+        one line (:class:`ResumeError`) before anything is loaded: another batch or data
+        size (the step count would mean other images), a schedule that ends before the
+        checkpoint's step, a model of another size.
+        """
         ckpt = load_file(path)  # weights_only: nothing in the file can run code
         needed = ("model", "optimizer", "scaler", "scheduler", "epoch", "step", "step_in_epoch", "rng")
         lacking = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
@@ -211,16 +274,12 @@ class Trainer:
                 f"{path} is not a resumable training checkpoint (it lacks {', '.join(lacking)}); "
                 "to start from its weights, pass it as the initial checkpoint instead (--finetune)"
             )
+        changed = config_changes(ckpt.get("config"), self.config)
+        self._check_resumable(ckpt, path, changed)
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._load_optimizer(ckpt["optimizer"], path)
         self.scaler.load_state_dict(ckpt["scaler"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["steps_per_epoch"] != self.steps_per_epoch or ckpt["effective_batch"] != self.effective_batch:
-            raise ValueError(
-                f"{path} was written with {ckpt['steps_per_epoch']} steps per epoch and batch "
-                f"{ckpt['effective_batch']}; this run has {self.steps_per_epoch} and {self.effective_batch}. "
-                "Resuming needs the same data and effective batch size."
-            )
+        # ckpt["scheduler"] is not loaded: the schedule is this run's, a function of the step
         self.epoch, self.step, self.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
         self._epoch_losses = list(ckpt.get("epoch_losses", []))
         rngs = ckpt["rng"]
@@ -236,6 +295,69 @@ class Trainer:
         if self.info.is_main:
             print(f"resumed from {path}: epoch {self.epoch}, step {self.step} "
                   f"({self.step_in_epoch}/{self.steps_per_epoch} of the epoch)")
+            if changed:
+                print(self._describe_changes(ckpt, changed))
+
+    def _check_resumable(self, ckpt: Dict[str, Any], path: str, changed: List[str]) -> None:
+        """:class:`ResumeError` for what a resume cannot follow; nothing is loaded yet."""
+        def refuse(why: str) -> ResumeError:
+            keys = f" (changed since the checkpoint: {', '.join(changed)})" if changed else ""
+            return ResumeError(f"cannot resume {path}: {why}{keys}")
+
+        if ckpt["steps_per_epoch"] != self.steps_per_epoch or ckpt["effective_batch"] != self.effective_batch:
+            raise refuse(
+                f"it was written with batch {ckpt['effective_batch']} and {ckpt['steps_per_epoch']} steps per epoch, "
+                f"this run has batch {self.effective_batch} and {self.steps_per_epoch}: its step count would "
+                "stand for other images. Resume with the batch size and data it was trained with, or start "
+                "a new run from its weights")
+        if ckpt["step"] > self.total_steps:
+            raise refuse(
+                f"it is at step {ckpt['step']} (epoch {ckpt['epoch']}), past the end of this run's schedule "
+                f"({self.epochs} epochs = {self.total_steps} steps); a schedule cannot end before the point "
+                f"the run has reached. Give at least {math.ceil(ckpt['step'] / self.steps_per_epoch)} epochs")
+        own = self.model.state_dict()
+        try:
+            check_shapes(ckpt["model"], own, path)
+        except ShapeMismatchError as e:
+            raise ResumeError(f"cannot resume {e}{_model_hint(changed)}") from None
+        missing = [k for k in own if k not in ckpt["model"]]
+        unexpected = [k for k in ckpt["model"] if k not in own]
+        if missing or unexpected:
+            first = (f"the model's tensor {missing[0]!r} is not in it" if missing
+                     else f"its tensor {unexpected[0]!r} is not in the model")
+            count = len(missing) + len(unexpected)
+            raise ResumeError(f"cannot resume {path}: {first}" + (f" ({count - 1} more differ)" if count > 1 else "")
+                              + f": the checkpoint is for a different model{_model_hint(changed)}")
+
+    def _load_optimizer(self, state: Dict[str, Any], path: str) -> None:
+        """The checkpoint's optimizer moments under this run's settings: ``load_state_dict``
+        would bring back the checkpoint's lr, weight decay and layer-decay scales, which the
+        config may have changed."""
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(state)
+        except ValueError as e:  # another number or size of parameter groups
+            raise ResumeError(f"cannot resume {path}: its optimizer state does not fit this run's parameter "
+                              f"groups ({e})") from None
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
+
+    def _describe_changes(self, ckpt: Dict[str, Any], changed: List[str]) -> str:
+        """One line: the changed keys, and the lr the run continues at compared with the
+        checkpoint's schedule (its saved state) at the same step."""
+        line = (f"resuming with a changed config: {', '.join(changed)}; the run follows the new values from step "
+                f"{self.step}: lr {self._lr_at(self.scheduler, self.step):.3g} now, ")
+        old = ckpt.get("scheduler")
+        if isinstance(old, dict) and all(k in old for k in ("t_initial", "warmup_t", "lr_min", "base_values")):
+            was = copy.copy(self.scheduler)
+            was.__dict__.update({k: v for k, v in old.items() if k != "optimizer"})
+            line += f"{self._lr_at(was, self.step):.3g} under the checkpoint's schedule, "
+        return line + f"ending at step {self.total_steps} with lr {self._lr_at(self.scheduler, self.total_steps):.3g}"
+
+    def _lr_at(self, scheduler, step: int) -> float:
+        """The largest group lr (the head's under layer decay) ``scheduler`` gives at ``step``."""
+        values = scheduler._get_lr(step)
+        return max(v * g.get("lr_scale", 1.0) for v, g in zip(values, self.optimizer.param_groups))
 
     # ----------------------------------------------------------------- loop
     def _announce_stop(self, signum: int) -> None:
@@ -364,8 +486,12 @@ class Trainer:
                    dynamic_ncols=True, mininterval=1.0, leave=True)
         try:
             while self.step_in_epoch < self.steps_per_epoch:
-                loss = self.train_step([next(batches) for _ in range(self.accum)])
-                self._record_step(loss, bar, clock)
+                waited = time.perf_counter()
+                micro_batches = [next(batches) for _ in range(self.accum)]
+                data_time = time.perf_counter() - waited
+                loss = self.train_step(micro_batches)
+                del micro_batches
+                self._record_step(loss, data_time, bar, clock)
                 if self.step_in_epoch < self.steps_per_epoch and self._should_stop(stop_at_step):
                     return True
             return False
@@ -374,18 +500,25 @@ class Trainer:
             # not even the frame of a traceback may keep the loader's iterator (its workers) alive
             del batches
 
-    def _record_step(self, loss: float, bar, clock: "_Clock") -> None:
-        """The step's loss into the history, the progress bar and (every ``log_every`` steps
-        and at the end of an epoch) TensorBoard, averaged over processes."""
+    def _record_step(self, loss: float, data_time: float, bar, clock: "_Clock") -> None:
+        """The step's loss and data time into the history, the progress bar and (every
+        ``log_every`` steps and at the end of an epoch) TensorBoard: the loss averaged over
+        processes, the data time the slowest process's mean since the last write."""
         self.history[self.step] = loss
         self._epoch_losses.append(loss)
+        self._data_window.append(data_time)
+        self._data_since_log.append(data_time)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.current_lr():.2e}",
+                        data=f"{statistics.median(self._data_window):.3f}s",
                         eta=format_seconds(clock.eta(self.step, self.total_steps)), refresh=False)
         bar.update(1)
         if self.step % self.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
             mean_loss = all_reduce_sum(torch.tensor([loss], device=self.info.device), self.info)
             mean_loss = mean_loss.item() / self.info.world_size
-            self.tb.scalars({f"{self.name}/loss": mean_loss, f"{self.name}/lr": self.current_lr()}, self.step)
+            waited = torch.tensor([sum(self._data_since_log) / len(self._data_since_log)], device=self.info.device)
+            self._data_since_log = []
+            self.tb.scalars({f"{self.name}/loss": mean_loss, f"{self.name}/lr": self.current_lr(),
+                             f"{self.name}/data_time": all_reduce_max(waited, self.info).item()}, self.step)
 
     def _finish_epoch(self) -> bool:
         """After the last step of an epoch: its evaluation (:meth:`end_of_epoch`), one
@@ -399,7 +532,7 @@ class Trainer:
         self._epoch_losses = []
         self.tb.scalars({f"epoch/{k}": v for k, v in metrics.items() if k not in ("epoch", "step")}, self.epoch)
         if self.info.is_main:
-            with open(os.path.join(self.output_dir, LOG_FILE), "a") as f:
+            with open_append(os.path.join(self.output_dir, LOG_FILE)) as f:  # never through a link
                 f.write(json_line(metrics) + "\n")
         return self.save_epoch_checkpoint(epoch + 1)
 

@@ -197,7 +197,8 @@ def test_gpu_targets_table_judges_speed_and_memory_from_the_measured_rows():
 
 BENCHMARK_TOOLS = {"benchmark_backbone": "backbone", "benchmark_pretrain": "pretrain",
                    "benchmark_detection": "detection", "benchmark_segmentation": "segmentation",
-                   "benchmark_gpu_targets": "gpu_targets", "benchmark_activation_peak": "activation_peak"}
+                   "benchmark_gpu_targets": "gpu_targets", "benchmark_activation_peak": "activation_peak",
+                   "benchmark_loader": "loader"}
 
 
 @pytest.mark.parametrize("tool", sorted(BENCHMARK_TOOLS))

@@ -561,6 +561,82 @@ LAZY_TABLES = {
     "demo/upernet_revcolv2_tiny_synthetic.py": UPERNET_DEMO,
     "demo/mask2former_revcolv2_tiny_synthetic.py": M2F_DEMO,
 }
+
+# your own data (configs/custom/): the paper's B recipes with the paths left to the command
+# line, the class count read from the data and the schedule following train.max_iter
+_CUSTOM_OURS = OURS + ": your own data (docs/DETECTION.md, docs/SEGMENTATION.md)"
+_CUSTOM_NAMES = {"dataloader.train.dataset.names": ("${dataset.name}_train", _CUSTOM_OURS),
+                 "dataloader.test.dataset.names": ("${dataset.name}_val", _CUSTOM_OURS)}
+LAZY_TABLES["custom/mask_rcnn_revcolv2_b_coco_format.py"] = {
+    **{k: v for k, v in LAZY_TABLES["COCO/mask_rcnn_revcolv2_b_50ep.py"].items()
+       if k not in ("lr_multiplier", "train.max_iter", "train.eval_period", "train.checkpointer.period",
+                    "model.roi_heads.num_classes", "train.output_dir")
+       and not k.startswith(("dataloader.train.dataset.names", "dataloader.test.dataset.names"))},
+    **_CUSTOM_NAMES,
+    "dataset": (aug("register_coco_format", name="custom", train_json="", train_images="", val_json="",
+                    val_images=""), _CUSTOM_OURS + ": paths from the command line"),
+    "model.roi_heads.num_classes": (aug("coco_num_classes", train_json="${dataset.train_json}",
+                                        val_json="${dataset.val_json}"), _CUSTOM_OURS + ": the files' categories"),
+    "train.output_dir": ("output/custom_mask_rcnn_revcolv2_b", _CUSTOM_OURS),
+    "train.max_iter": (20000, _CUSTOM_OURS + ": set it for the data"),
+    "train.eval_period": ("${train.max_iter}", _CUSTOM_OURS + ": evaluate at the end"),
+    "train.checkpointer.period": (5000, _CUSTOM_OURS),
+    "lr_multiplier": (aug("vitdet_multistep", max_iter="${train.max_iter}", warmup_iters=250),
+                      VITDET_B + ": warm-up 250, x0.1 at 8/9 and x0.01 at 26/27 of max_iter"),
+}
+def _replaced(table, **rows):
+    """``table`` with ``rows`` ({"section__key": (value, source)}) in place: a row of the table
+    that holds one of them as a part (a whole head, a list of augmentations) keeps its own
+    source, with the replaced part and its source named after it."""
+    out = copy.deepcopy(table)
+    for key, (value, source) in ((k.replace("__", "."), v) for k, v in rows.items()):
+        outer = next((k for k in out if key.startswith(k + ".")), None)
+        if outer is None:
+            out[key] = (value, source)
+            continue
+        expected, outer_source = out[outer]
+        *path, last = key[len(outer) + 1:].split(".")
+        node = expected
+        for part in path:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[int(last) if isinstance(node, list) else last] = value
+        out[outer] = (expected, f"{outer_source}; {key[len(outer) + 1:]}: {source}")
+    return out
+
+
+LAZY_TABLES["custom/upernet_revcolv2_b_sem_seg_folders.py"] = _replaced(
+    {k: v for k, v in LAZY_TABLES["ADE20K/upernet_revcolv2_b_160k.py"].items() if k != "lr_multiplier"},
+    dataloader__train__dataset__names=("${dataset.name}_train", _CUSTOM_OURS),
+    dataloader__test__dataset__names=("${dataset.name}_val", _CUSTOM_OURS),
+    dataset=(aug("register_sem_seg_folders", name="custom", train_images="", train_labels="", val_images="",
+                 val_labels="", classes="", ignore_label=255, image_ext=".jpg", label_ext=".png"),
+             _CUSTOM_OURS + ": paths and class list from the command line; 255 ignored as in ADE20K"),
+    model__sem_seg_head__num_classes=(aug("sem_seg_num_classes", classes="${dataset.classes}"),
+                                      _CUSTOM_OURS + ": the class list's length"),
+    model__sem_seg_head__ignore_value=("${dataset.ignore_label}", _CUSTOM_OURS),
+    dataloader__train__mapper__num_classes=("${model.sem_seg_head.num_classes}", _CUSTOM_OURS),
+    dataloader__test__mapper__num_classes=("${model.sem_seg_head.num_classes}", _CUSTOM_OURS),
+    dataloader__train__mapper__ignore_label=("${dataset.ignore_label}", _CUSTOM_OURS),
+    dataloader__test__mapper__ignore_label=("${dataset.ignore_label}", _CUSTOM_OURS),
+    dataloader__train__mapper__augmentations__1__ignored_category=("${dataset.ignore_label}", _CUSTOM_OURS),
+    train__output_dir=("output/custom_upernet_revcolv2_b", _CUSTOM_OURS),
+    train__max_iter=(40000, _CUSTOM_OURS + ": set it for the data"),
+    train__eval_period=("${train.max_iter}", _CUSTOM_OURS + ": evaluate at the end"),
+    train__checkpointer__period=(8000, _CUSTOM_OURS),
+    lr_multiplier=(aug("warmup_poly", max_iter="${train.max_iter}", warmup_iters=1500),
+                   PAPER_ADE + ": 1500 warm-up iterations, then poly, over max_iter"),
+)
+for _table in LAZY_TABLES.values():  # every config leaves torch.compile off (tools/lazyconfig_train_net.py)
+    _table.setdefault("train.compile", (False, RUN_TIME + ": train.compile=True compiles the backbone"))
+# test-time augmentation (revcolv2_d2.tta): off in every config, `test.aug.enabled=True` turns it on
+_TTA_COCO = ([0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25, 1.375, 1.5],
+             "detectron2's TEST.AUG.MIN_SIZES (400, 500, ..., 1200) over its test size 800")
+_TTA_ADE = ([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], MMSEG_ADE + " img_ratios (BEiT, MAE, ConvNeXt: multi-scale + flip)")
+for _rel, _table in LAZY_TABLES.items():
+    _scales = _TTA_COCO if "mask_rcnn" in _rel else _TTA_ADE
+    _table.setdefault("test.aug.enabled", (False, RUN_TIME + ": test.aug.enabled=True evaluates with TTA"))
+    _table.setdefault("test.aug.scales", _scales)
+    _table.setdefault("test.aug.flip", (True, _scales[1].split(" (")[0] + ": each scale also flipped"))
 # names a config file exports beside the config sections (detectron2 saves every
 # DictConfig a .py config leaves at module level): the same objects under another name
 ALIASES = {"demo/mask_rcnn_revcolv2_tiny_shapes.py": {"bb": "model.backbone.bottom_up", "roi": "model.roi_heads"}}

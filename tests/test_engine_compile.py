@@ -1,7 +1,6 @@
 """torch.compile per level (``compile_levels``): no graph breaks, eager gradients, both modes."""
 import pytest
 import torch
-from training_helpers import randomize_parameters
 
 from revcolv2.model import LEVEL_RECOMPILE_LIMIT, RevColV2, allow_level_recompiles
 
@@ -10,9 +9,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def _model():
     torch.manual_seed(0)
-    model = RevColV2(embed_dim=32, num_heads=2, num_classes=5, num_bu_columns=1, num_td_columns=1, num_levels=2,
-                     drop_path_rate=0.2, out_levels="all", layer_scale_init=0.1)  # the loss reads every level
-    return randomize_parameters(model, alphas="large").train()
+    return RevColV2(embed_dim=32, num_heads=2, num_classes=5, num_bu_columns=1, num_td_columns=1, num_levels=2,
+                    drop_path_rate=0.2, out_levels="all").train()  # the loss reads every level
 
 
 def _grads(model, x, reversible):
@@ -47,11 +45,13 @@ def test_compile_levels_refuses_a_recompile_limit_it_would_exceed():
     """The limit is process-wide: compile_levels() never changes it, and says how to."""
     import torch._dynamo
 
-    # dynamo's own patch restores the value on exit (pytest's monkeypatch of this config
-    # module leaves the entry deleted for the tests after it)
+    # torch's own patch, not monkeypatch: monkeypatch's undo deletes the attribute, which
+    # hides a torch config entry for the rest of the process ("... does not exist")
+    before = torch._dynamo.config.recompile_limit
     with torch._dynamo.config.patch(recompile_limit=8):
         with pytest.raises(RuntimeError, match="allow_level_recompiles"):
             _model().compile_levels()
         assert torch._dynamo.config.recompile_limit == 8
         allow_level_recompiles()
         assert torch._dynamo.config.recompile_limit == LEVEL_RECOMPILE_LIMIT
+    torch._dynamo.config.recompile_limit = before

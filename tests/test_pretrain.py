@@ -7,6 +7,8 @@ import torch
 from PIL import Image
 from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
 
+from revcolv2.trainer import ResumeError
+
 pytestmark = pytest.mark.slow  # end to end: tools/pretrain.py runs
 
 CONFIG = REPO / "configs" / "pretrain" / "revcolv2_tiny_demo.yaml"
@@ -70,7 +72,7 @@ def test_interrupted_run_resumes_exactly(data, tmp_path):
 
 def test_resume_refuses_a_different_batch(data, tmp_path):
     pretrain(data, tmp_path, "schedule.epochs=1", "train.vis_images=0", extra=("--num-workers", "0"))
-    with pytest.raises(ValueError, match="same data and effective batch"):
+    with pytest.raises(ResumeError, match=r"batch 8 and .* this run has batch 16 .*optim\.batch_size 8 -> 16"):
         pretrain(data, tmp_path, "schedule.epochs=2", "train.vis_images=0", "optim.batch_size=16",
                  extra=("--num-workers", "0", "--resume", "auto"))
 

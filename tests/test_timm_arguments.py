@@ -192,8 +192,8 @@ def test_pretrain_arguments(monkeypatch, tmp_path, data):
     for name in ("mask_token", "columns.1.alphas"):  # not 1-d: only no_weight_decay_list keeps them undecayed
         assert params[name].ndim > 1 and group_of(opt, params[name])["weight_decay"] == 0.0, name
     assert opt.defaults["betas"] == (0.8, 0.99)
-    train = repr(seen["dataset"].transform)
-    assert "RandomResizedCrop(size=(32, 32), scale=(0.35, 1.0)" in train and "RandomHorizontalFlip(p=0.3)" in train
+    crop = seen["dataset"].loader  # the crop and flip are drawn while decoding (RandomResizedCropDecoder)
+    assert (crop.size, crop.scale, crop.ratio, crop.hflip) == (32, (0.35, 1.0), (3 / 4, 4 / 3), 0.3)
 
 
 # ----------------------------------------------------------------------------- the schedule
@@ -223,3 +223,18 @@ def test_global_pool_reaches_every_token(pool):
         tokens, pooled = model.forward_features(x), model(x)
     mean, top = tokens.mean(1), tokens.amax(1)
     torch.testing.assert_close(pooled, {"avg": mean, "max": top, "avgmax": 0.5 * (mean + top)}[pool])
+
+
+def test_linear_probe_compile_compiles_the_probe_and_nothing_without_it(monkeypatch, tmp_path, data):
+    """--compile: the linear probe (a plain, frozen backbone under its head) is compiled as a
+    whole module (torch.compile happens at its first forward, not here); without the flag it
+    stays eager."""
+    def probe(*flags):
+        return training_helpers.built_for_training(
+            monkeypatch, "linear_probe", "ClassificationTrainer", "--config",
+            REPO / "configs" / "linear_probe" / "revcolv2_tiny_demo.yaml", "--data-path", data, "--output-dir",
+            tmp_path / ("out" + "".join(flags)), "--num-workers", "0", "--device", "cpu", *flags, "--opts",
+            f"model.kwargs={TINY_MODEL}", "optim.batch_size=8", "train.batch_per_gpu=4")["model"]
+
+    assert probe("--compile")._compiled_call_impl is not None
+    assert probe()._compiled_call_impl is None

@@ -70,12 +70,45 @@ _STEP_BENCH = {
     "--profile-rows": None,
 }
 FLAG_TESTS = {
-    "pretrain.py": _TRAINING,
+    "pretrain.py": {
+        **_TRAINING,
+        "--compile": "test_compile_flag.py::test_pretrain_with_compile_trains_like_eager_through_compiled_levels",
+        "--init": "test_pretrain_own_images.py::test_pretraining_on_a_flat_folder_then_init_from_its_checkpoint"},
+    "reconstruct.py": {
+        **{flag: "test_inspect_tools.py::test_reconstruct_writes_the_grid_panels_for_every_image"
+           for flag in ("images", "--checkpoint", "--output")},
+        **{flag: "test_inspect_tools.py::test_mask_ratio_seed_input_size_and_ema_change_the_panels"
+           for flag in ("--mask-ratio", "--seed", "--input-size", "--no-ema")},
+        "--help": HELP,
+    },
+    "analyze_levels.py": {
+        **{flag: "test_inspect_tools.py::test_analyze_levels_of_a_mim_checkpoint"
+           for flag in ("--checkpoint", "--data", "--output", "--input-size", "--max-images", "--no-ema")},
+        "--model": "test_inspect_tools.py::test_analyze_levels_of_detectron2_checkpoints",
+        "--help": HELP,
+    },
     "finetune.py": {**_TRAINING, **_CLASSIFICATION,
-                    "--config": "test_timm_arguments.py::test_finetune_transforms"},
+                    "--config": "test_timm_arguments.py::test_finetune_transforms",
+                    "--compile": "test_compile_flag.py::test_finetune_with_compile_keeps_its_ema_copy_eager"},
     "linear_probe.py": {**_TRAINING, **_CLASSIFICATION,
                         "--config": "test_timm_arguments.py::test_linear_probe_arguments",
-                        "--finetune": "test_finetune.py::test_linear_probe_end_to_end"},
+                        "--finetune": "test_finetune.py::test_linear_probe_end_to_end",
+                        "--compile": "test_timm_arguments.py::"
+                                     "test_linear_probe_compile_compiles_the_probe_and_nothing_without_it"},
+    "submit.py": {
+        **{flag: "test_submit.py::test_submit_options_reach_the_sbatch_script_and_the_job" for flag in (
+            "--nodes", "--gpus-per-node", "--partition", "--time", "--account", "--qos", "--constraint",
+            "--exclude", "--comment", "--cpus-per-gpu", "--mem-gb", "--job-name", "--signal-delay-s",
+            "--max-requeues", "--port", "--setup", "--slurm-arg", "--log-dir", "TOOL")},
+        "--cluster": "test_submit.py::test_a_job_runs_to_the_end_and_an_interrupted_one_requeues_to_the_same_weights",
+        "--wait": "test_submit.py::test_a_job_runs_to_the_end_and_an_interrupted_one_requeues_to_the_same_weights",
+        "--help": HELP,
+    },
+    "benchmark_loader.py": {
+        **{flag: "test_benchmark_loader.py::test_the_benchmark_measures_every_pipeline_and_writes_its_table"
+           for flag in ("--rows", "--images", "--warmup", "--batch", "--data", "--report", "--json")},
+        "--help": HELP,
+    },
     "export.py": {
         "checkpoint": "test_export.py::test_mim_checkpoint_round_trip_through_the_cli",
         "--output": "test_export.py::test_mim_checkpoint_round_trip_through_the_cli",
@@ -411,7 +444,7 @@ def test_train_net_no_ema_evaluates_the_raw_weights(tmp_path, monkeypatch, ema_c
     from revcolv2_d2 import train_net
 
     path, raw, ema = ema_checkpoint
-    monkeypatch.setattr(train_net, "do_test", lambda cfg, model: model)  # the loaded model, not its metrics
+    monkeypatch.setattr(train_net, "do_test", lambda cfg, model, checkpointer=None: model)  # the model, not metrics
     for flags, want in ((["--no-ema"], raw), ([], ema)):
         args = train_net.argument_parser().parse_args(
             ["--eval-only", *flags, "--config-file", DEMO_CONFIG, "model.backbone.bottom_up.embed_dim=32",

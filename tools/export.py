@@ -29,6 +29,7 @@ the first images of the config's test dataset):
 Every checkpoint is read with the project's safe loader: nothing in it can run code.
 """
 import argparse
+import os
 from typing import List, Optional
 
 import yaml
@@ -59,6 +60,17 @@ def _torchscript(args) -> None:
           "project is needed")
 
 
+def _refuse_replacing_inputs(args) -> None:
+    """No output may replace an input (the checkpoint, the config, a sample image)."""
+    from revcolv2.atomic_io import inputs_replaced
+
+    written = {"timm": ["config.json", "model.safetensors"], "torchscript": ["model.ts"]}.get(args.format)
+    outputs = [os.path.join(args.output, n) for n in written] if written else [args.output]
+    for out, given in inputs_replaced(outputs, [args.checkpoint, args.config_file, *args.sample_image]):
+        raise SystemExit(f"--output {args.output}: writing {out} would replace the input {given}; "
+                         "give --output another path")
+
+
 def main(argv: Optional[List[str]] = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint",
@@ -81,6 +93,7 @@ def main(argv: Optional[List[str]] = None) -> str:
     p.add_argument("--no-ema", action="store_true", help="take the raw weights of a checkpoint with EMA weights")
     args = p.parse_args(argv)
 
+    _refuse_replacing_inputs(args)
     if args.format == "torchscript":
         _torchscript(args)
         return args.output

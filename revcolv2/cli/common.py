@@ -14,10 +14,23 @@ from torchvision.datasets import ImageFolder
 
 from ..amp import autocast
 from ..classification import evaluate_checkpoint
-from ..config import load_config, nonneg_int, positive_int, validate_config
+from ..config import (
+    AMP,
+    load_config,
+    mapping,
+    nonneg_int,
+    number,
+    numbers,
+    optional,
+    positive_int,
+    text,
+    validate_config,
+    whole,
+)
 from ..data import RobustImageFolder, check_same_classes, num_workers_default
 from ..distributed import DistInfo, init_distributed
 from ..mim import create_mim_model  # its import of revcolv2.model registers the presets with timm
+from ..model import MODEL_CFGS, allow_level_recompiles, compile_for_training
 from ..run_checkpoints import find_resume_checkpoint
 
 TASKS = ("pretrain", "finetune", "linear_probe")
@@ -26,13 +39,12 @@ EXAMPLE_CONFIGS = {"pretrain": "configs/pretrain/revcolv2_base.yaml",
                    "finetune": "configs/finetune/revcolv2_base_in1k.yaml",
                    "linear_probe": "configs/linear_probe/revcolv2_base.yaml"}
 
-# the numbers of a fine-tuning or linear-probing config, checked before anything runs
-CLASSIFICATION_NUMBERS = {
-    "data.input_size": "positive_int", "optim.batch_size": "positive_int", "optim.base_lr": "positive_float",
-    "optim.weight_decay": "nonneg_float", "schedule.epochs": "positive_int",
-    "schedule.warmup_epochs": "nonneg_float", "schedule.min_lr": "nonneg_float",
-    "train.batch_per_gpu": "positive_int", "train.eval_batch": "positive_int", "train.log_every": "positive_int",
-}
+# the keys that fine-tuning and linear probing share: model name and size, data, schedule, run-time
+CLASSIFICATION_MODEL = {"name": text(*MODEL_CFGS), "num_classes": optional(whole(1)), "kwargs": mapping()}
+CLASSIFICATION_DATA = {"input_size": whole(1), "crop_scale": numbers(2, above=0, high=1),
+                       "interpolation": text("bicubic", "bilinear", "nearest", "random"),
+                       "crop_pct": number(above=0, high=1)}
+CLASSIFICATION_TRAIN = {"batch_per_gpu": whole(1), "eval_batch": whole(1), "amp": AMP, "log_every": whole(1)}
 
 
 def training_parser(description: str, task: str) -> argparse.ArgumentParser:
@@ -46,9 +58,19 @@ def training_parser(description: str, task: str) -> argparse.ArgumentParser:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help=f"YAML recipe, e.g. {EXAMPLE_CONFIGS[task]}")
-    p.add_argument("--data-path", default=None, help="ImageNet-style folder with train/<class>/* and val/<class>/*; "
-                   "default: the built-in synthetic dataset")
+    p.add_argument("--data-path", default=None,
+                   help="a folder of images, searched recursively (no class folders needed), a text file with one "
+                        "image path a line, or an ImageNet-style folder (train/<class>/*); default: the built-in "
+                        "synthetic dataset" if task == "pretrain" else
+                        "ImageNet-style folder with train/<class>/* and val/<class>/*; default: the built-in "
+                        "synthetic dataset")
     p.add_argument("--output-dir", default=None, help=f"default: output/{task}/<config name>")
+    if task == "pretrain":
+        p.add_argument("--init", default=None, metavar="CKPT",
+                       help="start a new run from this checkpoint's weights, with a fresh optimizer and schedule: a "
+                            "MIM checkpoint gives encoder and decoder; a fine-tuned or detectron2 checkpoint gives "
+                            "what matches (the report lists what is left out). Not applied when --resume finds a "
+                            "checkpoint")
     if task != "pretrain":
         p.add_argument("--finetune", default=None,
                        help="the pre-trained (MIM) checkpoint to probe" if task == "linear_probe" else
@@ -66,6 +88,9 @@ def training_parser(description: str, task: str) -> argparse.ArgumentParser:
     p.add_argument("--strict-data", action="store_true", help="fail on unreadable images instead of skipping them")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model for training: compile_levels() (each level's F_l) when it is "
+                        "reversible, the whole model when it is plain; the first steps are slow while it compiles")
     p.add_argument("--stop-at-step", type=positive_int, default=None,
                    help="stop after this many optimizer steps with a resumable checkpoint (as on Ctrl-C)")
     p.add_argument("--opts", nargs="*", default=[], help="config overrides, e.g. schedule.epochs=10")
@@ -95,17 +120,30 @@ def build_model(cfg: dict, task: str, num_classes: Optional[int] = None) -> nn.M
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
-def start_classification(argv: Optional[List[str]], description: str, task: str
+def compile_if_asked(model: nn.Module, args: argparse.Namespace, info: DistInfo) -> None:
+    """``--compile``: :func:`revcolv2.model.compile_for_training` on ``model``, after the
+    recompile limit that ``compile_levels()`` needs is raised (a process-wide switch: the
+    entry point's to set). Call it once the model is complete and copied (EMA)."""
+    if not args.compile:
+        return
+    allow_level_recompiles()
+    for line in compile_for_training(model):
+        if info.is_main:
+            print(f"--compile: {line}")
+
+
+def start_classification(argv: Optional[List[str]], description: str, task: str, schema: Dict[str, Any]
                          ) -> Tuple[argparse.Namespace, dict, DistInfo, str]:
     """The start of fine-tuning or linear probing: the parsed command line (``--num-workers``
-    filled with the machine's default), the recipe (its numbers checked before anything runs),
+    filled with the machine's default), the recipe (every value checked against the tool's
+    ``schema`` before anything runs),
     the process group, and the output folder (``--output-dir``, default
     ``output/<task>/<config name>``)."""
     args = training_parser(description, task).parse_args(argv)
     if args.num_workers is None:
         args.num_workers = num_workers_default()
     cfg = load_config(args.config, args.opts)
-    validate_config(cfg, CLASSIFICATION_NUMBERS)
+    validate_config(cfg, schema, args.config)
     info = init_distributed(args.device)
     out_dir = args.output_dir or os.path.join("output", task, Path(args.config).stem)
     return args, cfg, info, out_dir

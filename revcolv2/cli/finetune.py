@@ -22,12 +22,35 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
 from ..classification import ClassificationTrainer, describe_built_levels, load_pretrained
-from ..config import write_config
+from ..config import SCHEDULE, flag, number, numbers, optional, text, whole, write_config
 from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, pillow_safe_randaugment, prepare_data_root
 from ..optim import param_groups_layer_decay
 from ..rng import seed_everything
 from ..run_dir import claim_output_dir
-from .common import build_model, checked_train_split, evaluate_only, resume_and_fit, start_classification
+from .common import (
+    CLASSIFICATION_DATA,
+    CLASSIFICATION_MODEL,
+    CLASSIFICATION_TRAIN,
+    build_model,
+    checked_train_split,
+    compile_if_asked,
+    evaluate_only,
+    resume_and_fit,
+    start_classification,
+)
+
+# every key of a fine-tuning recipe, its type and range: checked before anything runs
+SCHEMA = {
+    "model": {**CLASSIFICATION_MODEL, "reversible": flag(), "drop_path_rate": number(low=0, below=1),
+              "head_init_scale": number(above=0)},
+    "data": {**CLASSIFICATION_DATA, "auto_augment": optional(text()), "re_prob": number(low=0, high=1)},
+    "mixup": {"mixup": number(low=0), "cutmix": number(low=0), "label_smoothing": number(low=0, below=1)},
+    "optim": {"betas": numbers(2, low=0, below=1), "base_lr": number(above=0), "weight_decay": number(low=0),
+              "layer_decay": number(above=0, high=1), "batch_size": whole(1), "clip_grad": optional(number(above=0))},
+    "schedule": SCHEDULE,
+    "ema": {"decay": optional(number(low=0, below=1))},
+    "train": CLASSIFICATION_TRAIN,
+}
 
 
 def build_transforms(cfg: dict):
@@ -40,7 +63,7 @@ def build_transforms(cfg: dict):
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
-    args, cfg, info, out_dir = start_classification(argv, __doc__, "finetune")
+    args, cfg, info, out_dir = start_classification(argv, __doc__, "finetune", SCHEMA)
     m_cfg, o_cfg, s_cfg, t_cfg, mix_cfg = cfg["model"], cfg["optim"], cfg["schedule"], cfg["train"], cfg["mixup"]
 
     root = prepare_data_root(args.data_path, info)
@@ -51,7 +74,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     seed_everything(args.seed)
     model = build_model(cfg, "finetune", num_classes)
     if args.finetune and not args.eval:
-        load_pretrained(model, args.finetune, verbose=info.is_main, ema=not args.no_ema)
+        load_pretrained(model, args.finetune, verbose=info.is_main, ema=not args.no_ema, classes=val_set.classes)
     model.to(info.device)
     seed_everything(args.seed + info.rank)
 
@@ -83,6 +106,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         else:
             criterion = torch.nn.CrossEntropyLoss()
         ema = ModelEmaV3(model, decay=cfg["ema"]["decay"]) if cfg["ema"]["decay"] else None
+        compile_if_asked(model, args, info)  # after the EMA copy, which stays eager
         if info.is_main:
             print(f"model {m_cfg['name']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
                   f"{num_classes} classes, reversible={model.reversible}), {len(train_set)} train / "

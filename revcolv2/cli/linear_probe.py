@@ -17,15 +17,35 @@ from timm.data import create_transform
 from timm.optim import Lars
 
 from ..classification import ClassificationTrainer, LinearProbe, load_pretrained
-from ..config import write_config
+from ..config import SCHEDULE, number, whole, write_config
 from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, prepare_data_root
 from ..rng import seed_everything
 from ..run_dir import claim_output_dir
-from .common import build_model, checked_train_split, evaluate_only, resume_and_fit, start_classification
+from .common import (
+    CLASSIFICATION_DATA,
+    CLASSIFICATION_MODEL,
+    CLASSIFICATION_TRAIN,
+    build_model,
+    checked_train_split,
+    compile_if_asked,
+    evaluate_only,
+    resume_and_fit,
+    start_classification,
+)
+
+# every key of a linear-probing recipe, its type and range: checked before anything runs
+SCHEMA = {
+    "model": CLASSIFICATION_MODEL,
+    "data": CLASSIFICATION_DATA,
+    "optim": {"base_lr": number(above=0), "weight_decay": number(low=0), "momentum": number(low=0, below=1),
+              "trust_coeff": number(above=0), "batch_size": whole(1)},
+    "schedule": SCHEDULE,
+    "train": CLASSIFICATION_TRAIN,
+}
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
-    args, cfg, info, out_dir = start_classification(argv, __doc__, "linear_probe")
+    args, cfg, info, out_dir = start_classification(argv, __doc__, "linear_probe", SCHEMA)
     m_cfg, d_cfg, o_cfg, s_cfg, t_cfg = cfg["model"], cfg["data"], cfg["optim"], cfg["schedule"], cfg["train"]
 
     root = prepare_data_root(args.data_path, info)
@@ -64,6 +84,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
              {"params": [linear.bias], "weight_decay": 0.0, "always_adapt": False}],
             lr=lr, momentum=o_cfg["momentum"], trust_coeff=o_cfg["trust_coeff"],
         )
+        compile_if_asked(model, args, info)
         if info.is_main:
             print(f"linear probe of {m_cfg['name']} ({num_classes} classes), {len(train_set)} train / "
                   f"{len(val_set)} val images, LARS lr {lr:.3g} (base {o_cfg['base_lr']} x {batch}/256)")

@@ -4,7 +4,12 @@
     torchrun --nproc_per_node 8 tools/pretrain.py --config configs/pretrain/revcolv2_base.yaml \\
         --data-path /data/imagenet --batch-per-gpu 128
 
-Without ``--data-path`` the built-in synthetic dataset is used (generated once). The
+Without ``--data-path`` the built-in synthetic dataset is used (generated once).
+``--data-path`` is an ImageNet-style folder (its ``train/`` split), any folder of images
+(searched recursively: no class folders needed) or a text file with one image path a line.
+``--init CKPT`` starts a new run from a checkpoint's weights (a MIM checkpoint: encoder and
+decoder; a fine-tuned or detectron2 one: what matches, the rest listed) with a fresh
+optimizer and schedule; ``--resume`` continues a run instead. The
 effective batch of the config is reached by gradient accumulation; ``--resume auto``
 continues the latest checkpoint in the output folder exactly where it stopped (Ctrl-C or
 SIGTERM write one before exiting). Every ``train.vis_every`` epochs a PNG grid
@@ -14,6 +19,7 @@ is written to ``<output>/reconstructions/``.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 from pathlib import Path
 from typing import List, Optional
@@ -23,24 +29,52 @@ from timm.optim import param_groups_weight_decay
 from torchvision import transforms
 from torchvision.utils import save_image
 
-from ..config import load_config, validate_config, write_config
-from ..data import IMAGENET_MEAN, IMAGENET_STD, RobustImageFolder, num_workers_default, prepare_data_root
+from ..atomic_io import write_bytes_atomic
+from ..checkpoint import CheckpointError, ShapeMismatchError
+from ..checkpoint_models import init_from_checkpoint
+from ..config import (
+    AMP,
+    SCHEDULE,
+    flag,
+    load_config,
+    mapping,
+    number,
+    numbers,
+    text,
+    validate_config,
+    whole,
+    write_config,
+)
+from ..data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageFiles,
+    RandomResizedCropDecoder,
+    RobustImageFolder,
+    normalize_uint8,
+    num_workers_default,
+    pretraining_images,
+)
 from ..distributed import init_distributed
+from ..model import MODEL_CFGS
 from ..rng import seed_everything
 from ..run_checkpoints import find_resume_checkpoint
 from ..run_dir import claim_output_dir
 from ..trainer import Trainer
 from ..visualization import reconstruction_grid
-from .common import build_model, training_parser
+from .common import build_model, compile_if_asked, training_parser
 
-# the numbers of a pre-training config, checked before anything runs
-NUMBERS = {
-    "data.input_size": "positive_int", "optim.batch_size": "positive_int", "optim.base_lr": "positive_float",
-    "optim.weight_decay": "nonneg_float", "schedule.epochs": "positive_int",
-    "schedule.warmup_epochs": "nonneg_float", "schedule.min_lr": "nonneg_float",
-    "train.batch_per_gpu": "positive_int", "train.save_every": "positive_int", "train.log_every": "positive_int",
-    "train.vis_every": "positive_int", "train.vis_images": "nonneg_int",
-    "train.keep_last": "nonneg_int", "train.keep_every": "nonneg_int",
+# every key of a pre-training recipe, its type and range: checked before anything runs
+SCHEMA = {
+    "model": {"name": text(*MODEL_CFGS), "reversible": flag(), "kwargs": mapping(),
+              "mask_ratio": number(above=0, below=1), "norm_pix_loss": flag(),
+              "drop_path_rate": number(low=0, below=1)},
+    "data": {"input_size": whole(1), "crop_scale": numbers(2, above=0, high=1), "hflip": number(low=0, high=1)},
+    "optim": {"betas": numbers(2, low=0, below=1), "base_lr": number(above=0), "weight_decay": number(low=0),
+              "batch_size": whole(1)},
+    "schedule": SCHEDULE,
+    "train": {"batch_per_gpu": whole(1), "amp": AMP, "save_every": whole(1), "keep_last": whole(0, default=0),
+              "keep_every": whole(0, default=0), "vis_every": whole(1), "vis_images": whole(0), "log_every": whole(1)},
 }
 
 
@@ -48,7 +82,17 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return training_parser(__doc__, "pretrain").parse_args(argv)
 
 
+def pretrain_decoder(cfg: dict) -> RandomResizedCropDecoder:
+    """The training images of pre-training: decoded, cropped, resized and flipped in one step
+    from the file (uint8; :class:`~revcolv2.data.RandomResizedCropDecoder`), which gives
+    :func:`pretrain_transform`'s crops and flips."""
+    d = cfg["data"]
+    return RandomResizedCropDecoder(d["input_size"], tuple(d["crop_scale"]), hflip=d["hflip"])
+
+
 def pretrain_transform(cfg: dict) -> transforms.Compose:
+    """The same augmentation as torchvision transforms of a decoded image, to normalized
+    float (the reference that :func:`pretrain_decoder` reproduces)."""
     d = cfg["data"]
     return transforms.Compose([
         transforms.RandomResizedCrop(d["input_size"], scale=tuple(d["crop_scale"]),
@@ -68,8 +112,14 @@ def eval_transform(size: int) -> transforms.Compose:
     ])
 
 
-def fixed_images(root: Path, size: int, count: int) -> torch.Tensor:
-    """The first image of each of the first ``count`` classes (val if present), (K, 3, H, W)."""
+def fixed_images(dataset, size: int, count: int) -> torch.Tensor:
+    """The pictures of the reconstruction grids, (K, 3, H, W): of an ImageNet-style folder,
+    the first image of each of the first ``count`` classes (val if present); of unlabelled
+    images (:class:`ImageFiles`), the first ``count``."""
+    if isinstance(dataset, ImageFiles):
+        ds = ImageFiles(dataset.root, transform=eval_transform(size), files=[p for p, _ in dataset.samples[:count]])
+        return torch.stack([ds[i][0] for i in range(len(ds))])
+    root = Path(dataset.root).parent
     folder = root / "val" if (root / "val").is_dir() else root / "train"
     ds = RobustImageFolder(str(folder), transform=eval_transform(size), verify=False)
     picks, seen = [], set()
@@ -92,15 +142,20 @@ class PretrainTrainer(Trainer):
 
     def forward_loss(self, batch) -> torch.Tensor:
         images, _ = batch
-        return self.ddp_model(images.to(self.info.device, non_blocking=True))["loss"]
+        images = images.to(self.info.device, non_blocking=True)
+        if images.dtype == torch.uint8:  # pretrain_decoder's images: normalized here, not in the workers
+            images = normalize_uint8(images)
+        return self.ddp_model(images)["loss"]
 
     def end_of_epoch(self, epoch: int) -> dict:
         done = epoch + 1
         if self.info.is_main and self.vis_images is not None and (done % self.vis_every == 0 or done == self.epochs):
             grid = reconstruction_grid(self.model, self.vis_images)
-            folder = os.path.join(self.output_dir, "reconstructions")
-            os.makedirs(folder, exist_ok=True)
-            save_image(grid, os.path.join(folder, f"epoch_{done:04d}.png"))
+            png = io.BytesIO()
+            save_image(grid, png, format="png")
+            # through a renamed temporary file: a link planted in the run folder is replaced, not written through
+            write_bytes_atomic(os.path.join(self.output_dir, "reconstructions", f"epoch_{done:04d}.png"),
+                               png.getvalue())
             self.tb.image("pretrain/reconstruction", grid, done)
         return {}
 
@@ -108,9 +163,7 @@ class PretrainTrainer(Trainer):
 def main(argv: Optional[List[str]] = None) -> dict:
     args = get_args(argv)
     cfg = load_config(args.config, args.opts)
-    cfg["train"].setdefault("keep_last", 0)
-    cfg["train"].setdefault("keep_every", 0)
-    validate_config(cfg, NUMBERS)
+    validate_config(cfg, SCHEMA, args.config)
     info = init_distributed(args.device)
     out_dir = args.output_dir or os.path.join("output", "pretrain", Path(args.config).stem)
     with claim_output_dir(out_dir, args.resume, args.overwrite, info):  # locked until training ends
@@ -125,8 +178,7 @@ def train(args: argparse.Namespace, cfg: dict, info, out_dir: str) -> dict:
     model = build_model(cfg, "pretrain").to(info.device)
     seed_everything(args.seed + info.rank)  # per-rank masks and drop-path
 
-    root = prepare_data_root(args.data_path, info)
-    dataset = RobustImageFolder(str(root / "train"), transform=pretrain_transform(cfg), strict=args.strict_data)
+    dataset, source = pretraining_images(args.data_path, info, loader=pretrain_decoder(cfg), strict=args.strict_data)
     write_config(cfg, out_dir, info)
 
     batch = optim_cfg["batch_size"]
@@ -136,12 +188,13 @@ def train(args: argparse.Namespace, cfg: dict, info, out_dir: str) -> dict:
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg["betas"]))
     if info.is_main:
         print(f"model {cfg['model']['name']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-              f"reversible={model.reversible}), {len(dataset)} training images in {root / 'train'}, "
+              f"reversible={model.reversible}), {len(dataset)} training images in {source}, "
               f"lr {lr:.3g} (base {optim_cfg['base_lr']} x {batch}/256)")
 
+    compile_if_asked(model, args, info)
     vis = None
     if info.is_main and train_cfg.get("vis_images", 0) > 0:
-        vis = fixed_images(root, cfg["data"]["input_size"], train_cfg["vis_images"])
+        vis = fixed_images(dataset, cfg["data"]["input_size"], train_cfg["vis_images"])
     trainer = PretrainTrainer(
         model=model, optimizer=optimizer, dataset=dataset, info=info, output_dir=out_dir,
         effective_batch=batch,
@@ -155,6 +208,13 @@ def train(args: argparse.Namespace, cfg: dict, info, out_dir: str) -> dict:
     resume = find_resume_checkpoint(args.resume, out_dir, verbose=info.is_main)
     if resume:
         trainer.resume(resume)
+        if args.init and info.is_main:
+            print(f"--init {args.init} not applied: continuing the run from {resume}")
+    elif args.init:
+        try:  # every rank loads the same weights; the main one prints the report
+            init_from_checkpoint(model, args.init, log=print if info.is_main else None)
+        except (CheckpointError, ShapeMismatchError, FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--init: {e}") from None
     history = trainer.fit(stop_at_step=args.stop_at_step)
     return {"history": history, "output_dir": out_dir, "trainer": trainer}
 

@@ -99,6 +99,7 @@ class RevColV2Backbone(Backbone):
         **net_kwargs,
     ):
         super().__init__()
+        self.variant = variant  # recorded in checkpoints (revcolv2_d2.checkpoint.backbone_record)
         if net_kwargs.get("num_levels", 4) != 4:
             raise ValueError("the detectron2 backbone maps exactly 4 levels to strides 4, 8, 16, 32")
         self.net = create_revcolv2(

@@ -17,6 +17,14 @@ RevColV2 training checkpoint follow the project's one rule (EMA weights where pr
 unless ``ema=False``) and are logged. ``last_checkpoint`` may only name a file in
 ``save_dir``; a resume falls back past an unreadable newest checkpoint to the newest
 readable one.
+
+The checkpoints it writes record the class names of the training dataset (``classes``,
+given by the training script) and the RevColV2 preset and size of the backbone
+(``config.model``, as our training tools record them), so evaluation can check the classes
+(:mod:`revcolv2_d2.classes`) and the model-side tools (``tools/analyze_levels.py``,
+``tools/export.py``) rebuild the backbone from the file alone. A checkpoint whose classifier
+(or recorded class names) has another class count than the model is an error naming both
+numbers.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ import inspect
 import logging
 import os
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -47,6 +55,8 @@ from revcolv2.run_checkpoints import (
     read_last_checkpoint,
     write_last_checkpoint,
 )
+
+from .classes import ClassMismatchError, checkpoint_num_classes, model_num_classes
 
 logger = logging.getLogger("detectron2").getChild(__name__)  # shown by default_setup
 
@@ -140,19 +150,33 @@ def _grouped(keys) -> str:
 
 
 class RevColV2Checkpointer(DetectionCheckpointer):
-    def __init__(self, model: torch.nn.Module, save_dir: str = "", *, ema: bool = True, **kwargs: Any):
+    """``classes``: the class names of the training dataset, written into every checkpoint
+    it saves. After a load, ``loaded_from`` (the file, None when nothing was loaded),
+    ``loaded_detectron2`` (a detectron2 checkpoint, not a converted RevColV2 one) and
+    ``loaded_classes`` (its recorded class names, or None) describe what was loaded."""
+
+    def __init__(self, model: torch.nn.Module, save_dir: str = "", *, ema: bool = True,
+                 classes: Optional[Sequence[str]] = None, **kwargs: Any):
         super().__init__(model, save_dir, **kwargs)
         self.ema = ema
+        self.classes = list(classes) if classes is not None else None
         self._source = "checkpoint"
         self._recipe_size = None  # the RevColV2 size the loaded checkpoint's recipe names
+        self.loaded_from: Optional[str] = None
+        self.loaded_detectron2 = False
+        self.loaded_classes: Optional[List[str]] = None
         if self.save_dir and self.save_to_disk:  # temporary files of a killed checkpoint write
             remove_stale_temporaries(self.save_dir)
+
+    def load(self, path: str, checkpointables: Optional[List[str]] = None) -> Dict[str, Any]:
+        self.loaded_from, self.loaded_detectron2, self.loaded_classes = None, False, None
+        return super().load(path, checkpointables)
 
     def _torch_load(self, f: str) -> Dict[str, Any]:
         return load_file(f)  # weights_only: nothing in the file can run code
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
-        self._source = filename
+        self._source = self.loaded_from = filename
         self._recipe_size = None
         if filename.endswith(".pkl"):
             loaded = _model_zoo_pickle(load_file(filename), filename)
@@ -177,6 +201,10 @@ class RevColV2Checkpointer(DetectionCheckpointer):
                 select_weights(candidate, ema=self.ema, source=filename, log=self.logger.info)
                 self._recipe_size = recipe_size(candidate)
                 return {"model": convert_revcolv2_state_dict(sd, self.model), "__author__": "revcolv2"}
+        self.loaded_detectron2 = True
+        classes = loaded.get("classes") if isinstance(loaded, dict) else None
+        if isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
+            self.loaded_classes = list(classes)
         return loaded
 
     def _load_model(self, checkpoint: Dict[str, Any]):
@@ -196,6 +224,7 @@ class RevColV2Checkpointer(DetectionCheckpointer):
         """A checkpoint of another RevColV2 size is an error naming a tensor of another shape,
         or the recipe saved in the checkpoint (another ``num_heads`` changes no shape), and
         the config overrides that build the checkpoint's size."""
+        self._check_class_count(sd)
         hint = self._size_hint(sd)
         from_recipe = bool(hint) and self._recipe_size is not None
         try:
@@ -205,6 +234,25 @@ class RevColV2Checkpointer(DetectionCheckpointer):
         if from_recipe:  # e.g. another num_heads: no shape differs
             raise SizeMismatchError(f"{self._source}: the checkpoint is for a different model size{hint}",
                                     self._source, from_recipe)
+
+    def _check_class_count(self, sd: Dict[str, Any]) -> None:
+        """A detectron2 checkpoint trained for another number of classes than the model's
+        (from its recorded class names, else from its classifier's size) is a
+        :class:`~revcolv2_d2.classes.ClassMismatchError` naming both numbers."""
+        found = model_num_classes(self.model)
+        if found is None or not self.loaded_detectron2:
+            return
+        key, count = found
+        if self.loaded_classes is not None and len(self.loaded_classes) != count:
+            raise ClassMismatchError(
+                f"{self._source} was trained on {len(self.loaded_classes)} classes "
+                f"({', '.join(self.loaded_classes[:12])}{', ...' if len(self.loaded_classes) > 12 else ''}) but "
+                f"the model predicts {count} ({key}={count}): use a checkpoint trained on this dataset's classes")
+        held = checkpoint_num_classes(sd)
+        if held is not None and held[1] != count:
+            raise ClassMismatchError(f"{self._source}: its classifier {held[0]} predicts {held[1]} classes but the "
+                                     f"model predicts {count} ({key}={count}): the checkpoint was trained on "
+                                     "another dataset's classes")
 
     def _size_hint(self, sd: Dict[str, Any]) -> str:
         """The checkpoint's RevColV2 size and the overrides that build it; '' when the model
@@ -225,7 +273,9 @@ class RevColV2Checkpointer(DetectionCheckpointer):
 
     def get_checkpoint_file(self) -> str:
         """The checkpoint to resume: the one ``last_checkpoint`` names (only a file in
-        ``save_dir``), or the newest readable one when that file is unreadable."""
+        ``save_dir``), even when a file of a higher iteration is there (the abandoned
+        branch of a run rolled back); the readable one of the highest iteration only when
+        the named file is missing or unreadable."""
         pointed = read_last_checkpoint(self.save_dir)
         if pointed is None:
             return ""
@@ -244,6 +294,11 @@ class RevColV2Checkpointer(DetectionCheckpointer):
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
+        if self.classes is not None:
+            data["classes"] = list(self.classes)
+        recorded = backbone_record(self.model)
+        if recorded is not None:
+            data["config"] = {"model": recorded}
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
@@ -253,6 +308,17 @@ class RevColV2Checkpointer(DetectionCheckpointer):
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         write_last_checkpoint(self.save_dir, last_filename_basename)
+
+
+def backbone_record(model: torch.nn.Module) -> Optional[Dict[str, Any]]:
+    """``{"name": preset, "kwargs": size}`` of the model's RevColV2 backbone, as our
+    training tools record a model in a checkpoint's ``config``; None without one."""
+    for module in model.modules():
+        variant = getattr(module, "variant", None)
+        net = getattr(module, "net", None)
+        if isinstance(net, RevColV2) and isinstance(variant, str):
+            return {"name": variant, "kwargs": net_size(net)}
+    return None
 
 
 def _model_zoo_pickle(data: Any, filename: str) -> Dict[str, Any]:

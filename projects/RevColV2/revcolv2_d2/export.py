@@ -100,8 +100,10 @@ def dataset_images(cfg, count: int) -> List[str]:
     from detectron2.data import DatasetCatalog
 
     from .data import register_all
+    from .data.custom import register_config_datasets
 
     register_all()
+    register_config_datasets(cfg)  # a custom config's data (its dataset.* overrides)
     names = cfg.dataloader.test.dataset.names
     name = names if isinstance(names, str) else names[0]
     return [r["file_name"] for r in DatasetCatalog.get(name)[:count]]

@@ -281,6 +281,10 @@ class RevColV2Mask2Former(nn.Module):
         size_divisibility: pad inputs to a multiple of this (0: the backbone's).
     """
 
+    # what inference returns per class: the query-summed class x mask probabilities, which
+    # test-time augmentation averages as they are (revcolv2_d2.tta)
+    sem_seg_output = "probabilities"
+
     def __init__(
         self,
         *,

@@ -200,6 +200,9 @@ class RevColV2SemanticSegmentor(SemanticSegmentor):
         crop_batch_size: crops of one image run through the network together.
     """
 
+    # what inference returns per class: logits (test-time augmentation takes their softmax)
+    sem_seg_output = "logits"
+
     def __init__(
         self,
         *,

@@ -10,6 +10,7 @@ import argparse
 import glob
 import logging
 import os
+import secrets
 from typing import Dict, Iterator, List, Optional
 
 import cv2
@@ -22,8 +23,12 @@ from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
+from revcolv2.atomic_io import TMP_PREFIX, DiskFullError, inputs_replaced, write_bytes_atomic
+
 from .checkpoint import RevColV2Checkpointer
+from .classes import ClassMismatchError, check_loaded_classes, check_model_fits_dataset
 from .data import register_all
+from .data.custom import CustomDatasetError, register_config_datasets
 from .safe_config import load_lazy_config
 
 USAGE = """Draw a RevColV2 detectron2 model's predictions (or a dataset's ground truth) on images.
@@ -45,13 +50,16 @@ after ``--opts``, runs on CPU (CUDA when available). Videos come back as ``<name
 Output names keep the inputs' folders below their common folder (``a/x.jpg`` and
 ``b/x.jpg`` give ``a/x.png`` and ``b/x.png``); two inputs that would still share a name
 keep their extension in it (``a/x.jpg.png``, ``a/x.png.png``). Nothing is overwritten
-silently: files of an earlier run that are replaced are counted in the log.
+silently: files of an earlier run that are replaced are counted in the log, and an output
+that would replace an input (``--output`` the input folder) is refused before anything is
+written. A drawing that cannot be written (a full disk, a file-size limit) stops the tool
+with a line naming it; nothing is reported written that was not.
 """
 
 logger = logging.getLogger("detectron2.visualize")
 
 __all__ = ["LazyPredictor", "draw_predictions", "draw_ground_truth", "expand_inputs", "output_names",
-           "visualize_video", "main"]
+           "visualize_video", "write_image", "VisualizationWriteError", "main"]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
@@ -64,8 +72,9 @@ class LazyPredictor:
     def __init__(self, cfg, checkpoint: str, device: Optional[str] = None, ema: bool = True):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = instantiate(cfg.model).to(self.device).eval()
+        self.checkpointer = RevColV2Checkpointer(self.model, ema=ema)
         if checkpoint:
-            RevColV2Checkpointer(self.model, ema=ema).load(checkpoint)
+            self.checkpointer.load(checkpoint)
         else:
             logger.warning("No checkpoint given: drawing the predictions of an untrained model")
         mapper = cfg.dataloader.test.get("mapper", {}) if "dataloader" in cfg else {}
@@ -152,16 +161,57 @@ def _unique(paths: List[str]) -> List[str]:
     return out
 
 
-def _prepare_outputs(output: str, names: List[str]) -> List[str]:
-    """Full output paths for ``names``, their folders created; files of an earlier run that
-    will be replaced are counted in the log."""
+def _prepare_outputs(output: str, names: List[str], inputs: List[str]) -> List[str]:
+    """Full output paths for ``names``, their folders created; an output that would replace
+    one of ``inputs`` is refused (:func:`refuse_replacing_inputs`) before anything is
+    written, and files of an earlier run that will be replaced are counted in the log."""
     paths = [os.path.join(output, n) for n in names]
+    refuse_replacing_inputs(inputs, paths, output)
     for folder in {os.path.dirname(p) for p in paths}:
         os.makedirs(folder, exist_ok=True)
     existing = [p for p in paths if os.path.exists(p)]
     if existing:
         logger.warning("Replacing %d file(s) of an earlier run in %s (e.g. %s)", len(existing), output, existing[0])
     return paths
+
+
+class VisualizationWriteError(SystemExit):
+    """A drawing that could not be written (a full disk, a file-size limit, no permission),
+    or an output that would replace an input. A ``SystemExit``: the tool stops with this
+    one-line message (status 1), which names the file, instead of reporting it written."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def refuse_replacing_inputs(inputs: List[str], outs: List[str], output: str) -> None:
+    """No drawing may replace an input, whatever the folder layout (``--output`` the input
+    folder, a link to it, a hard link): checked before anything is drawn or written."""
+    for out, given in inputs_replaced(outs, inputs):
+        raise VisualizationWriteError(
+            f"--output {output}: the drawing {out} would replace the input {given}; tools/visualize.py never "
+            "writes over an input. Give --output another folder")
+
+
+def write_image(path: str, rgb: np.ndarray) -> None:
+    """Write an RGB drawing as ``path`` (its extension picks the format), whole or not at
+    all: encoded in memory, written to a temporary file and renamed into place. A write that
+    fails (``cv2.imwrite`` would only return False) is a :class:`VisualizationWriteError`
+    naming the file, and nothing is left under its name."""
+    ok, encoded = cv2.imencode(os.path.splitext(path)[1] or ".png", np.ascontiguousarray(rgb[:, :, ::-1]))
+    if not ok:
+        raise VisualizationWriteError(f"cannot encode the drawing for {path} (format {os.path.splitext(path)[1]!r})")
+    try:
+        write_bytes_atomic(path, encoded.tobytes())
+    except DiskFullError as e:
+        raise VisualizationWriteError(str(e)) from None
+    except OSError as e:
+        raise VisualizationWriteError(f"cannot write {path}: {e.strerror or e}; nothing was written under that "
+                                      "name") from None
 
 
 def read_bgr(path: str) -> np.ndarray:
@@ -178,6 +228,9 @@ def visualize_video(path: str, out_path: str, predictor: LazyPredictor, metadata
         raise ValueError(f"cannot open video file {path}")
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     writer, frames = None, 0
+    # written under a temporary name, checked, then renamed: cv2.VideoWriter reports no failed write
+    tmp = os.path.join(os.path.dirname(out_path) or ".",
+                       f"{TMP_PREFIX}{os.getpid()}_{secrets.token_hex(6)}_{os.path.basename(out_path)}")
     try:
         while True:
             ok, bgr = cap.read()
@@ -186,13 +239,27 @@ def visualize_video(path: str, out_path: str, predictor: LazyPredictor, metadata
             drawn = draw_predictions(bgr[:, :, ::-1], predictor(bgr), metadata, threshold)
             if writer is None:
                 h, w = drawn.shape[:2]
-                writer = cv2.VideoWriter(out_path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                if not writer.isOpened():
+                    raise VisualizationWriteError(f"cannot open {out_path} for writing (video)")
             writer.write(np.ascontiguousarray(drawn[:, :, ::-1]))
             frames += 1
+        if writer is not None:
+            writer.release()
+            written = cv2.VideoCapture(tmp)
+            readable = written.isOpened() and int(written.get(cv2.CAP_PROP_FRAME_COUNT)) == frames
+            written.release()
+            if not readable:
+                raise VisualizationWriteError(f"cannot write {out_path}: the video written holds fewer than its "
+                                              f"{frames} frames (a full disk or a file-size limit?); nothing was "
+                                              "written under that name")
+            os.replace(tmp, out_path)
     finally:
         cap.release()
         if writer is not None:
             writer.release()
+        if os.path.exists(tmp):
+            os.remove(tmp)
     if frames == 0:
         raise ValueError(f"no frame could be read from video file {path}")
     return frames
@@ -205,6 +272,16 @@ def metadata_for(cfg, name: Optional[str]):
     return MetadataCatalog.get(name) if name else MetadataCatalog.get("__unused")
 
 
+def check_classes(predictor: LazyPredictor, name: str, custom: bool = False) -> None:
+    """The names drawn are those of dataset ``name``: the model must predict its classes,
+    and the checkpoint must have been trained on them (a checkpoint that records no class
+    names is drawn with a note)."""
+    if name == "__unused":
+        return
+    names = check_model_fits_dataset(predictor.model, name, custom)
+    check_loaded_classes(predictor.checkpointer, names, name)
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tools/visualize.py", description=USAGE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,7 +292,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="from a checkpoint with EMA weights (model_ema), draw with the raw ones ('model')")
     p.add_argument("--input", nargs="+", default=[], help="images, folders, glob patterns or videos")
     p.add_argument("--video-input", default=None, help="a video file (same as giving it to --input)")
-    p.add_argument("--dataset", default=None, help="draw this registered dataset's ground truth instead")
+    p.add_argument("--dataset", default=None,
+                   help="draw this registered dataset's ground truth instead (with --config-file: also the datasets "
+                        "its dataset.* overrides register, e.g. custom_val)")
     p.add_argument("--num-images", type=int, default=16, help="with --dataset: how many records to draw")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score of drawn instances")
@@ -236,11 +315,17 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     written: List[str] = []
 
     if args.dataset:
-        metadata = MetadataCatalog.get(args.metadata or args.dataset)
-        records = DatasetCatalog.get(args.dataset)[: args.num_images]
-        outs = _prepare_outputs(args.output, output_names([r["file_name"] for r in records]))
+        try:
+            if args.config_file:  # a custom config's data (its dataset.* overrides) by name
+                register_config_datasets(LazyConfig.apply_overrides(load_lazy_config(args.config_file), args.opts))
+            metadata = MetadataCatalog.get(args.metadata or args.dataset)
+            records = DatasetCatalog.get(args.dataset)[: args.num_images]
+        except CustomDatasetError as e:
+            raise SystemExit(str(e)) from None
+        files = [r["file_name"] for r in records]
+        outs = _prepare_outputs(args.output, output_names(files), files)
         for record, out in zip(records, outs):
-            cv2.imwrite(out, draw_ground_truth(record, metadata)[:, :, ::-1])
+            write_image(out, draw_ground_truth(record, metadata))
             written.append(out)
         logger.info("Drew the ground truth of %d images of %s into %s", len(written), args.dataset, args.output)
         return written
@@ -251,18 +336,23 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     if not inputs:
         raise SystemExit("no input: give --input (images, folders, videos) or --dataset")
     cfg = LazyConfig.apply_overrides(load_lazy_config(args.config_file), args.opts)
-    checkpoint = args.checkpoint if args.checkpoint is not None else cfg.train.get("init_checkpoint", "")
-    predictor = LazyPredictor(cfg, checkpoint, args.device, ema=not args.no_ema)
-    metadata = metadata_for(cfg, args.metadata)
     videos = [p.lower().endswith(VIDEO_EXTS) for p in inputs]
-    for path, is_video, out in zip(inputs, videos, _prepare_outputs(args.output, output_names(inputs, videos))):
+    outs = _prepare_outputs(args.output, output_names(inputs, videos), inputs + [args.config_file])
+    checkpoint = args.checkpoint if args.checkpoint is not None else cfg.train.get("init_checkpoint", "")
+    try:
+        register_config_datasets(cfg)  # a custom config's data (its dataset.* overrides)
+        predictor = LazyPredictor(cfg, checkpoint, args.device, ema=not args.no_ema)
+        metadata = metadata_for(cfg, args.metadata)
+        check_classes(predictor, metadata.name, custom="dataset" in cfg)
+    except (ClassMismatchError, CustomDatasetError) as e:
+        raise SystemExit(str(e)) from None
+    for path, is_video, out in zip(inputs, videos, outs):
         if is_video:
             n = visualize_video(path, out, predictor, metadata, args.confidence_threshold)
             logger.info("%s: %d frames -> %s", path, n, out)
         else:
             bgr = read_bgr(path)
-            drawn = draw_predictions(bgr[:, :, ::-1], predictor(bgr), metadata, args.confidence_threshold)
-            cv2.imwrite(out, drawn[:, :, ::-1])
+            write_image(out, draw_predictions(bgr[:, :, ::-1], predictor(bgr), metadata, args.confidence_threshold))
         written.append(out)
     logger.info("Wrote %d visualizations to %s", len(written), args.output)
     return written

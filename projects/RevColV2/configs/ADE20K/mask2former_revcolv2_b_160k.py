@@ -20,7 +20,7 @@ from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 from revcolv2_d2.data.ade20k import PhotometricDistortion
 from revcolv2_d2.mask2former import FullModelGradClipAdamW, mask2former_optimizer_params
 
-from ..common.ade20k_160k import dataloader, train
+from ..common.ade20k_160k import dataloader, test, train
 from ..common.ade20k_loader import ignore_label
 from ..common.mask2former_revcolv2 import model
 

@@ -9,7 +9,7 @@ test short side 640, long side at most 2560.
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 
-from .mask2former_revcolv2_b_160k import dataloader, lr_multiplier, model, optimizer, train
+from .mask2former_revcolv2_b_160k import dataloader, lr_multiplier, model, optimizer, test, train
 
 crop_size = 640
 max_size = 2560

@@ -17,7 +17,7 @@ from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
 from revcolv2_d2.backbone import revcolv2_optimizer_params
 
-from ..common.ade20k_160k import dataloader, train
+from ..common.ade20k_160k import dataloader, test, train
 from ..common.upernet_revcolv2 import model
 
 train.output_dir = "output/ade20k_upernet_revcolv2_b"

@@ -5,7 +5,7 @@ resize range stays 0.5-2.0 of 2048x512 as in the recipe (mmsegmentation's own 64
 configs use 2560x640: set ``dataloader.train.mapper.augmentations[0].target_width=2560``,
 ``target_height=640`` and the same for ``dataloader.test``).
 """
-from .upernet_revcolv2_b_160k import dataloader, lr_multiplier, model, optimizer, train
+from .upernet_revcolv2_b_160k import dataloader, lr_multiplier, model, optimizer, test, train
 
 crop_size = 640
 train.output_dir = "output/ade20k_upernet_revcolv2_l"

@@ -9,7 +9,7 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.roi_heads import CascadeROIHeads, FastRCNNConvFCHead, FastRCNNOutputLayers
 
-from .mask_rcnn_revcolv2_b_50ep import dataloader, lr_multiplier, model, optimizer, train
+from .mask_rcnn_revcolv2_b_50ep import dataloader, lr_multiplier, model, optimizer, test, train
 
 # arguments that Cascade R-CNN does not take
 [model.roi_heads.pop(k) for k in ["box_head", "box_predictor", "proposal_matcher"]]

@@ -14,7 +14,7 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from revcolv2_d2.backbone import revcolv2_optimizer_params
 
-from ..common.coco_loader_lsj import dataloader
+from ..common.coco_loader_lsj import dataloader, test
 from ..common.mask_rcnn_revcolv2 import model
 
 model.backbone.bottom_up.drop_path_rate = 0.2
@@ -23,6 +23,7 @@ model.backbone.bottom_up.drop_path_rate = 0.2
 # to backbone.bottom_up.net.* by the RevColV2Checkpointer. No public weights exist.
 train = model_zoo.get_config("common/train.py").train
 train.init_checkpoint = ""
+train.compile = False  # True: torch.compile the backbone (compile_levels() when reversible), docs/DETECTION.md
 train.amp.enabled = True
 train.amp.precision = "bf16"  # or "fp16"; mixed precision is switched off on CPU
 train.ddp.fp16_compression = True

@@ -5,11 +5,12 @@ learning-rate schedule and optimizer; the demos (``ade20k_synthetic_demo.py``) s
 """
 from detectron2 import model_zoo
 
-from .ade20k_loader import dataloader
+from .ade20k_loader import dataloader, test
 
 # A RevColV2 MIM (or ImageNet fine-tuned) checkpoint of the same size; its keys are mapped
 # to backbone.net.* by the RevColV2Checkpointer. No public weights exist.
 train = model_zoo.get_config("common/train.py").train
+train.compile = False  # True: torch.compile the backbone (compile_levels() when reversible), docs/DETECTION.md
 train.init_checkpoint = ""
 train.amp.enabled = True  # Mask2Former's Base yaml SOLVER.AMP.ENABLED (for UperNet: ours)
 train.amp.precision = "bf16"  # or "fp16"; mixed precision is switched off on CPU

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from revcolv2_d2.data.ade20k import PhotometricDistortion, ResizeLongShortScale, SemSegDatasetMapper
 from revcolv2_d2.data.loader import build_train_loader
+from revcolv2_d2.tta import ADE20K_SCALES
 
 num_classes = len(ADE20K_SEM_SEG_CATEGORIES)  # 150
 ignore_label = 255
@@ -71,3 +72,8 @@ dataloader.test = L(build_detection_test_loader)(
 )
 
 dataloader.evaluator = L(SemSegEvaluator)(dataset_name="${..test.dataset.names}")
+
+# multi-scale + flip evaluation (BEiT's / mmsegmentation's ADE20K protocol): off;
+# `test.aug.enabled=True` evaluates single-scale and at these factors of the test size, each
+# also flipped, with the class probabilities averaged, and reports both mIoUs
+test = dict(aug=dict(enabled=False, scales=list(ADE20K_SCALES), flip=True))

@@ -5,7 +5,7 @@ augmentations, batch, iterations and output folder.
 """
 from revcolv2_d2.data.synthetic_ade20k import SYNTHETIC_ADE_CLASSES
 
-from .ade20k_160k import dataloader, train
+from .ade20k_160k import dataloader, test, train
 
 num_classes = len(SYNTHETIC_ADE_CLASSES)
 

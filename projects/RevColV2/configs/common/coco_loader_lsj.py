@@ -13,6 +13,7 @@ from detectron2.config import LazyCall as L
 
 from revcolv2_d2.data.coco_checks import CheckedDatasetMapper
 from revcolv2_d2.data.loader import build_train_loader
+from revcolv2_d2.tta import COCO_SCALES
 
 image_size = 1024
 lsj_scale = (0.1, 2.0)  # paper: large-scale jitter scale range (docs/TRAINING.md)
@@ -35,3 +36,8 @@ dataloader.test.mapper._target_ = CheckedDatasetMapper
 dataloader.test.mapper.augmentations = [
     L(T.ResizeShortestEdge)(short_edge_length=image_size, max_size=image_size),
 ]
+
+# test-time augmentation (detectron2's GeneralizedRCNNWithTTA): off; `test.aug.enabled=True`
+# evaluates single-scale and at these factors of the test size (detectron2's TEST.AUG.MIN_SIZES
+# 400-1200 over its test size 800), each also flipped, and reports both
+test = dict(aug=dict(enabled=False, scales=list(COCO_SCALES), flip=True))

@@ -19,7 +19,7 @@ from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 from revcolv2_d2.data.ade20k import PhotometricDistortion
 
 from ..ADE20K.mask2former_revcolv2_b_160k import model, optimizer
-from ..common.ade20k_synthetic_demo import dataloader, num_classes, train
+from ..common.ade20k_synthetic_demo import dataloader, num_classes, test, train
 
 crop_size = 96
 test_size = 128  # short side at test time (the synthetic scenes are 96-208 px)

@@ -20,7 +20,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-from ..common.coco_loader_lsj import dataloader
+from ..common.coco_loader_lsj import dataloader, test
 from ..common.mask_rcnn_revcolv2 import model
 
 image_size = 256
@@ -74,6 +74,7 @@ dataloader.test.num_workers = 1
 train = model_zoo.get_config("common/train.py").train
 train.device = "cpu"
 train.seed = 0  # reproducible demo
+train.compile = False  # True: torch.compile the backbone (compile_levels() when reversible), docs/DETECTION.md
 train.output_dir = "output/demo/train"
 # 600 iterations x 4 images = 3 passes over the 800 training images; measured: box AP50 63.2
 # (docs/DETECTION.md)

@@ -15,7 +15,7 @@ from detectron2.config import LazyCall as L
 from revcolv2_d2.data.ade20k import PhotometricDistortion, ResizeLongShortScale
 
 from ..ADE20K.upernet_revcolv2_b_160k import lr_multiplier, model, optimizer
-from ..common.ade20k_synthetic_demo import dataloader, num_classes, train
+from ..common.ade20k_synthetic_demo import dataloader, num_classes, test, train
 
 crop_size = 128
 scale = (128, 256)  # (short, long) resize target of the synthetic images (96-208 px)

@@ -6,9 +6,10 @@ worker). These helpers wrap them:
 
 - :func:`validate_coco_instances_json`: the annotation file exists, is JSON, has the COCO
   instance keys, its image, category and annotation ids are unique, every annotation's
-  ``category_id`` / ``image_id`` is declared, its box is four finite numbers with no
+  ``category_id`` / ``image_id`` is declared, it has a box of four finite numbers with no
   negative size, its ``area`` (when it has one) is a finite number that is not negative,
-  and its segmentation (when it has one) is not empty. Zero-width or zero-height boxes and
+  and its segmentation (when it has one) is a non-empty list of polygons (lists of
+  numbers) or an RLE of its image's size. Zero-width or zero-height boxes and
   zero areas are counted and warned about (detectron2 drops such boxes when mapping; COCO
   evaluation counts an area of 0 as a small object). Category ids need not be 1..N:
   detectron2's ``load_coco_json`` maps them to 0..N-1 in id order and its evaluator maps
@@ -70,7 +71,8 @@ def validate_coco_instances_json(json_file: str) -> Dict[str, Any]:
     for key, what in (("images", "image"), ("categories", "category"), ("annotations", "annotation")):
         _check_unique_ids(json_file, data[key], key, what)
     category_ids = {c.get("id") for c in data["categories"]}
-    image_ids = {im.get("id") for im in data["images"]}
+    images = {im.get("id"): im for im in data["images"]}
+    image_ids = set(images)
     for ann in data["annotations"]:
         cid = ann.get("category_id")
         if cid not in category_ids:
@@ -83,7 +85,7 @@ def validate_coco_instances_json(json_file: str) -> Dict[str, Any]:
                 f"COCO annotation file {json_file}: annotation id {ann.get('id')} refers to "
                 f"image_id {ann.get('image_id')}, which is not in the 'images' list"
             )
-        _check_segmentation(json_file, ann)
+        _check_segmentation(json_file, ann, images[ann.get("image_id")])
     degenerate = [ann.get("id") for ann in data["annotations"] if _box_is_degenerate(json_file, ann)]
     _warn_count(json_file, degenerate, "a zero-width or zero-height box", "they are ignored in training")
     no_area = [ann.get("id") for ann in data["annotations"] if _area_is_zero(json_file, ann)]
@@ -131,9 +133,13 @@ def _area_is_zero(json_file: str, ann: Dict[str, Any]) -> bool:
 def _box_is_degenerate(json_file: str, ann: Dict[str, Any]) -> bool:
     """Whether ``ann``'s box has zero width or height; a missing, malformed, non-finite or
     negative-size box is a :class:`CocoInputError` naming the annotation."""
-    box = ann.get("bbox")
-    if box is None:
-        return False  # detectron2 derives no box; its mapper computes one from the mask if asked
+    if "bbox" not in ann:
+        # detectron2 derives no box from the mask: its mapper fails on the first image with
+        # such an annotation with a bare KeyError: 'bbox'
+        raise CocoInputError(f"COCO annotation file {json_file}: annotation id {ann.get('id')} has no bbox; "
+                             "detectron2 needs [x, y, width, height] for every annotation (it does not derive one "
+                             "from the segmentation)")
+    box = ann["bbox"]
     if (not isinstance(box, (list, tuple)) or len(box) != 4
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
         raise CocoInputError(f"COCO annotation file {json_file}: annotation id {ann.get('id')} has bbox {box!r}; "
@@ -144,11 +150,33 @@ def _box_is_degenerate(json_file: str, ann: Dict[str, Any]) -> bool:
     return box[2] == 0 or box[3] == 0
 
 
-def _check_segmentation(json_file: str, ann: Dict[str, Any]) -> None:
-    """A present segmentation must not be empty: detectron2 drops an empty one from its
-    annotation, and an image whose first annotation has no mask then fails in a loader
-    worker with ``AttributeError: gt_masks``. (Polygons with fewer than 3 points inside a
-    non-empty list are dropped by detectron2 with a warning; COCO itself has a few.)"""
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _finite_numbers(values: list) -> bool:
+    """Whether ``values`` holds only finite numbers (a C-level sum, fast on COCO's millions
+    of coordinates: a string or None raises, NaN or infinity sums to a non-finite value)."""
+    try:
+        return math.isfinite(math.fsum(values))
+    except (TypeError, OverflowError):
+        return False
+
+
+def _check_segmentation(json_file: str, ann: Dict[str, Any], image: Dict[str, Any]) -> None:
+    """A present segmentation must be one detectron2 can use; each case below otherwise
+    fails later, naming neither the file nor the annotation:
+
+    - empty: detectron2 drops it from its annotation, and an image whose first annotation
+      has no mask then fails in a loader worker with ``AttributeError: gt_masks``;
+    - polygons: a list of polygons, each a list of numbers. One flat list ``[x1, y1, ...]``
+      makes detectron2's loader fail with a bare ``TypeError``. (Polygons with fewer than 3
+      points or an odd number of coordinates are dropped by detectron2 with a warning; COCO
+      itself has a few.)
+    - RLE: ``counts`` and ``size``; ``size`` must be [height, width] of its image (the
+      mapper asserts it, a bare ``AssertionError``), and uncompressed ``counts`` (a list)
+      must cover that many pixels.
+    """
     if "segmentation" not in ann:
         return
     segm = ann["segmentation"]
@@ -157,11 +185,40 @@ def _check_segmentation(json_file: str, ann: Dict[str, Any]) -> None:
         raise CocoInputError(f"{where} has an empty segmentation ({segm!r}); give it a polygon or RLE, "
                              "or remove the 'segmentation' key")
     if isinstance(segm, dict):
-        if "counts" not in segm or "size" not in segm:
-            raise CocoInputError(f"{where} has an RLE segmentation without 'counts' and 'size'")
-    elif not isinstance(segm, list):
+        _check_rle(where, segm, image)
+    elif isinstance(segm, list):
+        if all(_is_number(v) for v in segm):
+            raise CocoInputError(f"{where} has its polygon as one flat list [x1, y1, ...]; COCO polygons are a list "
+                                 "of polygons: write [[x1, y1, x2, y2, ...]]")
+        for i, polygon in enumerate(segm):
+            if not isinstance(polygon, list) or not _finite_numbers(polygon):
+                raise CocoInputError(f"{where} has {str(polygon)[:80]} as polygon {i} of its segmentation; each "
+                                     "polygon is a list of finite numbers [x1, y1, x2, y2, ...]")
+    else:
         raise CocoInputError(f"{where} has a segmentation of type {type(segm).__name__}; "
                              "expected a list of polygons or an RLE dict")
+
+
+def _check_rle(where: str, segm: Dict[str, Any], image: Dict[str, Any]) -> None:
+    if "counts" not in segm or "size" not in segm:
+        raise CocoInputError(f"{where} has an RLE segmentation without 'counts' and 'size'")
+    size = segm["size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise CocoInputError(f"{where} has an RLE size {size!r}; expected [height, width], two positive integers")
+    height, width = image.get("height"), image.get("width")
+    if isinstance(height, int) and isinstance(width, int) and size != [height, width]:
+        raise CocoInputError(f"{where} has an RLE size {size} but its image id {image.get('id')} is {height} x "
+                             f"{width} (height x width): the mask must be the image's size")
+    counts = segm["counts"]
+    if isinstance(counts, list):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+            raise CocoInputError(f"{where} has uncompressed RLE counts that are not all non-negative integers")
+        if sum(counts) != size[0] * size[1]:
+            raise CocoInputError(f"{where} has uncompressed RLE counts summing to {sum(counts)} pixels; its size "
+                                 f"{size} has {size[0] * size[1]}")
+    elif not isinstance(counts, str):
+        raise CocoInputError(f"{where} has RLE counts of type {type(counts).__name__}; expected a string "
+                             "(compressed) or a list of run lengths")
 
 
 def register_checked_coco_instances(
