@@ -41,7 +41,8 @@ def _rel(a, b):
 
 
 def _compare(model, loss_fn, x, seed=0, atol=1e-8):
-    """Loss and gradients (parameters, and the input when it requires one) of both modes."""
+    """Loss and gradients (parameters, and the input when it requires one) of both modes
+    agree; returns the parameters' gradients (reversible, plain)."""
     out = {}
     for rev in (True, False):
         model.reversible = rev
@@ -62,16 +63,18 @@ def _compare(model, loss_fn, x, seed=0, atol=1e-8):
     assert (xr is None) == (xp is None)
     if xp is not None:
         assert _rel(xr, xp) < atol
-    return gp
+    return gr, gp
 
 
-@pytest.mark.parametrize("run", ["bu", "td"])
+@pytest.mark.parametrize("run", ["bu", "td", "td_first_column"])
 def test_a_level_that_receives_no_gradient_still_rebuilds_what_its_neighbours_read(run):
     """The top BU level (its previous value is the cross input of the level below; no TD
     run) and TD level 0 (its previous value is the cross input of level 1) read through a
     consumer that gives them no gradient: their nodes do no gradient work (their parameters
     get None, as under plain autograd without the contiguous column states) but rebuild the
-    previous column's value that another node reads; every gradient is plain autograd's."""
+    previous column's value that another node reads; every gradient is plain autograd's.
+    With one TD column, TD level 0's previous value is the BU state, which the node does not
+    rebuild (level 1 still reads it as its cross input)."""
     def loss_fn(model, x):
         if run == "bu":
             bu, _, _ = model.forward_columns(x, td_levels=())
@@ -79,9 +82,9 @@ def test_a_level_that_receives_no_gradient_still_rebuilds_what_its_neighbours_re
         bu, td, _ = model.forward_columns(x)
         return _NoGradient.apply(td[0]).sum() + (td[1] * td[2]).sum() + td[3].mean()
 
-    model = _model()
+    model = _model(num_td_columns=1 if run == "td_first_column" else 2)
     _compare(model, loss_fn, torch.randn(2, 3, 32, 32, dtype=torch.float64))
-    level = "columns.1.levels.3." if run == "bu" else "columns.3.levels.0."
+    level = {"bu": "columns.1.levels.3.", "td": "columns.3.levels.0.", "td_first_column": "columns.2.levels.0."}[run]
     model.reversible = True
     model.zero_grad(set_to_none=True)
     loss_fn(model, torch.randn(2, 3, 32, 32, dtype=torch.float64)).backward()
@@ -91,15 +94,18 @@ def test_a_level_that_receives_no_gradient_still_rebuilds_what_its_neighbours_re
 
 
 def test_a_state_whose_rebuilding_node_never_runs_is_rebuilt_for_its_reader():
-    """Only TD level 0 is in the loss: the nodes of the last TD column's levels 1-3 are not
-    on its graph, so the previous column's levels they would rebuild are rebuilt where they
-    are read (level 1 of column 0 by column 1's level 0? no: its cross is level 1's below);
-    the gradients are plain autograd's."""
+    """Only BU level 0 is in the loss (no TD run): the nodes of column 1's levels 1-3 are
+    not on its graph, so the states of column 0 they would rebuild are rebuilt where they
+    are read: level 1 (column 1 level 0's cross input) from level 2, from level 3 (a level
+    without a cross input); the gradients are plain autograd's, and those levels get none."""
     def loss_fn(model, x):
-        bu, td, _ = model.forward_columns(x)
-        return td[0].square().sum() + bu[0].sum()
+        bu, _, _ = model.forward_columns(x, td_levels=())
+        return bu[0].square().sum()
 
-    _compare(_model(), loss_fn, torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    rev, _ = _compare(_model(), loss_fn, torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    silent = [n for n in rev if n.startswith(("columns.1.levels.1.", "columns.1.levels.2.", "columns.1.levels.3."))]
+    assert silent and all(rev[n] is None for n in silent)
+    assert rev["columns.0.levels.1.blocks.0.mlp.fc1.weight"] is not None
 
 
 @pytest.mark.parametrize("frozen", ["alphas", "first_parameter_of_each_level", "patch_embed_and_column_0",
@@ -134,7 +140,7 @@ def test_frozen_parameters_give_plain_autograds_gradients(frozen):
         bu, td, _ = model.forward_columns(x)
         return model.forward_head(td[3]).square().sum() + sum((t * t).mean() for t in bu + td)
 
-    grads = _compare(model, loss_fn, torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    _, grads = _compare(model, loss_fn, torch.randn(2, 3, 32, 32, dtype=torch.float64))
     assert {n for n, g in grads.items() if g is not None} == names - off - {"head.weight", "head.bias"} | {
         n for n in ("head.weight", "head.bias") if n not in off}
 
