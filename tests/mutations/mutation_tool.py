@@ -119,7 +119,7 @@ TARGETS: Dict[str, Target] = {t.name: t for t in [
            functions=("x_stop_signal_of", "x_exit_launcher", "x_end_launcher"),
            label="revcolv2/signals.py::launcher exits"),
     Target("revcolv2/checkpoint.py", (
-        "tests/test_checkpoint.py", "tests/test_checkpoint_rule.py", "tests/test_checkpoint_files.py",
+        "tests/test_checkpoint_messages.py", "tests/test_checkpoint.py", "tests/test_checkpoint_rule.py", "tests/test_checkpoint_files.py",
         "tests/test_safe_loaders.py", "tests/test_security.py", "tests/test_legacy_checkpoints.py",
         "tests/test_export.py", "tests/test_d2_backbone.py")),
     Target("projects/RevColV2/revcolv2_d2/safe_config.py", (
