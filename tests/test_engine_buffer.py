@@ -66,15 +66,17 @@ def _compare(model, loss_fn, x, seed=0, atol=1e-8):
     return gr, gp
 
 
+@pytest.mark.parametrize("retain", [True, False], ids=["retained", "not_retained"])
 @pytest.mark.parametrize("run", ["bu", "td", "td_first_column"])
-def test_a_level_that_receives_no_gradient_still_rebuilds_what_its_neighbours_read(run):
+def test_a_level_that_receives_no_gradient_still_rebuilds_what_its_neighbours_read(run, retain):
     """The top BU level (its previous value is the cross input of the level below; no TD
     run) and TD level 0 (its previous value is the cross input of level 1) read through a
     consumer that gives them no gradient: their nodes do no gradient work (their parameters
     get None, as under plain autograd without the contiguous column states) but rebuild the
     previous column's value that another node reads; every gradient is plain autograd's.
     With one TD column, TD level 0's previous value is the BU state, which the node does not
-    rebuild (level 1 still reads it as its cross input)."""
+    rebuild (level 1 still reads it as its cross input). The level is the forward's last
+    update: its graph retained, or evaluated again in the backward."""
     def loss_fn(model, x):
         if run == "bu":
             bu, _, _ = model.forward_columns(x, td_levels=())
@@ -83,6 +85,7 @@ def test_a_level_that_receives_no_gradient_still_rebuilds_what_its_neighbours_re
         return _NoGradient.apply(td[0]).sum() + (td[1] * td[2]).sum() + td[3].mean()
 
     model = _model(num_td_columns=1 if run == "td_first_column" else 2)
+    model.retain_last_graph = retain
     _compare(model, loss_fn, torch.randn(2, 3, 32, 32, dtype=torch.float64))
     level = {"bu": "columns.1.levels.3.", "td": "columns.3.levels.0.", "td_first_column": "columns.2.levels.0."}[run]
     model.reversible = True
@@ -180,11 +183,13 @@ def test_the_backward_replays_fp16_autocast():
     assert max(errors.values()) < 4e-3, max(errors.items(), key=lambda kv: kv[1])
 
 
-def test_every_buffer_is_empty_after_the_backward():
+@pytest.mark.parametrize("columns", [(2, 2), (1, 1)])
+def test_every_buffer_is_empty_after_the_backward(columns):
     """Each run's buffer (``RunBuffer``, the ``run`` of every engine node) holds, after the
     backward, no value, use count, version or retained graph: every value was dropped by
-    its last reader (the graph itself is kept alive here)."""
-    model = _model()
+    its last reader (the graph itself is kept alive here), and none was kept that no node
+    reads (one BU column: its top level is read by no node of the run)."""
+    model = _model(num_bu_columns=columns[0], num_td_columns=columns[1])
     bu, td, _ = model.forward_columns(torch.randn(2, 3, 32, 32, dtype=torch.float64))
     runs = {id(t.grad_fn.run): t.grad_fn.run for t in bu + td}
     assert len(runs) == 2
