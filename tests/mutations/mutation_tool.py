@@ -119,7 +119,8 @@ TARGETS: Dict[str, Target] = {t.name: t for t in [
            functions=("x_stop_signal_of", "x_exit_launcher", "x_end_launcher"),
            label="revcolv2/signals.py::launcher exits"),
     Target("revcolv2/checkpoint.py", (
-        "tests/test_checkpoint_messages.py", "tests/test_checkpoint.py", "tests/test_checkpoint_rule.py", "tests/test_checkpoint_files.py",
+        "tests/test_checkpoint_messages.py", "tests/test_checkpoint.py", "tests/test_checkpoint_rule.py",
+        "tests/test_checkpoint_files.py",
         "tests/test_safe_loaders.py", "tests/test_security.py", "tests/test_legacy_checkpoints.py",
         "tests/test_export.py", "tests/test_d2_backbone.py")),
     Target("projects/RevColV2/revcolv2_d2/safe_config.py", (
@@ -241,6 +242,27 @@ def parse_results(text: str) -> Dict[str, str]:
     return out
 
 
+def mutant_diffs(mutated: Path, names: List[str]) -> Dict[str, str]:
+    """{mutant: its changed lines}, read from mutmut's mutated file (each mutant is a copy of
+    its function, ``<function>__mutmut_<n>``, beside ``<function>__mutmut_orig``): what
+    ``mutmut show`` prints, without a process per mutant."""
+    import difflib
+
+    text = mutated.read_text()
+    funcs = {n.name: ast.get_source_segment(text, n) for n in ast.walk(ast.parse(text))
+             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    out = {}
+    for name in sorted(names, key=lambda n: (n.rsplit("__mutmut_", 1)[0], int(n.rsplit("_", 1)[1]))):
+        short = name.rsplit(".", 1)[-1].split("ǁ")[-1]
+        orig, mutant = funcs.get(short.rsplit("__mutmut_", 1)[0] + "__mutmut_orig"), funcs.get(short)
+        if orig is None or mutant is None:
+            out[name] = "(source not found)"
+            continue
+        lines = difflib.unified_diff(orig.splitlines(), mutant.splitlines(), lineterm="", n=0)
+        out[name] = "\n".join(line for line in lines if line[:1] in "-+" and not line.startswith(("---", "+++")))
+    return out
+
+
 def check_mutmut() -> None:
     """The results in docs/TESTING.md are mutmut 3.8.1's: another version mutates differently."""
     try:
@@ -295,11 +317,7 @@ def run(target: Target, max_children: int, mutants: List[str], keep: bool, show:
             counts[status] = counts.get(status, 0) + 1
         diffs = {}
         if show:
-            for name, status in sorted(statuses.items()):
-                if status not in ("killed",):
-                    d = subprocess.run([sys.executable, "run_mutmut.py", "show", name], cwd=copy, env=env, text=True,
-                                       capture_output=True).stdout
-                    diffs[name] = d
+            diffs = mutant_diffs(copy / "mutants" / target.file, [n for n, s in statuses.items() if s != "killed"])
         return dict(target=target, counts=counts, statuses=statuses, diffs=diffs, seconds=seconds,
                     command=" ".join(["mutmut", "run", "--max-children", str(max_children), *names]),
                     copy=str(copy))
@@ -316,8 +334,10 @@ def markdown_row(target: Target, r: dict, max_children: int, mutants: List[str])
     killed, survived, timeout = (c.pop(k, 0) for k in ("killed", "survived", "timeout"))
     other = ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "0"
     command = f"python tests/mutations/mutation_tool.py {shlex.quote(target.name)} --max-children {max_children}"
-    if mutants:
-        command += " --mutants " + " ".join(f"'{m}'" for m in mutants)
+    if len(mutants) > 3:
+        command += f" --mutants <the {len(mutants)} survivors of the first run>"
+    elif mutants:
+        command += " --mutants " + " ".join(shlex.quote(m) for m in mutants)
     return (f"| `{target.name}` | {len(r['statuses'])} | {killed} | {survived} | {timeout} | {other} "
             f"| {r['seconds'] / 60:.0f} min | `{command}` |")
 
