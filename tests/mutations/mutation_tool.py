@@ -253,11 +253,13 @@ def mutant_diffs(mutated: Path, names: List[str]) -> Dict[str, str]:
              if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
     out = {}
     for name in sorted(names, key=lambda n: (n.rsplit("__mutmut_", 1)[0], int(n.rsplit("_", 1)[1]))):
-        short = name.rsplit(".", 1)[-1].split("ǁ")[-1]
-        orig, mutant = funcs.get(short.rsplit("__mutmut_", 1)[0] + "__mutmut_orig"), funcs.get(short)
+        short = name.rsplit(".", 1)[-1]
+        base = short.rsplit("__mutmut_", 1)[0]
+        orig, mutant = funcs.get(base + "__mutmut_orig"), funcs.get(short)
         if orig is None or mutant is None:
             out[name] = "(source not found)"
             continue
+        mutant = mutant.replace(short, base + "__mutmut_orig", 1)  # the def line differs by the name only
         lines = difflib.unified_diff(orig.splitlines(), mutant.splitlines(), lineterm="", n=0)
         out[name] = "\n".join(line for line in lines if line[:1] in "-+" and not line.startswith(("---", "+++")))
     return out
