@@ -96,16 +96,20 @@ def test_a_level_that_receives_no_gradient_still_rebuilds_what_its_neighbours_re
     assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("columns.1.levels.2."))
 
 
-def test_a_state_whose_rebuilding_node_never_runs_is_rebuilt_for_its_reader():
+@pytest.mark.parametrize("retain", [True, False], ids=["retained", "not_retained"])
+def test_a_state_whose_rebuilding_node_never_runs_is_rebuilt_for_its_reader(retain):
     """Only BU level 0 is in the loss (no TD run): the nodes of column 1's levels 1-3 are
     not on its graph, so the states of column 0 they would rebuild are rebuilt where they
     are read: level 1 (column 1 level 0's cross input) from level 2, from level 3 (a level
-    without a cross input); the gradients are plain autograd's, and those levels get none."""
+    without a cross input; from its retained graph, or evaluated again); the gradients are
+    plain autograd's, and those levels get none."""
     def loss_fn(model, x):
         bu, _, _ = model.forward_columns(x, td_levels=())
         return bu[0].square().sum()
 
-    rev, _ = _compare(_model(), loss_fn, torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    model = _model()
+    model.retain_last_graph = retain
+    rev, _ = _compare(model, loss_fn, torch.randn(2, 3, 32, 32, dtype=torch.float64))
     silent = [n for n in rev if n.startswith(("columns.1.levels.1.", "columns.1.levels.2.", "columns.1.levels.3."))]
     assert silent and all(rev[n] is None for n in silent)
     assert rev["columns.0.levels.1.blocks.0.mlp.fc1.weight"] is not None
