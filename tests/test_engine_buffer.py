@@ -84,13 +84,14 @@ def test_a_level_that_receives_no_gradient_still_rebuilds_what_its_neighbours_re
         bu, td, _ = model.forward_columns(x)
         return _NoGradient.apply(td[0]).sum() + (td[1] * td[2]).sum() + td[3].mean()
 
-    model = _model(num_td_columns=1 if run == "td_first_column" else 2)
+    # 2x2 windows of a 4x3 grid: the rebuild needs the token grid too
+    model = _model(num_td_columns=1 if run == "td_first_column" else 2, window_size=2, global_attn_indexes=(1,))
     model.retain_last_graph = retain
-    _compare(model, loss_fn, torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    _compare(model, loss_fn, torch.randn(2, 3, 64, 48, dtype=torch.float64))
     level = {"bu": "columns.1.levels.3.", "td": "columns.3.levels.0.", "td_first_column": "columns.2.levels.0."}[run]
     model.reversible = True
     model.zero_grad(set_to_none=True)
-    loss_fn(model, torch.randn(2, 3, 32, 32, dtype=torch.float64)).backward()
+    loss_fn(model, torch.randn(2, 3, 64, 48, dtype=torch.float64)).backward()
     silent = {n for n, p in model.named_parameters() if n.startswith(level)}
     assert silent and all(p.grad is None for n, p in model.named_parameters() if n in silent)
     assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("columns.1.levels.2."))
