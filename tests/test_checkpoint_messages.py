@@ -88,6 +88,9 @@ def test_load_checkpoint_reports_and_prints_only_for_files_and_wrapped_dicts(tmp
     assert torch.equal(model.weight, torch.full((2, 3), 5.0))
     ck.load_checkpoint(model, path, verbose=False)
     assert capsys.readouterr().out == ""
+    for key, note in (("model_ema", "its EMA weights"), ("state_dict", "its weights")):  # wrapped too
+        ck.load_checkpoint(model, {key: {"weight": torch.ones(2, 3), "bias": torch.ones(2)}})
+        assert capsys.readouterr().out == f"weights: state dict: {note} ['{key}']\nloaded 2 tensors\n"
 
 
 def test_load_checkpoint_refuses_missing_or_unused_tensors_unless_allowed(capsys):
@@ -97,6 +100,8 @@ def test_load_checkpoint_refuses_missing_or_unused_tensors_unless_allowed(capsys
         ck.load_checkpoint(model, sd, verbose=False)
     assert str(e.value) == ("state dict does not match the model:\nloaded 2 tensors\n"
                             "missing in checkpoint (2): 1.weight, 1.bias\nunused from checkpoint (1): head.weight")
+    with pytest.raises(ValueError, match=r"\nunused from checkpoint \(2\): head.weight, head.bias$"):
+        ck.load_checkpoint(model, dict(sd, **{"head.bias": torch.ones(1)}), verbose=False)
     with pytest.raises(ValueError, match=r"^z\.pth does not match the model:\nloaded 2 tensors\n"):
         ck.load_checkpoint(model, sd, verbose=False, allow_missing=("1.",), source="z.pth")  # head.weight
     with pytest.raises(ValueError, match=r"missing in checkpoint \(2\): 1.weight, 1.bias\n"):
@@ -115,6 +120,7 @@ def test_group_keys_groups_by_level_or_module_with_counts():
                                    "roi_heads.box_head.*, head.*")
     assert ck.group_keys(keys, limit=2) == "columns.2.levels.0.* (3), columns.2.levels.1.*, ... (4 more)"
     assert ck.group_keys([f"m{i}.w" for i in range(17)]) == ", ".join(f"m{i}.*" for i in range(16)) + ", ... (1 more)"
+    assert ck.group_keys([f"m{i}.w" for i in range(16)]) == ", ".join(f"m{i}.*" for i in range(16))  # all shown
 
 
 def _numpy_pickle_names():
