@@ -181,3 +181,58 @@ def test_a_refusal_names_the_global_in_one_line(tmp_path):
     assert ck._describe(RuntimeError("Weights only load failed.\n  WeightsUnpickler error: Unsupported global: "
                                       "GLOBAL os.system\nCheck the docs")) == \
         "WeightsUnpickler error: Unsupported global: GLOBAL os.system"
+
+
+def test_a_payload_is_refused_even_where_the_environment_turns_torchs_default_unsafe(tmp_path, monkeypatch):
+    """``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` makes ``torch.load``'s default unpickle
+    anything; ``load_file`` asks for weights only itself, so the payload is still refused."""
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    path = tmp_path / "evil.pth"
+    torch.save({"x": Payload()}, path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(ck.CheckpointError, match=r"^refusing to load .*evil\.pth: it holds Python objects"):
+        ck.load_file(path)
+
+
+def test_torchs_allowlist_holds_both_numpy_spellings_and_nothing_else():
+    entries = ck._torch_safe_globals()
+    objects = [e[0] if isinstance(e, tuple) else e for e in entries]
+    assert all(callable(o) for o in objects)
+    names = {e[1] if isinstance(e, tuple) else f"{e.__module__}.{e.__qualname__}" for e in entries}
+    assert names == {".".join(n) for n in _numpy_pickle_names()}
+
+
+def test_load_file_errors_say_what_the_file_is(tmp_path):
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ck.CheckpointError, match=r"empty\.pth is empty \(0 bytes\): not a checkpoint"):
+        ck.load_file(empty)
+    one = tmp_path / "one.pth"
+    one.write_bytes(b"x")
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_file(one)
+    assert "one.pth" in str(e.value) and "empty" not in str(e.value)  # one byte is not an empty file
+    truncated = tmp_path / "t.pth"
+    torch.save({"w": torch.ones(3)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(ck.CheckpointError, match=r"t\.pth is not a readable checkpoint \(truncated, corrupt, or not a "
+                                                 r"PyTorch/pickle file\): RuntimeError: PytorchStreamReader failed"):
+        ck.load_file(truncated)
+    corrupt = tmp_path / "c.pkl"
+    corrupt.write_bytes(pickle.dumps({"a": 1}, protocol=2)[:-3] + b"\xff\xff.")
+    with pytest.raises(ck.CheckpointError, match=r"c\.pkl is not a readable checkpoint \(corrupt or truncated\): "
+                                                 r"invalid load key, '\\xff'\.$"):
+        ck.load_file(corrupt)
+
+
+def test_a_python_2_pickle_with_byte_strings_loads_as_latin1(tmp_path):
+    """detectron2's model-zoo ``.pkl`` files were written by Python 2: their ``str`` are
+    bytes, read as latin-1 (not ASCII, which fails on any byte above 127)."""
+    path = tmp_path / "py2.pkl"
+    path.write_bytes(b"\x80\x02}U\x04nameU\x02\xe9\xe8s.")  # {'name': '\xe9\xe8'} as Python 2 wrote it
+    assert ck.load_file(path) == {"name": "\u00e9\u00e8"}
