@@ -230,6 +230,13 @@ def test_load_file_errors_say_what_the_file_is(tmp_path):
         ck.load_file(corrupt)
 
 
+def test_a_file_that_is_no_dict_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([torch.ones(1)], path)
+    with pytest.raises(ck.CheckpointError, match=r"list\.pth is not a checkpoint: it holds a list, not a dict$"):
+        ck.load_file(path)
+
+
 def test_a_python_2_pickle_with_byte_strings_loads_as_latin1(tmp_path):
     """detectron2's model-zoo ``.pkl`` files were written by Python 2: their ``str`` are
     bytes, read as latin-1 (not ASCII, which fails on any byte above 127)."""
