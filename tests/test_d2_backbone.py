@@ -7,6 +7,7 @@ import torch
 from detectron2.modeling import FPN
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.structures import ImageList
+from training_helpers import randomize_parameters
 
 from revcolv2.mim import RevColV2MIM
 from revcolv2_d2.backbone import LEVEL_NAMES, RevColV2Backbone
@@ -54,7 +55,7 @@ def test_fpn_on_top_pads_to_square_and_matches_its_output_shape():
 
 @pytest.mark.slow
 def test_reversible_and_plain_give_the_same_gradients():
-    bb = tiny_backbone(reversible=True).double().train()
+    bb = randomize_parameters(tiny_backbone(reversible=True, layer_scale_init=0.1), alphas="large").double().train()
     x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
 
     def grads(reversible):
@@ -67,6 +68,18 @@ def test_reversible_and_plain_give_the_same_gradients():
     assert rev.keys() == plain.keys() and len(rev) == len(list(bb.parameters()))
     for n in rev:
         torch.testing.assert_close(rev[n], plain[n], rtol=1e-7, atol=1e-9, msg=n)
+
+
+def test_levels_reach_their_strides_through_their_own_adapters():
+    """Level l of the network's last column, through ``to_strides[l]``, is the feature map
+    at stride 4, 8, 16, 32 (randomised parameters: each adapter's own weights and norms)."""
+    bb = randomize_parameters(tiny_backbone(layer_scale_init=0.1)).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        out = bb(x)
+        levels = bb.net.forward_intermediates(x, intermediates_only=True)
+        for l, name in enumerate(LEVEL_NAMES):
+            torch.testing.assert_close(out[name], bb.to_strides[l](levels[l]), rtol=0, atol=0, msg=name)
 
 
 def test_drop_path_is_active_in_training_only():

@@ -1,6 +1,7 @@
 """Reversible engine v2: exact gradients, skipped levels, buffer hygiene, hook order, errors."""
 import pytest
 import torch
+from training_helpers import randomize_parameters
 
 from revcolv2.mim import RevColV2MIM
 from revcolv2.model import Block, RevColV2
@@ -9,17 +10,21 @@ from revcolv2_bench.memory import LiveBytes
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-CFG = dict(embed_dim=32, num_heads=2, num_classes=7, num_bu_columns=2, blocks_per_level=2, drop_path_rate=0.3)
+CFG = dict(embed_dim=32, num_heads=2, num_classes=7, num_bu_columns=2, blocks_per_level=2, drop_path_rate=0.3,
+           layer_scale_init=0.1)
 
 
 def _model(td, window, mim=False, **kw):
-    """Every level built unless ``out_levels='top'`` (the classifier) is asked for."""
+    """Every level built unless ``out_levels='top'`` (the classifier) is asked for. Randomised
+    parameters (``training_helpers.randomize_parameters``; alphas of both signs, magnitudes
+    0.3-1.5, for the 1e-8 bound): a path reading another module's norm, gamma or alpha
+    would give the initial model's values."""
     cfg = dict(CFG, num_td_columns=td, window_size=window, global_attn_indexes=(1, 6) if window else (),
                out_levels="all")
     cfg.update(kw)
     torch.manual_seed(0)
     model = RevColV2MIM(**cfg) if mim else RevColV2(**cfg)
-    return model.double().train()
+    return randomize_parameters(model, alphas="large").double().train()
 
 
 def _loss_all_levels(model, x):

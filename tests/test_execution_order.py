@@ -17,6 +17,7 @@ classifier may leave out levels its forward never runs).
 """
 import pytest
 import torch
+from training_helpers import randomize_parameters
 
 from revcolv2.mim import create_mim_model
 
@@ -71,7 +72,8 @@ def branch_scales(model, x):
 def test_drop_path_keeps_branches_at_one_over_keep_probability_with_rates_in_execution_order(reversible):
     rate = 0.5
     torch.manual_seed(0)
-    model = create_mim_model("revcolv2_tiny", drop_path_rate=rate, reversible=reversible, **TINY).double().train()
+    model = create_mim_model("revcolv2_tiny", drop_path_rate=rate, reversible=reversible, **TINY)
+    model = randomize_parameters(model, alphas="large").double().train()
     x = torch.randn(16, 3, 24, 40, dtype=torch.float64)  # 3x5 tokens
     with torch.set_grad_enabled(reversible):  # the reversible engine runs when gradients are on
         torch.manual_seed(1)

@@ -10,6 +10,7 @@ import sys
 import pytest
 import timm
 import torch
+from training_helpers import randomize_parameters
 
 import revcolv2  # noqa: F401  (registers the presets)
 from revcolv2.classification import LinearProbe
@@ -34,7 +35,7 @@ def _assert_same_levels(a, b, x):
 
 def _mim_checkpoint():
     torch.manual_seed(0)
-    mim = create_mim_model("revcolv2_tiny", **SMALL)
+    mim = randomize_parameters(create_mim_model("revcolv2_tiny", **SMALL))  # norms, alphas: not their initial values
     return mim, {"model": mim.state_dict(), "epoch": 3, "config": {"model": {"name": "revcolv2_tiny", "kwargs": SMALL}}}
 
 
@@ -153,7 +154,7 @@ def test_onnx_matches_pytorch_under_onnxruntime_with_a_dynamic_batch(tmp_path, h
     import onnxruntime as ort
 
     torch.manual_seed(0)
-    model = timm.create_model("revcolv2_tiny", num_classes=head, **SMALL).eval()
+    model = randomize_parameters(timm.create_model("revcolv2_tiny", num_classes=head, **SMALL)).eval()
     path = str(tmp_path / "model.onnx")
     worst = export_onnx(model, path, img_size=64, verbose=False)
     assert worst <= 1e-4

@@ -135,7 +135,11 @@ def test_given_mask_and_generator_are_reproducible_and_leave_global_rng_alone():
 
 
 def test_reversible_and_plain_give_the_same_loss_and_gradients():
-    plain, rev = tiny_mim(reversible=False), tiny_mim(reversible=True)
+    """On randomised parameters: mask token, decoder norm and bias, every norm, alpha."""
+    from training_helpers import randomize_parameters
+
+    plain = randomize_parameters(tiny_mim(reversible=False, layer_scale_init=0.1), alphas="large")
+    rev = tiny_mim(reversible=True, layer_scale_init=0.1)
     rev.load_state_dict(plain.state_dict())
     imgs = torch.randn(2, 3, 32, 32)
     visible_ids, _ = random_masking(2, 16, 0.75)

@@ -2,6 +2,7 @@
 import pytest
 import timm
 import torch
+from training_helpers import randomize_parameters
 
 import revcolv2  # noqa: F401  (registers the presets)
 from revcolv2.layers import sincos_pos_embed_2d
@@ -72,7 +73,7 @@ def test_forward_features_bu_levels_and_head_init():
 
 def test_windowed_attention_equals_global_when_one_window_covers_the_grid():
     torch.manual_seed(0)
-    glob = RevColV2(embed_dim=32, num_heads=2, num_classes=0, window_size=0).eval()
+    glob = randomize_parameters(RevColV2(embed_dim=32, num_heads=2, num_classes=0, window_size=0)).eval()
     win = RevColV2(embed_dim=32, num_heads=2, num_classes=0, window_size=4).eval()
     win.load_state_dict(glob.state_dict())
     x = torch.randn(1, 3, 64, 64)  # 4x4 tokens: one window, no padding

@@ -1,15 +1,20 @@
 """The reversible engine must give plain autograd's gradients and invert columns exactly."""
 import pytest
 import torch
+from training_helpers import randomize_parameters
 
 from revcolv2.model import RevColV2
 
 
 def _small(**kw):
+    """Randomised parameters (every norm, gamma, bias, the head; alphas of both signs and
+    magnitudes 0.3-1.5: the float64 bounds below leave no room for the 1e3-fold amplification
+    of a clamped alpha, whose engine path ``test_reference_formulas.py`` checks)."""
     cfg = dict(embed_dim=32, num_heads=2, num_classes=7, num_bu_columns=2, num_td_columns=2,
-               blocks_per_level=2, drop_path_rate=0.3, out_levels="all")  # the loss reads every level
+               blocks_per_level=2, drop_path_rate=0.3, out_levels="all",  # the loss reads every level
+               layer_scale_init=0.1)
     cfg.update(kw)
-    return RevColV2(**cfg)
+    return randomize_parameters(RevColV2(**cfg), alphas="large")
 
 
 def _loss(model, x):

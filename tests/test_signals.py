@@ -184,6 +184,7 @@ def test_a_training_process_stopped_by_a_signal_exits_128_plus_the_signal():
     (130, 130, "run: stopped by signal 2, saved; continue"),
     (-9, 137, "run: training process 1 was killed by signal 9"),
     (1, 1, "run: training process 1 exited with status 1 (its message is above)"),
+    (0, 0, "run: training process 1 exited with status 0 (its message is above)"),  # not a signal
 ])
 def test_a_launcher_exits_like_its_training_process_with_one_line(capsys, status, exit_status, line):
     from revcolv2.signals import exit_launcher
@@ -192,3 +193,67 @@ def test_a_launcher_exits_like_its_training_process_with_one_line(capsys, status
         exit_launcher("run", status, ", saved; continue", "training process 1")
     assert e.value.code == exit_status
     assert capsys.readouterr().err == line + "\n"
+
+
+def test_a_launcher_names_a_training_process_by_default(capsys):
+    from revcolv2.signals import exit_launcher
+
+    with pytest.raises(SystemExit) as e:
+        exit_launcher("run", -15, "")
+    assert e.value.code == 143
+    assert capsys.readouterr().err == "run: a training process was killed by signal 15\n"
+
+
+def _failure(rank: int, exitcode: int):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file="")
+
+
+@pytest.mark.parametrize("raised, exit_status, line", [
+    ("agent SIGTERM", 143, "torchrun: stopped by signal 15; the training processes save checkpoint-last.pth before "
+                           "they exit (see their last lines): continue with --resume auto"),
+    ("agent SIGINT", 130, "torchrun: stopped by signal 2; the training processes save checkpoint-last.pth before "
+                          "they exit (see their last lines): continue with --resume auto"),
+    ((143, 143), 143, "torchrun: stopped by signal 15 to the training processes; the training processes save "
+                      "checkpoint-last.pth before they exit (see their last lines): continue with --resume auto"),
+    ((130,), 130, "torchrun: stopped by signal 2 to the training processes; the training processes save "
+                  "checkpoint-last.pth before they exit (see their last lines): continue with --resume auto"),
+    ((143, 1), "ChildFailedError", ""),  # a crash among the stopped processes: torchrun's own report
+    ((1,), "ChildFailedError", ""),
+    ((137,), "ChildFailedError", ""),
+    (None, None, ""),
+])
+def test_torchrun_launcher_turns_stops_into_128_plus_the_signal(monkeypatch, capsys, raised, exit_status, line):
+    """revcolv2.cli.torchrun in process (the subprocess runs are test_exit_codes.py and
+    test_stop_under_launchers.py): torchrun's own argv; a stopped agent or processes that all
+    ended stopped by the same signal exit 128 + signal with one line; any other failure is
+    torchrun's ChildFailedError; success returns."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from revcolv2.cli import torchrun
+
+    calls = []
+
+    def fake_torchrun(argv):
+        calls.append(argv)
+        if isinstance(raised, str):
+            raise SignalException("stopped", signal.SIGTERM if raised.endswith("SIGTERM") else signal.SIGINT)
+        if raised is not None:
+            raise ChildFailedError("train.py", {rank: _failure(rank, code) for rank, code in enumerate(raised)})
+
+    monkeypatch.setattr(torchrun, "torchrun", fake_torchrun)
+    argv = ["--nproc_per_node", "2", "tools/pretrain.py", "--config", "x.yaml"]
+    if exit_status is None:
+        assert torchrun.main(argv) is None
+    elif exit_status == "ChildFailedError":
+        with pytest.raises(ChildFailedError) as e:
+            torchrun.main(argv)
+        assert sorted(f.exitcode for f in e.value.failures.values()) == sorted(raised)
+    else:
+        with pytest.raises(SystemExit) as e:
+            torchrun.main(argv)
+        assert e.value.code == exit_status
+    assert calls == [argv]
+    assert capsys.readouterr().err == (line + "\n" if line else "")

@@ -17,6 +17,7 @@ import pytest
 import timm
 import torch
 from timm.models import group_parameters
+from training_helpers import randomize_parameters
 
 import revcolv2  # noqa: F401  (registers the presets)
 from revcolv2.model import MODEL_CFGS
@@ -34,8 +35,13 @@ def _device(name: str):
 
 
 def _create(name: str, **kwargs):
+    """The real (tiny) model with randomised parameters (``randomize_parameters``: the values
+    depend on the parameter's name, so a features_only model and the full one share them):
+    the traced, scripted, feature and reversible paths are compared with the eager one on
+    norms, biases, alphas and a head that are not their initial constants."""
     with _device(name):
-        return timm.create_model(name, **kwargs)
+        model = timm.create_model(name, **kwargs)
+    return randomize_parameters(model) if _real(name) else model
 
 
 def _input(model, batch: int = 2):

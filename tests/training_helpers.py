@@ -74,3 +74,83 @@ def built_for_training(monkeypatch, tool: str, trainer: str, *argv) -> dict:
     except Captured:
         return seen
     raise AssertionError(f"tools/{tool}.py {argv} ended without building its trainer")
+
+
+# ----------------------------------------------------------------------------- randomised parameters
+ALPHA_MIN = 1e-3  # Column.alpha_min: the smallest magnitude an alpha takes (docs/ARCHITECTURE.md)
+# a wrapper's prefix (timm's feature nets, DDP, the detectron2 backbone) is not part of the key
+_WRAPPERS = ("model.", "body.", "graph_module.", "module.", "net.")
+
+
+def _key(name: str) -> str:
+    while name.startswith(_WRAPPERS):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def randomize_parameters(model, seed: int = 0, alphas: str = "mixed"):
+    """Set every parameter whose initial value is a constant, or near zero, to random values,
+    so that a test comparing two code paths sees a path that reads another module's
+    parameters (at their initial values every LayerNorm is the identity affine, both gammas
+    of a block and all alphas are equal, biases are 0, a fine-tuning head is 0.001 x random):
+
+    - every LayerNorm: weight 1 + 0.5 N(0, 1), bias 0.5 N(0, 1) (blocks, fusion, ``fc_norm``,
+      ``decoder_norm``, detectron2's channel LayerNorm);
+    - ``gamma1`` / ``gamma2`` (models built with ``layer_scale_init``): U(0.2, 1.2);
+    - every ``Linear`` / ``Conv2d`` / ``ConvTranspose2d`` bias: 0.2 N(0, 1); the classifier's
+      weight N(0, 1/fan_in);
+    - ``mask_token``: N(0, 1);
+    - ``alphas``: ``"mixed"`` gives both signs, most magnitudes in U(0.3, 1.5) and, per
+      level, some at 0, some below ``ALPHA_MIN`` and some around it (clamped by
+      ``Column.alpha_values``); ``"large"`` only U(0.3, 1.5) with both signs (tests whose
+      float32 / bf16 tolerance the division by a clamped alpha of 1e-3 would swamp).
+
+    The values of a parameter depend on ``seed`` and its name only (without a wrapper's
+    prefix such as ``model.``), so a pruned model, a ``features_only`` model or a detectron2
+    backbone gets the same values as the full model for the parameters they share. Other
+    weights (the matrices, random already) are left as built. Returns ``model``."""
+    import zlib
+
+    from torch import nn
+
+    if alphas not in ("mixed", "large"):
+        raise ValueError(f"alphas must be 'mixed' or 'large', got {alphas!r}")
+    owners = {}
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            owners[id(p)] = (module, pname)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            key = _key(name)
+            g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2 ** 63)
+
+            def randn(*shape, g=g):
+                return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+            def rand(*shape, g=g):
+                return torch.rand(*shape, generator=g, dtype=torch.float64)
+
+            module, leaf = owners[id(p)]
+            value = None
+            if isinstance(module, nn.LayerNorm) or type(module).__name__ in ("LayerNorm", "LayerNorm2d"):
+                value = 1 + 0.5 * randn(p.shape) if leaf == "weight" else 0.5 * randn(p.shape)
+            elif leaf in ("gamma1", "gamma2"):
+                value = 0.2 + rand(p.shape)
+            elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)) and leaf == "bias":
+                value = 0.2 * randn(p.shape)
+            elif key == "head.weight":
+                value = randn(p.shape) / p.shape[1] ** 0.5
+            elif leaf == "mask_token":
+                value = randn(p.shape)
+            elif leaf == "alphas":
+                sign = torch.where(rand(p.shape) < 0.5, -1.0, 1.0)
+                value = sign * (0.3 + 1.2 * rand(p.shape))
+                if alphas == "mixed":  # per level: channel 0 at 0, 1-2 below ALPHA_MIN, 3-4 around it
+                    d = p.shape[-1]
+                    value[:, 0] = 0.0
+                    value[:, 1:3] = sign[:, 1:3] * ALPHA_MIN * rand(p.shape[0], 2) * 0.9
+                    value[:, 3:5] = sign[:, 3:5] * ALPHA_MIN * (0.5 + 1.5 * rand(p.shape[0], 2))
+                    assert d > 5, "mixed alphas need more than 5 channels"
+            if value is not None:
+                p.copy_(value.to(p.dtype))
+    return model

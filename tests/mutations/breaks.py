@@ -28,6 +28,12 @@ DROP_PATH = f"{EXEC}::test_drop_path_keeps_branches_at_one_over_keep_probability
 NON_SQUARE = "tests/test_non_square_grids.py"
 COLOUR = "tests/test_colour_order.py::test_mappers_decode_images_in_the_models_colour_order"
 UPDATE = "tests/test_training_update.py"
+REF = "tests/test_reference_formulas.py"
+BF16_NORMS = f"{REF}::test_bf16_layer_norms_use_their_own_modules_weight_and_bias"
+BLOCK = f"{REF}::test_a_block_is_its_formula"
+LOGITS = f"{REF}::test_classifier_logits_are_the_formula"
+TRAINING = f"{REF}::test_training_forward_is_the_formula_with_the_drawn_drop_path"
+EXACT = "tests/test_bf16_exact.py"
 
 BREAKS = [
     # ------------------------------------------------------------------ engine
@@ -57,6 +63,82 @@ BREAKS = [
         "ColumnPlan.counts forgets that a level reads the previous column's cross level",
         "the classifier's forward (a level it needs is not computed)",
         ("tests/test_engine_grads.py::test_classifier_builds_only_what_reaches_its_head_with_identical_logits",),
+    ),
+    # ------------------------------------------------------------------ round 4: wiring hidden by default parameters
+    # (at their initial values every LayerNorm is the identity affine, both gammas and all
+    # alphas are equal, biases are 0: each break below gave the initial model's outputs)
+    Break(
+        "bf16-norm1-reads-norm2-weight", "revcolv2/model.py",
+        "w = bf16_affines([self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias])",
+        "w = bf16_affines([self.norm2.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias])",
+        "the bf16 path of a block's first LayerNorm reads norm2's weight",
+        "every block's attention input under bf16 autocast (training and inference on GPU)",
+        (BF16_NORMS,),
+    ),
+    Break(
+        "fusion-bf16-reads-proj-bias", "revcolv2/layers.py",
+        "w = bf16_affines([self.norm.weight, self.norm.bias])",
+        "w = bf16_affines([self.norm.weight, self.proj.bias])",
+        "the bf16 path of the fusion's LayerNorm takes the projection's bias for its own",
+        "every fused cross-column input under bf16 autocast",
+        (BF16_NORMS,),
+    ),
+    Break(
+        "mlp-reads-norm1", "revcolv2/model.py",
+        "m = self.mlp(bf16_layer_norm(x, w[2], w[3], self.norm2.eps) if len(w) > 0 else self.norm2(x))",
+        "m = self.mlp(bf16_layer_norm(x, w[2], w[3], self.norm2.eps) if len(w) > 0 else self.norm1(x))",
+        "the float32 path of a block normalises the MLP input with norm1",
+        "every block's output in float32 (CPU, eval, TorchScript, ONNX)",
+        (f"{BLOCK}[0-None]", f"{LOGITS}[top]"),
+    ),
+    Break(
+        "gamma1-for-mlp", "revcolv2/model.py",
+        "            m = m * self.gamma2",
+        "            m = m * self.gamma1",
+        "the MLP branch scaled by the attention branch's layer scale",
+        "every block's output in a model built with layer_scale_init",
+        (f"{BLOCK}[0-0.1]", f"{LOGITS}[top]"),
+    ),
+    Break(
+        "alpha-by-execution-position", "revcolv2/model.py",
+        "                alpha = alphas[l]\n",
+        "                alpha = alphas[self.order.index(l)]\n",
+        "a level's update takes the alpha row of its execution position, not of its level (TD columns)",
+        "every TD level's state in the plain path (eval, inference, export)",
+        (f"{LOGITS}[all]",),
+    ),
+    Break(
+        "alpha-sign-dropped", "revcolv2/model.py",
+        "        return torch.where(alphas >= 0, magnitude, -magnitude)",
+        "        return magnitude",
+        "the alpha clamp keeps the magnitude and drops the sign",
+        "every update whose alpha turned negative in training",
+        (f"{LOGITS}[top]", f"{EXACT}::test_alphas_are_clamped_and_applied_in_float32"),
+    ),
+    Break(
+        "engine-alpha-by-execution-position", "revcolv2/reversible.py",
+        "            alpha = alphas[l] if alphas is not None else None",
+        "            alpha = alphas[col.order.index(l)] if alphas is not None else None",
+        "the reversible engine's update takes the alpha row of its execution position (TD columns)",
+        "every TD level's state and gradient in reversible training",
+        (f"{TRAINING}[reversible]", "tests/test_engine_grads.py::test_float64_gradients_equal_plain_autograd"),
+    ),
+    Break(
+        "engine-unstep-by-abs-alpha", "revcolv2/reversible.py",
+        "            return self.columns[j].unstep(out, f, self.alphas[(j, l)]).to(self.dtypes[(j - 1, l)])",
+        "            return self.columns[j].unstep(out, f, self.alphas[(j, l)].abs()).to(self.dtypes[(j - 1, l)])",
+        "the engine's rebuild divides by |alpha|",
+        "every rebuilt state (and the gradients after it) behind a negative alpha",
+        (f"{TRAINING}[reversible]", "tests/test_engine_grads.py::test_float64_gradients_equal_plain_autograd"),
+    ),
+    # ------------------------------------------------------------------ round 4: numerics under bf16 autocast
+    Break(
+        "residual-scale-in-branch-dtype", "revcolv2/layers.py",
+        "    scale = scale.view(-1, 1, 1).to(x.dtype)  # the result keeps the state's dtype",
+        "    scale = scale.view(-1, 1, 1).to(branch.dtype)  # the result keeps the state's dtype",
+        "the drop-path factor cast to the branch's dtype (bf16 under autocast) on its way to the update",
+        "every kept branch under bf16 autocast: 1/0.9 applied as 1.109375",
+        (f"{EXACT}::test_each_branch_is_scaled_by_exactly_0_or_one_over_keep_prob",),
     ),
     # ------------------------------------------------------------------ model wiring
     Break(
