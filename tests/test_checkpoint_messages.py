@@ -243,3 +243,20 @@ def test_a_python_2_pickle_with_byte_strings_loads_as_latin1(tmp_path):
     path = tmp_path / "py2.pkl"
     path.write_bytes(b"\x80\x02}U\x04nameU\x02\xe9\xe8s.")  # {'name': '\xe9\xe8'} as Python 2 wrote it
     assert ck.load_file(path) == {"name": "\u00e9\u00e8"}
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_checkpoint_written_on_a_gpu_loads_onto_the_cpu(tmp_path, monkeypatch, mmap):
+    """A file whose storages say ``cuda:0`` (as ``torch.save`` writes a GPU model's) loads onto
+    the CPU, on a machine without CUDA too: torch alone would refuse it there, or put it on the
+    GPU where there is one. The file is written here by tagging the storages as CUDA ones."""
+    path = tmp_path / "gpu.pth"
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save({"model": {"w": torch.arange(3.0)}}, path)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):  # what the file needs without map_location
+            torch.load(path, weights_only=True)
+    loaded = ck.load_file(path, mmap=mmap)
+    assert loaded["model"]["w"].device == torch.device("cpu")
+    assert torch.equal(loaded["model"]["w"], torch.arange(3.0))
