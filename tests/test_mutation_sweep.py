@@ -8,12 +8,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _sweep():
-    spec = importlib.util.spec_from_file_location("mutation_sweep", REPO / "tests" / "mutations" / "sweep.py")
+def _script(name: str, file: str):
+    """A script of tests/mutations/ imported as the module ``name`` (the folder is no package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "mutations" / file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _sweep():
+    return _script("mutation_sweep", "sweep.py")
 
 
 def test_every_break_applies_and_names_existing_tests():
@@ -37,11 +42,7 @@ def test_a_renamed_test_or_a_missing_file_is_reported():
 
 
 def _mutation_tool():
-    spec = importlib.util.spec_from_file_location("mutation_tool", REPO / "tests" / "mutations" / "mutation_tool.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return _script("mutation_tool", "mutation_tool.py")
 
 
 def test_the_mutation_tool_table_names_existing_modules_functions_and_tests():
