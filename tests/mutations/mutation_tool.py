@@ -124,8 +124,8 @@ TARGETS: Dict[str, Target] = {t.name: t for t in [
         "tests/test_safe_loaders.py", "tests/test_security.py", "tests/test_legacy_checkpoints.py",
         "tests/test_export.py", "tests/test_d2_backbone.py")),
     Target("projects/RevColV2/revcolv2_d2/safe_config.py", (
-        "tests/test_security.py", "tests/test_safe_loaders.py", "tests/test_yaml_config.py",
-        "tests/test_d2_entry_points.py", "tests/test_override_types.py")),
+        "tests/test_safe_config_refusals.py", "tests/test_security.py", "tests/test_safe_loaders.py",
+        "tests/test_yaml_config.py", "tests/test_d2_entry_points.py", "tests/test_override_types.py")),
     Target("revcolv2/export.py", ("tests/test_export.py", "tests/test_export_paths.py", "tests/test_safe_loaders.py")),
     Target("projects/RevColV2/revcolv2_d2/data/coco_checks.py", (
         "tests/test_bad_coco_input.py", "tests/test_coco_annotation_shapes.py", "tests/test_custom_datasets.py")),
