@@ -186,6 +186,8 @@ def load_lazy_config(path: str) -> DictConfig:
         ) from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if obj is None:
+        raise ValueError(f"{path} is empty, not a config (a mapping of keys)")
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a config (a mapping of keys)")
     for key, target, node in _targets(obj):
@@ -232,9 +234,14 @@ def check_target(target: Any, key: str, path: str, node: Optional[dict] = None) 
     try:
         obj = locate(target)  # imports only packages on the way to an allowed callable: checked above
     except Exception as e:  # noqa: BLE001 - locate raises ImportError or others for a bad name
-        raise refuse(f"which cannot be found ({type(e).__name__}: {e})") from None
-    name = f"{getattr(obj, '__module__', None)}.{getattr(obj, '__qualname__', type(obj).__name__)}"
-    if not (inspect.isclass(obj) or inspect.isroutine(obj)) or name not in ALLOWED_TARGETS:
+        first_line = (str(e).strip().splitlines() or [""])[0]  # hydra's ImportError spans several lines
+        raise refuse(f"which cannot be found ({type(e).__name__}: {first_line})") from None
+    if not (inspect.isclass(obj) or inspect.isroutine(obj)):
+        what = (f"the module {obj.__name__}" if inspect.ismodule(obj)
+                else f"an instance of {type(obj).__module__}.{type(obj).__qualname__}")
+        raise refuse(f"which is {what}, not one of the callables a YAML config may name")
+    name = f"{obj.__module__}.{obj.__qualname__}"
+    if name not in ALLOWED_TARGETS:
         raise refuse(f"which is {name}, not one of the callables a YAML config may name")
     forbidden = {**FORBIDDEN_EVERYWHERE, **FORBIDDEN_ARGUMENTS.get(name, {})}
     for arg in node or {}:
