@@ -128,7 +128,8 @@ TARGETS: Dict[str, Target] = {t.name: t for t in [
         "tests/test_yaml_config.py", "tests/test_d2_entry_points.py", "tests/test_override_types.py")),
     Target("revcolv2/export.py", ("tests/test_export.py", "tests/test_export_paths.py", "tests/test_safe_loaders.py")),
     Target("projects/RevColV2/revcolv2_d2/data/coco_checks.py", (
-        "tests/test_bad_coco_input.py", "tests/test_coco_annotation_shapes.py", "tests/test_custom_datasets.py")),
+        "tests/test_coco_check_messages.py", "tests/test_bad_coco_input.py", "tests/test_coco_annotation_shapes.py",
+        "tests/test_custom_datasets.py")),
     Target("revcolv2/atomic_io.py", (
         "tests/test_checkpoint_files.py", "tests/test_run_folder.py", "tests/test_checkpoint.py",
         "tests/test_checkpoint_rule.py", "tests/test_resume_rules.py", "tests/test_run_folder_links.py")),
