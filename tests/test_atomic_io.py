@@ -103,10 +103,19 @@ def test_a_temporary_name_another_writer_holds_is_never_shared(tmp_path, monkeyp
     drawn = iter(["aaaaaaaaaaaa", "bbbbbbbbbbbb"])
     sizes = []
     monkeypatch.setattr(atomic_io.secrets, "token_hex", lambda n: (sizes.append(n), next(drawn))[1])
+    tried = []
+    real_open = os.open
+
+    def open_new(path, flags, mode=0o777):
+        assert path not in tried, f"{path} was found taken and is tried again"
+        tried.append(path)
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", open_new)
     other = tmp_path / f".tmp_{os.getpid()}_aaaaaaaaaaaa_out.txt"
     other.write_bytes(b"the other writer's half-written text")
     write_text_atomic(str(tmp_path / "out.txt"), "mine")
-    assert temporaries == [f".tmp_{os.getpid()}_bbbbbbbbbbbb_out.txt"] and sizes == [6, 6]
+    assert temporaries == [f".tmp_{os.getpid()}_bbbbbbbbbbbb_out.txt"] and sizes == [6, 6] and len(tried) == 2
     assert other.read_bytes() == b"the other writer's half-written text"
     assert (tmp_path / "out.txt").read_text() == "mine"
 
