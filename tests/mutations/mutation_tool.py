@@ -131,8 +131,9 @@ TARGETS: Dict[str, Target] = {t.name: t for t in [
         "tests/test_coco_check_messages.py", "tests/test_bad_coco_input.py", "tests/test_coco_annotation_shapes.py",
         "tests/test_custom_datasets.py")),
     Target("revcolv2/atomic_io.py", (
-        "tests/test_checkpoint_files.py", "tests/test_run_folder.py", "tests/test_checkpoint.py",
-        "tests/test_checkpoint_rule.py", "tests/test_resume_rules.py", "tests/test_run_folder_links.py")),
+        "tests/test_atomic_io.py", "tests/test_checkpoint_files.py", "tests/test_run_folder.py",
+        "tests/test_checkpoint.py", "tests/test_checkpoint_rule.py", "tests/test_resume_rules.py",
+        "tests/test_run_folder_links.py")),
 ]}
 
 # run by mutmut in the scratch copy: mutmut's module names without the detectron2 project's folder
