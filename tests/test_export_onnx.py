@@ -83,13 +83,14 @@ def test_a_runtime_differing_by_more_than_atol_is_an_error(tmp_path, monkeypatch
     assert str(e.value) == f"{path}: onnxruntime differs from PyTorch by 0.001 (> 0.0001) on batches (1, 3)"
 
 
-def test_a_runtime_giving_another_shape_is_an_error(tmp_path, monkeypatch):
+def test_a_runtime_giving_another_shape_is_an_error_naming_the_output(tmp_path, monkeypatch):
     monkeypatch.setattr(_Runtime, "change", staticmethod(lambda out: out[:, :2]))
     monkeypatch.setattr(ort, "InferenceSession", _Runtime)
     path = tmp_path / "m.onnx"
-    with pytest.raises(RuntimeError) as e:
-        export_onnx(_model(3), str(path), img_size=16, verbose=False)
-    assert str(e.value) == f"{path}: output logits has shape (1, 2) under onnxruntime, PyTorch gives (1, 3) (batch 1)"
+    with pytest.raises(RuntimeError) as e:  # features=True: a classifier's level maps, not its logits
+        export_onnx(_model(3), str(path), img_size=16, features=True, verbose=False)
+    assert str(e.value) == (f"{path}: output level0 has shape (1, 2, 1, 1) under onnxruntime, "
+                            "PyTorch gives (1, 8, 1, 1) (batch 1)")
 
 
 def test_a_difference_equal_to_atol_passes(tmp_path):
