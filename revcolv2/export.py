@@ -171,7 +171,7 @@ def export_to_folder(
 
 
 class FeatureMaps(nn.Module):
-    """The backbone as an exportable module: images -> the four level maps (B, D, H/16, W/16)."""
+    """The backbone as an exportable module: images -> its ``num_levels`` level maps (B, D, H/p, W/p)."""
 
     def __init__(self, model: RevColV2):
         super().__init__()
@@ -217,7 +217,7 @@ def export_onnx(
     """Write ``model`` (eval) to ``path`` as ONNX with a dynamic batch; returns the largest
     absolute difference to PyTorch under onnxruntime (CPU) over ``check_batches``.
 
-    ``features`` (default: when the model has no classifier) exports the four level maps
+    ``features`` (default: when the model has no classifier) exports the level maps
     instead of the logits. An ``img_size`` the model cannot take is an :class:`ExportError`
     before anything runs; the folder of ``path`` is created. Raises ``RuntimeError`` when a
     difference exceeds ``atol``.
@@ -253,7 +253,8 @@ def export_onnx(
         raise RuntimeError(f"{path}: onnxruntime differs from PyTorch by {worst:.3g} (> {atol}) on "
                            f"batches {tuple(check_batches)}")
     if verbose:
-        what = "the four level maps" if features else f"logits ({model.num_classes} classes)"
+        what = (f"the {len(names)} level maps ({', '.join(names)})" if features
+                else f"logits ({model.num_classes} classes)")
         print(f"wrote {path}: {what}, input 'images' (batch dynamic, 3x{img_size}x{img_size}); "
               f"onnxruntime matches PyTorch to {worst:.2g} on batches {tuple(check_batches)}")
     return worst

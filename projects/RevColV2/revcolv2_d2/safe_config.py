@@ -234,7 +234,7 @@ def check_target(target: Any, key: str, path: str, node: Optional[dict] = None) 
     try:
         obj = locate(target)  # imports only packages on the way to an allowed callable: checked above
     except Exception as e:  # noqa: BLE001 - locate raises ImportError or others for a bad name
-        first_line = (str(e).strip().splitlines() or [""])[0]  # hydra's ImportError spans several lines
+        first_line = str(e).strip().partition("\n")[0]  # hydra's ImportError spans several lines
         raise refuse(f"which cannot be found ({type(e).__name__}: {first_line})") from None
     if not (inspect.isclass(obj) or inspect.isroutine(obj)):
         what = (f"the module {obj.__name__}" if inspect.ismodule(obj)
