@@ -200,8 +200,10 @@ def check_img_size(model: RevColV2, img_size: int) -> None:
     patch = model.patch_size
     if img_size <= 0 or img_size % patch:
         nearest = max(patch, -(-img_size // patch) * patch)  # the next multiple up
-        raise ExportError(f"--img-size {img_size} is not divisible by the patch size {patch} of the checkpoint's "
-                          f"model; give a multiple of {patch} (e.g. --img-size {nearest})")
+        why = (f"is not a positive size; give a multiple of the patch size {patch} of the checkpoint's model"
+               if img_size <= 0 else
+               f"is not divisible by the patch size {patch} of the checkpoint's model; give a multiple of {patch}")
+        raise ExportError(f"--img-size {img_size} {why} (e.g. --img-size {nearest})")
 
 
 def export_onnx(
@@ -255,6 +257,7 @@ def export_onnx(
     if verbose:
         what = (f"the {len(names)} level maps ({', '.join(names)})" if features
                 else f"logits ({model.num_classes} classes)")
-        print(f"wrote {path}: {what}, input 'images' (batch dynamic, 3x{img_size}x{img_size}); "
+        print(f"wrote {path}: {what}, input 'images' (batch dynamic, "
+              f"{model.patch_embed.in_chans}x{img_size}x{img_size}); "
               f"onnxruntime matches PyTorch to {worst:.2g} on batches {tuple(check_batches)}")
     return worst

@@ -173,8 +173,16 @@ def test_check_img_size_takes_positive_multiples_of_the_patch():
     assert check_img_size(model, 32) is None and check_img_size(pixel, 1) is None
     with pytest.raises(ExportError) as e:
         check_img_size(model, 0)
-    assert str(e.value) == ("--img-size 0 is not divisible by the patch size 16 of the checkpoint's model; "
-                            "give a multiple of 16 (e.g. --img-size 16)")
+    assert str(e.value) == ("--img-size 0 is not a positive size; give a multiple of the patch size 16 of the "
+                            "checkpoint's model (e.g. --img-size 16)")
+    with pytest.raises(ExportError) as e:
+        check_img_size(model, -16)
+    assert str(e.value) == ("--img-size -16 is not a positive size; give a multiple of the patch size 16 of the "
+                            "checkpoint's model (e.g. --img-size 16)")
+    with pytest.raises(ExportError) as e:
+        check_img_size(model, 40)
+    assert str(e.value) == ("--img-size 40 is not divisible by the patch size 16 of the checkpoint's model; "
+                            "give a multiple of 16 (e.g. --img-size 48)")
     assert e.value.code == str(e.value)  # what SystemExit prints before exiting with status 1
 
 
