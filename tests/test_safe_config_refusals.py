@@ -141,15 +141,15 @@ def test_a_shape_spec_of_optional_integers_loads(tmp_path):
     ("{stride: {a: 1}}", {"stride": {"a": 1}}),
 ])
 def test_a_shape_spec_holds_only_optional_integers(tmp_path, fields, shown):
-    path, msg = refused(tmp_path, f"shape: {SHAPE_SPEC} {fields}\n")
-    assert msg == (f"refusing to load {path}: a YAML config may hold only plain data, but it asks for a Python "
+    path, msg = refused(tmp_path, f"# a comment\nshape: {SHAPE_SPEC} {fields}\n")
+    assert msg == (f"refusing to load {path}: a YAML config may hold only plain data, but line 2 asks for a Python "
                    f"object (a ShapeSpec holds optional integers ['channels', 'height', 'stride', 'width'], not "
                    f"{shown!r}). Loading it with detectron2's yaml.unsafe_load could run arbitrary code")
 
 
 def test_another_python_tag_is_refused_in_one_line(tmp_path):
-    path, msg = refused(tmp_path, "model: !!python/object/apply:os.system [id]\n")
-    assert msg == (f"refusing to load {path}: a YAML config may hold only plain data, but it asks for a Python "
+    path, msg = refused(tmp_path, "a: 1\nb: 2\nmodel: !!python/object/apply:os.system [id]\n")
+    assert msg == (f"refusing to load {path}: a YAML config may hold only plain data, but line 3 asks for a Python "
                    "object (could not determine a constructor for the tag "
                    "'tag:yaml.org,2002:python/object/apply:os.system'). Loading it with detectron2's "
                    "yaml.unsafe_load could run arbitrary code")

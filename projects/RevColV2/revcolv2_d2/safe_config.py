@@ -179,8 +179,10 @@ def load_lazy_config(path: str) -> DictConfig:
         with open(path) as f:
             obj = yaml.load(f, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.constructor.ConstructorError as e:
+        # every ConstructorError a SafeLoader raises (and _shape_spec's) marks its node; the guard is for other loaders
+        where = f"line {e.problem_mark.line + 1}" if e.problem_mark else "it"
         raise UnsafeConfigError(
-            f"refusing to load {path}: a YAML config may hold only plain data, but it asks for a Python "
+            f"refusing to load {path}: a YAML config may hold only plain data, but {where} asks for a Python "
             f"object ({e.problem.strip() if e.problem else e}). Loading it with detectron2's "
             "yaml.unsafe_load could run arbitrary code"
         ) from None
