@@ -200,3 +200,19 @@ def test_the_loaded_config_takes_the_model_as_train_net_gives_it(tmp_path):
     assert isinstance(optimizer, torch.optim.SGD)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     assert len(params) == 2 and {id(p) for p in params} == {id(p) for p in model.parameters()}
+
+
+@pytest.mark.parametrize("problem, shown", [("a problem", "a problem"), (None, "")])
+def test_a_constructor_error_without_a_mark_or_problem_is_still_one_line(tmp_path, monkeypatch, problem, shown):
+    """Every ConstructorError the SafeLoader raises marks its node and says its problem; one
+    without (PyYAML's FullConstructor has such a raise) still gives the refusal, not an
+    AttributeError from reading the missing mark or problem."""
+    import yaml
+
+    def load(stream, Loader):  # noqa: N803 - yaml.load's own argument name
+        raise yaml.constructor.ConstructorError(None, None, problem, None)
+
+    monkeypatch.setattr(yaml, "load", load)
+    path, msg = refused(tmp_path, "a: 1\n")
+    assert msg == (f"refusing to load {path}: a YAML config may hold only plain data, but it asks for a Python "
+                   f"object ({shown}). Loading it with detectron2's yaml.unsafe_load could run arbitrary code")
