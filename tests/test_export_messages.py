@@ -180,6 +180,10 @@ def test_check_img_size_takes_positive_multiples_of_the_patch():
     assert str(e.value) == ("--img-size -16 is not a positive size; give a multiple of the patch size 16 of the "
                             "checkpoint's model (e.g. --img-size 16)")
     with pytest.raises(ExportError) as e:
+        check_img_size(model, 1)  # positive: the patch size is what is wrong
+    assert str(e.value) == ("--img-size 1 is not divisible by the patch size 16 of the checkpoint's model; "
+                            "give a multiple of 16 (e.g. --img-size 16)")
+    with pytest.raises(ExportError) as e:
         check_img_size(model, 40)
     assert str(e.value) == ("--img-size 40 is not divisible by the patch size 16 of the checkpoint's model; "
                             "give a multiple of 16 (e.g. --img-size 48)")
