@@ -14,6 +14,7 @@ SCANNED = ("revcolv2", os.path.join("projects", "RevColV2", "revcolv2_d2"), "too
 OTHER_LIBRARIES = ("detectron2", "timm", "torch")
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and timm: about 6 s
 def test_import_revcolv2_registers_the_presets_without_the_run_folder_or_detectron2():
     # torch and timm first: the standard library's subprocess, which torch imports, imports
     # fcntl on POSIX; after dropping it from sys.modules, only our import could bring it back
