@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from training_helpers import dead_pid
 
 from revcolv2 import atomic_io
 from revcolv2.atomic_io import (
@@ -26,12 +27,6 @@ from revcolv2.atomic_io import (
     write_bytes_atomic,
     write_text_atomic,
 )
-
-
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 @pytest.fixture
@@ -313,7 +308,7 @@ def test_without_proc_the_umask_is_read_by_setting_it_back(monkeypatch, status):
 def test_stale_temporaries_of_dead_writers_go_and_live_writers_keep_theirs(tmp_path, capsys):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        dead = _dead_pid()
+        dead = dead_pid()
         names = [f".tmp_{live.pid}_aa.pth",      # another live process: kept
                  f".tmp_{dead}_bb.pth",          # a dead one: removed
                  f".tmp_{os.getpid()}_cc.pth",   # this process: kept
@@ -341,7 +336,7 @@ def test_stale_temporaries_of_dead_writers_go_and_live_writers_keep_theirs(tmp_p
 
 
 def test_stale_temporaries_with_another_prefix(tmp_path):
-    dead = _dead_pid()
+    dead = dead_pid()
     for name in (f".synthetic_shapes_{dead}_ab", f".synthetic_shapes{dead}_cd", ".synthetic_shapesxyz",
                  f".tmp_{dead}_x.pth"):
         (tmp_path / name).mkdir()
@@ -353,7 +348,7 @@ def test_stale_temporaries_with_another_prefix(tmp_path):
 
 def test_a_temporary_removed_meanwhile_is_skipped_and_the_rest_cleaned(tmp_path, monkeypatch):
     """Two runs cleaning one folder: an entry the other removed first is not reported."""
-    dead = _dead_pid()
+    dead = dead_pid()
     for name in ("a", "b"):
         (tmp_path / f".tmp_{dead}_{name}").write_bytes(b"x")
     real_remove = os.remove
@@ -375,7 +370,7 @@ def test_no_folder_no_temporaries(tmp_path):
 
 
 def test_a_pid_is_alive_unless_no_process_has_it(monkeypatch):
-    assert atomic_io._pid_alive(os.getpid()) and not atomic_io._pid_alive(_dead_pid())
+    assert atomic_io._pid_alive(os.getpid()) and not atomic_io._pid_alive(dead_pid())
     sent = []
 
     def kill(pid, sig):

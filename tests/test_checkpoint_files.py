@@ -3,13 +3,11 @@ auto falls back past a truncated newest checkpoint; leftovers of killed writes a
 import errno
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import timm
 import torch
-from training_helpers import REPO, TINY_MODEL, run_tool, tiny_dataset
+from training_helpers import REPO, TINY_MODEL, dead_pid, run_tool, tiny_dataset
 
 import revcolv2  # noqa: F401
 from revcolv2.atomic_io import remove_stale_temporaries, save_atomic
@@ -19,12 +17,6 @@ from revcolv2.run_checkpoints import find_resume_checkpoint, write_last_checkpoi
 from revcolv2.synthetic_imagenet import ensure_synthetic_imagenet
 
 TINY = dict(embed_dim=32, num_heads=2, patch_size=8)
-
-
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def _truncate(path, keep: float = 0.5) -> None:
@@ -140,7 +132,7 @@ def test_pretrain_resume_auto_after_a_truncated_write(tmp_path_factory, capsys):
             "train.batch_per_gpu=4", "train.save_every=1", "train.vis_images=0", "schedule.warmup_epochs=0"]
     run_tool("pretrain", *base, *opts, "schedule.epochs=2")  # 2 steps per epoch
     _truncate(out / "checkpoint-0002.pth")
-    stale = out / f".tmp_{_dead_pid()}_abc.pth"
+    stale = out / f".tmp_{dead_pid()}_abc.pth"
     stale.write_bytes(b"partial")
     capsys.readouterr()
     rest = run_tool("pretrain", *base, "--resume", "auto", *opts, "schedule.epochs=3")
@@ -152,7 +144,7 @@ def test_pretrain_resume_auto_after_a_truncated_write(tmp_path_factory, capsys):
 
 
 def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
-    dead = _dead_pid()
+    dead = dead_pid()
     (tmp_path / f".tmp_{dead}_x.pth").write_bytes(b"")
     (tmp_path / ".tmp_legacyname.pth").write_bytes(b"")  # written before the pid was in the name
     live = tmp_path / f".tmp_{os.getpid()}_y.pth"
@@ -188,7 +180,7 @@ def test_small_files_are_replaced_whole_through_a_temporary_file_of_their_own(tm
 
 def test_killed_synthetic_generation_is_removed(tmp_path):
     root = tmp_path / "synthetic_imagenet"
-    stale = tmp_path / f".tmp_synthetic_imagenet_{_dead_pid()}_abcd"
+    stale = tmp_path / f".tmp_synthetic_imagenet_{dead_pid()}_abcd"
     (stale / "train").mkdir(parents=True)
     legacy = tmp_path / ".tmp_synthetic_imagenetk2j3h4x"  # the name older versions used
     legacy.mkdir()
@@ -204,7 +196,7 @@ def test_killed_detectron2_dataset_generation_is_removed(tmp_path):
     killed generation left is removed at the next one, a live writer's folder is kept."""
     from revcolv2_d2.data.synthetic_shapes import ensure_synthetic_shapes
 
-    stale = tmp_path / f".synthetic_shapes_{_dead_pid()}_abcd"
+    stale = tmp_path / f".synthetic_shapes_{dead_pid()}_abcd"
     (stale / "train").mkdir(parents=True)
     live = tmp_path / f".synthetic_shapes_{os.getpid()}_efgh"
     live.mkdir()

@@ -1,5 +1,7 @@
 """Shared by the training tests: run the entry points (revcolv2.cli.*), make tiny data and tiny configs."""
 import importlib
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -11,6 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 # a tiny RevColV2 (same 2 BU + 1 TD columns x 4 levels) on 32x32 images with 8x8 patches
 TINY_MODEL = "{embed_dim: 32, num_heads: 2, patch_size: 8}"
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (a writer killed before cleaning up): what the
+    clean-up of stale temporaries must treat as gone."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def tiny_dataset(root: Path, classes: int = 4, train_per_class: int = 8, val_per_class: int = 2) -> Path:
