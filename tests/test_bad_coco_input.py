@@ -10,11 +10,12 @@ import sys
 
 import numpy as np
 import pytest
+from coco_helpers import ann, checked_mapper, image, write
+from coco_helpers import coco as coco_file
 from d2_helpers import MINI_SPLITS, ROOT
 from detectron2.data import DatasetCatalog
 
 from revcolv2_d2.data.coco_checks import (
-    CheckedDatasetMapper,
     CocoInputError,
     register_checked_coco_instances,
     validate_coco_instances_json,
@@ -23,27 +24,8 @@ from revcolv2_d2.data.synthetic_shapes import ensure_synthetic_shapes, synthetic
 
 
 def coco(annotations):
-    return {
-        "images": [{"id": 1, "file_name": "a.jpg", "height": 10, "width": 10}],
-        "annotations": annotations,
-        "categories": [{"id": 1, "name": "thing"}],
-    }
-
-
-def ann(i, bbox=(1, 1, 4, 4), **extra):
-    return dict({"id": i, "image_id": 1, "category_id": 1, "bbox": list(bbox), "area": 16, "iscrowd": 0,
-                 "segmentation": [[1, 1, 5, 1, 5, 5]]}, **extra)
-
-
-def write(tmp_path, content, name="instances.json"):
-    path = tmp_path / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content))
-    return str(path)
-
-
-def _mapper():
-    return CheckedDatasetMapper(is_train=False, augmentations=[], image_format="RGB")
+    """One 10x10 image, a.jpg, and one category."""
+    return coco_file(annotations, images=[image(width=10, file_name="a.jpg")])
 
 
 # --------------------------------------------------------------------------- annotation files
@@ -160,14 +142,14 @@ def test_coco_2017_is_checked_in_the_main_process_with_the_file_name(tmp_path, c
 def test_missing_image_file(tmp_path):
     record = {"file_name": str(tmp_path / "missing.jpg"), "image_id": 5, "height": 32, "width": 32}
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
-        _mapper()(record)
+        checked_mapper()(record)
 
 
 def test_unreadable_image_file(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 this is not a jpeg")
     with pytest.raises(CocoInputError, match="cannot read image file .*broken.jpg"):
-        _mapper()({"file_name": str(bad), "image_id": 5, "height": 32, "width": 32})
+        checked_mapper()({"file_name": str(bad), "image_id": 5, "height": 32, "width": 32})
 
 
 def test_readable_image_passes(tmp_path):
@@ -175,7 +157,7 @@ def test_readable_image_passes(tmp_path):
 
     good = tmp_path / "good.png"
     cv2.imwrite(str(good), np.zeros((32, 48, 3), np.uint8))
-    out = _mapper()({"file_name": str(good), "image_id": 5, "height": 32, "width": 48})
+    out = checked_mapper()({"file_name": str(good), "image_id": 5, "height": 32, "width": 48})
     assert tuple(out["image"].shape) == (3, 32, 48)
 
 
@@ -223,13 +205,11 @@ def test_an_older_version_is_moved_aside_not_deleted(tmp_path):
 
 # ----------------------------------------------------------------------------- ids and areas
 def _coco_file(tmp_path, images, annotations, categories, name="ids.json"):
-    path = tmp_path / name
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
-    return str(path)
+    return write(tmp_path, coco_file(annotations, images, categories), name)
 
 
 def _image(i, w=64, h=48):
-    return {"id": i, "file_name": f"{i}.jpg", "height": h, "width": w}
+    return image(i, height=h, width=w)
 
 
 def _ann(i, image_id, category_id, bbox=(4, 6, 20, 10), **extra):

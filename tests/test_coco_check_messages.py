@@ -11,11 +11,11 @@ import logging
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
+from coco_helpers import ann, checked_mapper, coco, image, write
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import SizeMismatchError
 
 from revcolv2_d2.data.coco_checks import (
-    CheckedDatasetMapper,
     CocoInputError,
     check_registered_coco_datasets,
     register_checked_coco_instances,
@@ -23,26 +23,6 @@ from revcolv2_d2.data.coco_checks import (
 )
 
 LOGGER = "revcolv2_d2.data.coco_checks"
-
-
-def image(i=1, height=10, width=12):
-    return {"id": i, "file_name": f"{i}.jpg", "height": height, "width": width}
-
-
-def ann(i, **fields):
-    return dict({"id": i, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0,
-                 "segmentation": [[1, 1, 5, 1, 5, 5]]}, **fields)
-
-
-def write(tmp_path, content, name="instances.json"):
-    path = tmp_path / name
-    path.write_text(json.dumps(content))
-    return str(path)
-
-
-def coco(annotations, images=None, categories=None):
-    return {"images": images if images is not None else [image()], "annotations": annotations,
-            "categories": categories if categories is not None else [{"id": 1, "name": "thing"}]}
 
 
 def refusal(tmp_path, content):
@@ -229,10 +209,6 @@ def test_rle_counts_refusals_word_for_word(tmp_path):
 
 
 # --------------------------------------------------------------------------- images
-def _mapper(image_format="RGB"):
-    return CheckedDatasetMapper(is_train=False, augmentations=[], image_format=image_format)
-
-
 def _png(tmp_path, height=32, width=48):
     import cv2
 
@@ -244,7 +220,7 @@ def _png(tmp_path, height=32, width=48):
 def test_a_missing_image_is_named_with_its_image_id(tmp_path):
     missing = str(tmp_path / "missing.jpg")
     with pytest.raises(FileNotFoundError) as e:
-        _mapper()({"file_name": missing, "image_id": 5, "height": 32, "width": 32})
+        checked_mapper()({"file_name": missing, "image_id": 5, "height": 32, "width": 32})
     assert str(e.value) == f"image file not found: {missing} (image_id 5)"
 
 
@@ -252,7 +228,7 @@ def test_an_unreadable_image_is_named_with_the_error_type(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 this is not a jpeg")
     with pytest.raises(CocoInputError) as e:
-        _mapper()({"file_name": str(bad), "image_id": 5, "height": 32, "width": 32})
+        checked_mapper()({"file_name": str(bad), "image_id": 5, "height": 32, "width": 32})
     assert str(e.value).startswith(f"cannot read image file {bad}: UnidentifiedImageError: cannot identify image file")
 
 
@@ -260,7 +236,7 @@ def test_an_error_that_is_not_the_image_is_passed_on_unchanged(tmp_path):
     """A readable image whose record gives another size: detectron2's own error, not 'cannot read'."""
     good = _png(tmp_path)
     with pytest.raises(SizeMismatchError, match=r"got \(48, 32\), expect \(48, 33\)"):
-        _mapper()({"file_name": good, "image_id": 5, "height": 33, "width": 48})
+        checked_mapper()({"file_name": good, "image_id": 5, "height": 33, "width": 48})
 
 
 def test_an_image_that_cannot_be_read_in_the_mappers_format_is_named(tmp_path):
@@ -272,7 +248,7 @@ def test_an_image_that_cannot_be_read_in_the_mappers_format_is_named(tmp_path):
     palette = str(tmp_path / "palette.png")
     Image.new("P", (48, 32)).save(palette)
     with pytest.raises(CocoInputError) as e:
-        _mapper("I;16")({"file_name": palette, "image_id": 5, "height": 32, "width": 48})
+        checked_mapper("I;16")({"file_name": palette, "image_id": 5, "height": 32, "width": 48})
     assert str(e.value) == f"cannot read image file {palette}: ValueError: conversion not supported"
 
 
