@@ -4,10 +4,10 @@ from typing import List
 
 from torch import nn
 
-from .layers import LEVEL_RECOMPILE_LIMIT, allow_level_recompiles
+from .layers import allow_level_recompiles
 from .model import RevColV2
 
-__all__ = ["LEVEL_RECOMPILE_LIMIT", "allow_level_recompiles", "compile_for_training"]
+__all__ = ["allow_level_recompiles", "compile_for_training"]
 
 
 def compile_for_training(module: nn.Module, **compile_kwargs) -> List[str]:
